@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
 from pathlib import Path
 
 DEFAULT_DATA = Path("data/shapesworld")
+
+# Modules that add their own subcommands: each defines ``add_parsers(sub, bench)`` where
+# ``sub`` is the top-level subparsers object and ``bench`` the ``bench`` group's. They must
+# import only the standard library at module level (heavy imports go in the handlers), so
+# ``--help`` stays fast and works in a client-only install.
+PLUGINS = (
+    "imageragturbo.retriever.cli",
+)
 
 
 # ----------------------------------------------------------------------------- data
@@ -189,6 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n", type=int, default=500, help="evaluation prompts for the self-check")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks (JSON figures for the README)",
+                           description="Benchmarks. Each prints its figures; --json for one "
+                                       "JSON object.")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    for name in PLUGINS:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and name.startswith(e.name):
+                continue  # the plugin is not part of this install
+            raise
+        mod.add_parsers(sub, bench_sub)
     return p
 
 
