@@ -278,7 +278,14 @@ def build_index(pairs: Sequence[Pair], encoder: RetrievalEncoder, out: str | os.
                                                   dtype=np.float16, shape=(n, *shapes[key]))
 
     if state["shapes"] is not None:
-        open_maps(state["shapes"], "r+")
+        try:
+            open_maps(state["shapes"], "r+")
+        except (OSError, ValueError):  # a partial folder damaged by hand: start again
+            maps.clear()
+            shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            state = {"fingerprint": fp, "done": 0, "shapes": None}
+            _write_json(tmp / PROGRESS, state)
     bar = tqdm(total=n, initial=state["done"], desc="index: encode", unit="pair",
                disable=not progress)
     for start in range(state["done"], n, batch_size):
@@ -431,18 +438,20 @@ class RetrievalIndex:
             manifest = json.loads(mpath.read_text())
         except ValueError as e:
             raise IndexFormatError(f"{mpath}: unreadable manifest ({e})") from None
-        if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
-            raise IndexFormatError(f"{mpath}: not a {FORMAT} v{FORMAT_VERSION} manifest "
-                              f"(format {manifest.get('format')!r}, "
-                              f"version {manifest.get('version')!r})")
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
+                or manifest.get("version") != FORMAT_VERSION:
+            raise IndexFormatError(f"{mpath}: not a {FORMAT} v{FORMAT_VERSION} manifest")
+        missing = {"model_id", "text_dim", "count", "shapes", "hnsw", "files"} - set(manifest)
+        if missing:
+            raise IndexFormatError(f"{mpath}: manifest lacks {sorted(missing)}")
         if model_id is not None and model_id != manifest["model_id"]:
             raise IndexFormatError(f"index {path} was built with model {manifest['model_id']!r}, "
-                              f"not {model_id!r}: its keys are in another text space; "
-                              "rebuild it with `imageragturbo index build --model ...`")
+                                   f"not {model_id!r}: its keys are in another text space; "
+                                   "rebuild it with `imageragturbo index build --model ...`")
         dim, n = int(manifest["text_dim"]), int(manifest["count"])
         if text_dim is not None and int(text_dim) != dim:
             raise IndexFormatError(f"index {path} has text dim {dim}, the encoder gives "
-                              f"{text_dim}; rebuild the index for this model")
+                                   f"{text_dim}; rebuild the index for this model")
         for key in FILES:
             entry = manifest["files"].get(key)
             if entry is None:
@@ -454,10 +463,10 @@ class RetrievalIndex:
             if size != entry["bytes"]:
                 what = "truncated" if size < entry["bytes"] else "larger than recorded"
                 raise IndexFormatError(f"{fpath} is {what}: {size} bytes, the manifest says "
-                                  f"{entry['bytes']}; rebuild the index")
+                                       f"{entry['bytes']}; rebuild the index")
             if verify and sha256_file(fpath) != entry["sha256"]:
                 raise IndexFormatError(f"{fpath}: sha256 differs from the manifest (the file was "
-                                  "altered or corrupted); rebuild the index")
+                                       "altered or corrupted); rebuild the index")
         arrays = {}
         for key in ARRAYS:
             fpath = path / FILES[key]
@@ -468,7 +477,7 @@ class RetrievalIndex:
             want = tuple(manifest["shapes"][key])
             if a.dtype != np.float16 or a.shape != want:
                 raise IndexFormatError(f"{fpath}: {a.dtype} {a.shape}, the manifest says "
-                                  f"float16 {want}")
+                                       f"float16 {want}")
             arrays[key] = a
         if arrays["text"].shape != (n, dim):
             raise IndexFormatError(f"{path}: text array {arrays['text'].shape} does not match "
@@ -484,7 +493,7 @@ class RetrievalIndex:
             raise IndexFormatError(f"{path / FILES['index']}: hnswlib cannot load it ({e})") from None
         if graph.get_current_count() != n:
             raise IndexFormatError(f"{path}: the graph holds {graph.get_current_count()} vectors, "
-                              f"the manifest says {n}")
+                                   f"the manifest says {n}")
         graph.set_ef(int(ef if ef is not None else manifest["hnsw"]["ef"]))
         graph.set_num_threads(threads)
         return cls(path, manifest, graph, arrays, items, threads)
@@ -590,6 +599,6 @@ class RetrievalIndex:
         their k neighbours with the cached tensors."""
         if str(encoder.model_id) != self.model_id:
             raise IndexFormatError(f"index {self.path} was built with model {self.model_id!r}, "
-                              f"the encoder is {encoder.model_id!r}")
+                                   f"the encoder is {encoder.model_id!r}")
         ids, scores = self.search(encoder.encode_text(list(prompts)), k)
         return self.lookup(ids, scores)

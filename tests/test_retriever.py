@@ -290,6 +290,19 @@ def test_interrupted_build_leaves_no_loadable_index_and_resumes(tmp_path):
     assert enc.text_rows == 50
 
 
+def test_damaged_partial_build_restarts_from_scratch(tmp_path):
+    pairs = make_pairs(tmp_path, 40)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(pairs, HashingTestEncoder(fail_after_batches=2), tmp_path / "idx",
+                    batch_size=10, progress=False)
+    partial = tmp_path / "idx.partial" / "h.f16.npy"
+    partial.write_bytes(partial.read_bytes()[:100])  # cut inside the data
+    enc = HashingTestEncoder()
+    build_index(pairs, enc, tmp_path / "idx", batch_size=10, progress=False)
+    assert enc.text_rows == 40
+    assert len(RetrievalIndex.load(tmp_path / "idx")) == 40
+
+
 def test_existing_index_needs_overwrite(built, tmp_path):
     pairs, _, out = built
     idx = _copy(out, tmp_path / "idx")
