@@ -17,6 +17,7 @@ DEFAULT_DATA = Path("data/shapesworld")
 # ``--help`` stays fast and works in a client-only install.
 PLUGINS = (
     "imageragturbo.retriever.cli",
+    "imageragturbo.training.cli",
 )
 
 
@@ -79,6 +80,23 @@ def _cmd_eval_score(args: argparse.Namespace) -> int:
         print(tifa.dumps(res, per_prompt=args.per_prompt))
     else:
         _print_table({Path(args.images).name: res})
+    return 0
+
+
+def _cmd_eval_run(args: argparse.Namespace) -> int:
+    from . import evaluate, tifa
+
+    res = evaluate.run(args.model, args.pipeline, args.steps, args.guidance, args.n, args.seed,
+                       grid=args.grid, progress=not args.json)
+    name = f"{args.pipeline} x{args.steps}"
+    if args.plot:
+        tifa.plot_categories({name: res}, args.plot)
+    if args.json:
+        res.pop("per_prompt", None)
+        print(json.dumps(res))
+    else:
+        _print_table({name: res})
+        print(f"FD {res['fd']:.3f}   CLIP {res['clip']:.4f}")
     return 0
 
 
@@ -190,6 +208,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--per-prompt", action="store_true", help="include per-prompt accuracy")
     s.add_argument("--plot", type=Path, default=None, help="write a per-category histogram PNG")
     s.set_defaults(func=_cmd_eval_score)
+
+    r = esub.add_parser(
+        "run", help="generate the evaluation prompts with a pipeline and score them",
+        description="Generates the ShapesWorld evaluation prompts with the teacher (N DDIM "
+                    "steps, classifier-free guidance) or the one-step student and measures "
+                    "ShapesTIFA, the Frechet distance to real renders (FID's analogue) and the "
+                    "CLIP-score analogue. --json prints {tifa, categories, fd, clip, ...}.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--model", default="tiny-shapes", help="variant name or diffusers folder")
+    r.add_argument("--pipeline", choices=["teacher", "student"], default="student")
+    r.add_argument("--steps", type=int, default=1, help="denoising steps (student: 1)")
+    r.add_argument("--guidance", type=float, default=4.0, help="teacher CFG scale")
+    r.add_argument("--n", type=int, default=500, help="evaluation prompts")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.add_argument("--grid", type=Path, default=None, help="write a PNG grid of 24 samples")
+    r.add_argument("--plot", type=Path, default=None, help="write a per-category histogram PNG")
+    r.set_defaults(func=_cmd_eval_run)
 
     # demo
     d = sub.add_parser("demo", help="the main job: sample grid and scorer check, as PNGs",

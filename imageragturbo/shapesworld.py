@@ -624,19 +624,29 @@ def load_manifest(root: str | os.PathLike, split: str) -> list[dict]:
 def sample_grid(items: Sequence[Item], path: str | os.PathLike, cols: int = 6,
                 tile: int = 128) -> Path:
     """A PNG grid of rendered samples with their captions underneath."""
+    return caption_grid([np.asarray(render(it.scene, tile)) for it in items],
+                        [it.caption for it in items], path, cols, tile)
+
+
+def caption_grid(images: Sequence[np.ndarray], captions: Sequence[str],
+                 path: str | os.PathLike, cols: int = 6, tile: int = 128) -> Path:
+    """A PNG grid of uint8 images (H, W, 3), each shown at ``tile`` pixels (nearest
+    neighbour, so a 64x64 image's pixels stay visible), with its caption underneath."""
     from PIL import ImageFont
 
     font = ImageFont.load_default()
-    rows = math.ceil(len(items) / cols)
+    rows = math.ceil(len(images) / cols)
     text_h, pad = 40, 6
     sheet = Image.new("RGB", (cols * (tile + pad), rows * (tile + text_h)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    for k, it in enumerate(items):
+    for k, (img, cap) in enumerate(zip(images, captions)):
         r, c = divmod(k, cols)
-        img = render(it.scene, tile)
         x0, y0 = c * (tile + pad), r * (tile + text_h)
-        sheet.paste(img, (x0, y0))
-        for j, line in enumerate(wrap(it.caption, 24)[:3]):
+        pic = Image.fromarray(np.asarray(img, dtype=np.uint8))
+        if pic.size != (tile, tile):
+            pic = pic.resize((tile, tile), Image.Resampling.NEAREST)
+        sheet.paste(pic, (x0, y0))
+        for j, line in enumerate(wrap(cap, 24)[:3]):
             draw.text((x0 + 3, y0 + tile + 1 + 12 * j), line, fill=(0, 0, 0), font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

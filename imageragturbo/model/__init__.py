@@ -1,0 +1,7 @@
+"""The model core: the split UNet (``unet_split``), H-space injection and the H-adapter
+(``h_space``), decoder LoRA (``lora``), component loading (``family``), PyTorch pipelines
+(``pipeline``) and the CLIP-score analogue (``clip_scorer``).
+
+Submodules import torch; this package's ``__init__`` does not, so torch-free code can import
+``imageragturbo.model`` names lazily.
+"""

@@ -1,0 +1,212 @@
+"""Model components: the tiny ShapesWorld family's configs, an SD 2.1-layout tiny random model
+for tests, and one loader for any local diffusers folder (stabilityai/sd-turbo,
+stable-diffusion-2-1-base, or the shipped ``tiny-shapes``).
+
+Named variants (``VARIANTS``): ``tiny-shapes`` is the shipped default, a folder inside the
+package; anything else is a path to a diffusers folder with the subfolders ``tokenizer``,
+``text_encoder``, ``vae``, ``unet`` and ``scheduler`` (SD-Turbo / SD 2.1 layout). Optional
+subfolders our training adds: ``teacher_unet`` (the multi-step teacher), ``h_adapter``,
+``clip_scorer`` (the CLIP-score analogue's towers).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+VARIANTS = {"tiny-shapes": WEIGHTS_DIR / "tiny-shapes"}
+
+
+def resolve(model: str | Path) -> Path:
+    """A variant name or a folder path -> the folder, with a clear error if it is missing."""
+    path = VARIANTS.get(str(model), Path(model))
+    if not path.is_dir():
+        known = ", ".join(VARIANTS)
+        hint = (" (train it with `imageragturbo train base`)" if str(model) in VARIANTS else "")
+        raise FileNotFoundError(f"model {model!r} not found at {path}{hint}; give a variant "
+                                f"name ({known}) or a local diffusers folder")
+    return path
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def clip_tokenizer(max_length: int = 77):
+    """CLIP's BPE tokenizer as a transformers ``CLIPTokenizer``, built offline from the
+    vocabulary that ships inside open_clip (the same BPE as OpenAI CLIP / OpenCLIP, which SD 2.1
+    uses). Padding with "!" (id 0), as SD 2.1's tokenizer does."""
+    import gzip
+    import tempfile
+
+    import open_clip
+    from open_clip.tokenizer import SimpleTokenizer
+    from transformers import CLIPTokenizer
+
+    st = SimpleTokenizer(open_clip.tokenizer.default_bpe())
+    vocab = dict(st.encoder)
+    # open_clip names the specials <start_of_text>/<end_of_text>; CLIP's HF files use these:
+    for oc, hf in (("<start_of_text>", "<|startoftext|>"), ("<end_of_text>", "<|endoftext|>")):
+        vocab[hf] = vocab.pop(oc)
+    with gzip.open(open_clip.tokenizer.default_bpe(), "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1: 49152 - 256 - 2 + 1]
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(d) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        tok = CLIPTokenizer(str(Path(d) / "vocab.json"), str(Path(d) / "merges.txt"),
+                            pad_token="!", model_max_length=max_length)
+    return tok
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def tiny_text_config(**kw):
+    from transformers import CLIPTextConfig
+
+    cfg = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+               num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
+               projection_dim=64, bos_token_id=49406, eos_token_id=49407, pad_token_id=0)
+    cfg.update(kw)
+    return CLIPTextConfig(**cfg)
+
+
+def tiny_vae_config() -> dict:
+    """64x64 RGB <-> 16x16x4 latents (factor 4): 0.9 M parameters, trains in minutes here."""
+    return dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+                down_block_types=("DownEncoderBlock2D",) * 3,
+                up_block_types=("UpDecoderBlock2D",) * 3,
+                block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8,
+                mid_block_add_attention=False)
+
+
+def tiny_unet_config(cross_attention_dim: int = 64) -> dict:
+    """16x16x4 latents; H-space at 4x4 with 128 channels; SD 2.1's block kinds and linear
+    attention projections, one resnet per block."""
+    return dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                block_out_channels=(64, 128, 128),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                cross_attention_dim=cross_attention_dim, attention_head_dim=4,
+                use_linear_projection=True, norm_num_groups=16)
+
+
+def noise_schedule_config() -> dict:
+    """SD 2.1 / SD-Turbo's noise schedule (scaled_linear betas, 1000 steps, epsilon)."""
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                beta_schedule="scaled_linear", prediction_type="epsilon", steps_offset=1,
+                timestep_spacing="trailing")
+
+
+def sd21_layout_tiny(seed: int = 0):
+    """A tiny, randomly initialised model built with SD 2.1's exact classes and block layout
+    (CLIPTextModel, UNet2DConditionModel with CrossAttnDownBlock2D x3 + DownBlock2D,
+    linear projections, per-level head counts; AutoencoderKL with four levels;
+    EulerDiscreteScheduler with SD-Turbo's trailing spacing) at toy widths: the stand-in for
+    stabilityai/sd-turbo and stable-diffusion-2-1-base in tests, as diffusers' own tests do."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    text = CLIPTextModel(tiny_text_config(hidden_size=32, intermediate_size=37,
+                                          num_hidden_layers=2, num_attention_heads=4))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(32, 64, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=32, attention_head_dim=(2, 4, 4, 4), use_linear_projection=True,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16), layers_per_block=2, norm_num_groups=8,
+    )
+    sched = EulerDiscreteScheduler(**noise_schedule_config())
+    return Components(tokenizer=clip_tokenizer(), text_encoder=text, vae=vae, unet=unet,
+                      scheduler=sched)
+
+
+def save_sd_folder(c: Components, path: str | Path) -> Path:
+    """Write components as a diffusers folder (save_pretrained per subfolder)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    c.tokenizer.save_pretrained(path / "tokenizer")
+    c.text_encoder.save_pretrained(path / "text_encoder")
+    c.vae.save_pretrained(path / "vae")
+    c.unet.save_pretrained(path / "unet")
+    c.scheduler.save_pretrained(path / "scheduler")
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", type(c.scheduler).__name__],
+    }, indent=2) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Components:
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module                          # the one-step student (SD-Turbo's role)
+    scheduler: object
+    teacher_unet: torch.nn.Module | None = None    # the multi-step teacher (SD 2.1's role)
+    h_adapter: torch.nn.Module | None = None
+    name: str = "model"
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.scheduler.alphas_cumprod
+
+    def eval(self) -> Components:
+        for m in (self.text_encoder, self.vae, self.unet, self.teacher_unet, self.h_adapter):
+            if m is not None:
+                m.eval().requires_grad_(False)
+        return self
+
+
+def load_components(model: str | Path = "tiny-shapes", dtype: torch.dtype = torch.float32,
+                    with_teacher: bool = False) -> Components:
+    """Load tokenizer, text encoder, VAE, UNet and scheduler from a variant name or a local
+    diffusers folder (SD-Turbo / SD 2.1 layout), plus our optional subfolders."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = resolve(model)
+    missing = [s for s in ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+               if not (path / s).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{path} is not a diffusers text-to-image folder: missing "
+                                f"subfolder(s) {', '.join(missing)}")
+    sched_cfg = EulerDiscreteScheduler.load_config(path / "scheduler")
+    scheduler = EulerDiscreteScheduler.from_config(sched_cfg)
+    c = Components(
+        tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
+        text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype),
+        vae=AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype),
+        unet=UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype),
+        scheduler=scheduler,
+        name=str(model),
+    )
+    if with_teacher:
+        if not (path / "teacher_unet").is_dir():
+            raise FileNotFoundError(f"{path} has no teacher_unet subfolder")
+        c.teacher_unet = UNet2DConditionModel.from_pretrained(path / "teacher_unet",
+                                                              torch_dtype=dtype)
+    if (path / "h_adapter").is_dir():
+        from .h_space import HAdapter
+
+        c.h_adapter = HAdapter.from_pretrained(path / "h_adapter").to(dtype)
+    return c.eval()

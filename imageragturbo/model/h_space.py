@@ -1,0 +1,144 @@
+"""Injecting retrieved content into the UNet's H-space (paper Secs. 3.2 and 3.3).
+
+``slerp_inject``: training-free spherical interpolation, paper Eq. 3.
+``HAdapter``: the trainable cross-attention adapter, paper Eqs. 4-5.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def slerp_inject(h_tgt: torch.Tensor, h_retr: torch.Tensor, w: float | torch.Tensor,
+                 eps: float = 1e-4) -> torch.Tensor:
+    """Paper Eq. 3: h_blend = sin((1-w) O)/sin O * h_retr + sin(w O)/sin O * h_tgt,
+    O = arccos(<h_tgt, h_retr>) over each sample's flattened C*H*W vector.
+
+    ``w`` is the target's weight: w=1 returns h_tgt, w=0 the retrieved feature rescaled to the
+    target's norm (the two are put on one sphere first, so the blend keeps the target's norm).
+    Computed in fp32; where the angle is ~0 (|sin O| < eps) it falls back to lerp.
+    h_tgt, h_retr: (B, C, H, W); w: scalar or (B,).
+    """
+    if h_tgt.shape != h_retr.shape:
+        raise ValueError(f"h_tgt {tuple(h_tgt.shape)} and h_retr {tuple(h_retr.shape)} differ")
+    dtype = h_tgt.dtype
+    a = h_tgt.float().flatten(1)                                    # (B, N)
+    b = h_retr.float().flatten(1)                                   # (B, N)
+    na = a.norm(dim=1, keepdim=True).clamp_min(1e-12)               # (B, 1)
+    b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-12) * na       # retrieved at target's norm
+    w = torch.as_tensor(w, dtype=torch.float32, device=a.device).reshape(-1, 1)  # (B|1, 1)
+    cos = ((a * b).sum(1, keepdim=True) / (na * na)).clamp(-1.0, 1.0)
+    omega = torch.arccos(cos)
+    so = torch.sin(omega)
+    small = so.abs() < eps
+    safe = torch.where(small, torch.ones_like(so), so)
+    slerp = (torch.sin((1 - w) * omega) / safe) * b + (torch.sin(w * omega) / safe) * a
+    lerp = (1 - w) * b + w * a
+    out = torch.where(small, lerp, slerp)
+    return out.view_as(h_tgt).to(dtype)
+
+
+@dataclass
+class HAdapterConfig:
+    channels: int            # C of the H-space feature (SD 2.1: 1280; tiny-shapes: mid-block width)
+    num_heads: int = 8       # attention heads (SD 2.1 size: 20 heads of 64)
+    head_dim: int = 64       # width of one head
+    ff_mult: int = 4         # GEGLU feed-forward expansion
+    norm_groups: int = 32    # GroupNorm groups on h before the block
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+
+class HAdapter(nn.Module):
+    """g_phi of paper Eqs. 4-5, as an SD-style transformer block on H-space tokens.
+
+    h = h_tgt + lambda * g(h_tgt, h_retr). Target tokens (B, H*W, C) attend to themselves, then
+    to the k retrieved items' tokens concatenated along the key/value axis (B, k*H*W, C), with
+    Q = W_Q h_tgt, K = W_K h_retr, V = W_V h_retr (Eq. 4), then a feed-forward. The output
+    projection is zero-initialised, so a fresh adapter is the identity and training starts
+    from the student exactly. lambda (B,) is the cosine similarity of the target and retrieved
+    text embeddings (Eq. 5). At SD 2.1 width (1280 channels, 20 heads of 64) this has about
+    36 M parameters, the paper's "36M, 4%".
+    """
+
+    def __init__(self, config: HAdapterConfig):
+        super().__init__()
+        from diffusers.models.attention import BasicTransformerBlock
+
+        self.config = config
+        c, d = config.channels, config.inner_dim
+        groups = min(config.norm_groups, c)
+        while c % groups:
+            groups -= 1
+        self.norm = nn.GroupNorm(groups, c, eps=1e-6, affine=True)
+        self.proj_in = nn.Linear(c, d)
+        self.block = BasicTransformerBlock(
+            d, config.num_heads, config.head_dim, cross_attention_dim=d,
+            activation_fn="geglu", ff_inner_dim=config.ff_mult * d,
+        )
+        self.proj_out = nn.Linear(d, c)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def _tokens(self, h: torch.Tensor) -> torch.Tensor:
+        b, c, hh, ww = h.shape
+        x = self.norm(h).permute(0, 2, 3, 1).reshape(b, hh * ww, c)   # (B, HW, C)
+        return self.proj_in(x)                                        # (B, HW, D)
+
+    def delta(self, h_tgt: torch.Tensor, h_retr: torch.Tensor) -> torch.Tensor:
+        """g(h_tgt, h_retr): (B, C, H, W), (B, k, C, H, W) -> (B, C, H, W)."""
+        b, c, hh, ww = h_tgt.shape
+        if h_retr.ndim == 4:
+            h_retr = h_retr.unsqueeze(1)
+        if h_retr.shape[0] != b or h_retr.shape[2] != c:
+            raise ValueError(f"h_retr {tuple(h_retr.shape)} does not match h_tgt "
+                             f"{tuple(h_tgt.shape)}: expected (B, k, C, h, w)")
+        k = h_retr.shape[1]
+        q = self._tokens(h_tgt)                                                   # (B, HW, D)
+        kv = self._tokens(h_retr.flatten(0, 1).to(h_tgt.dtype))                   # (B*k, hw, D)
+        kv = kv.reshape(b, k * kv.shape[1], kv.shape[2])                          # (B, k*hw, D)
+        x = self.block(q, encoder_hidden_states=kv)                               # (B, HW, D)
+        x = self.proj_out(x)                                                      # (B, HW, C)
+        return x.reshape(b, hh, ww, c).permute(0, 3, 1, 2)                       # (B, C, H, W)
+
+    def forward(self, h_tgt: torch.Tensor, h_retr: torch.Tensor,
+                lam: torch.Tensor) -> torch.Tensor:
+        """Paper Eq. 5: h = h_tgt + lambda * g(h_tgt, h_retr); lam: (B,)."""
+        return h_tgt + lam.reshape(-1, 1, 1, 1).to(h_tgt.dtype) * self.delta(h_tgt, h_retr)
+
+    # -- persistence, diffusers-style: config.json beside safetensors weights
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        sd = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in self.state_dict().items()}
+        save_file(sd, str(path / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> HAdapter:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg = HAdapterConfig(**json.loads((path / "config.json").read_text()))
+        m = cls(cfg)
+        sd = {k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()}
+        m.load_state_dict(sd)
+        return m
+
+
+def sd21_adapter_config() -> HAdapterConfig:
+    """The adapter at SD 2.1 / SD-Turbo width: mid-block 1280 channels, 20 heads of 64."""
+    return HAdapterConfig(channels=1280, num_heads=20, head_dim=64)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,128 @@
+"""PyTorch pipelines over ``Components``: the multi-step teacher with classifier-free
+guidance, and the one-step student with optional retrieval (H-adapter or slerp injection).
+
+The initial noise comes from NumPy (``initial_noise``), never from torch's generator, so the
+ONNX Runtime pipeline and the Triton ensemble draw the very same z_T for a seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .family import Components
+from .h_space import slerp_inject
+from .unet_split import one_step_z0, split_unet
+
+STUDENT_TIMESTEP = 999  # SD-Turbo's single step: t = 999 (EulerDiscrete, trailing spacing)
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> np.ndarray:
+    """z_T for each seed: (B, C, H, W) float32 standard normal, from NumPy's PCG64."""
+    return np.stack([np.random.default_rng(int(s)).standard_normal(shape, dtype=np.float32)
+                     for s in seeds])
+
+
+def latent_shape(c: Components, image_size: int | None = None) -> tuple[int, int, int]:
+    factor = 2 ** (len(c.vae.config.block_out_channels) - 1)
+    size = image_size or c.vae.config.sample_size
+    return (c.unet.config.in_channels, size // factor, size // factor)
+
+
+@torch.no_grad()
+def encode_prompt(c: Components, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text states for cross-attention (B, 77, D) and the L2-normalised pooled (EOS) embedding
+    (B, D), the retrieval key (paper Sec. 4.1: the SD model's own CLIP text features)."""
+    ids = tokenize(c.tokenizer, prompts)
+    out = c.text_encoder(ids)
+    pooled = torch.nn.functional.normalize(out.pooler_output.float(), dim=-1)
+    return out.last_hidden_state, pooled
+
+
+def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not one string")
+    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def decode_latents(c: Components, z0: torch.Tensor) -> np.ndarray:
+    """Latents -> uint8 images (B, H, W, 3)."""
+    x = c.vae.decode(z0 / c.vae.config.scaling_factor).sample          # (B, 3, H, W) in [-1, 1]
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()                        # (B, H, W, 3)
+
+
+@torch.no_grad()
+def student_generate(c: Components, prompts: Sequence[str], seeds: Sequence[int],
+                     h_retr: torch.Tensor | None = None, lam: torch.Tensor | None = None,
+                     slerp_w: float | None = None, return_latents: bool = False):
+    """One step at t=999 through the split UNet. With ``h_retr`` (B, k, C, h, w): the
+    H-adapter (when the model has one and ``slerp_w`` is None) or slerp injection of the
+    top-1 neighbour with target weight ``slerp_w`` (paper Eq. 3)."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    ehs, _ = encode_prompt(c, prompts)
+    z = torch.from_numpy(initial_noise(seeds, latent_shape(c))).to(ehs.dtype)
+    t = torch.full((len(prompts),), STUDENT_TIMESTEP, dtype=torch.long)
+    enc, dec = split_unet(c.unet)
+    h, temb, *skips = enc(z, t, ehs)
+    if h_retr is not None:
+        if slerp_w is not None:
+            h = slerp_inject(h, h_retr[:, 0].to(h.dtype), slerp_w)
+        elif c.h_adapter is not None:
+            if lam is None:
+                raise ValueError("the H-adapter needs lam (B,): the retrieval similarity")
+            h = c.h_adapter(h, h_retr.to(h.dtype), lam)
+        else:
+            raise ValueError("retrieved features given, but the model has no H-adapter and "
+                             "no slerp strength was set")
+    eps = dec(h, temb, skips, ehs)
+    z0 = one_step_z0(z, t, eps, c.alphas_cumprod, c.scheduler.config.prediction_type)
+    images = decode_latents(c, z0)
+    return (images, z0) if return_latents else images
+
+
+def ddim_scheduler(c: Components):
+    from diffusers import DDIMScheduler
+
+    cfg = dict(c.scheduler.config)
+    return DDIMScheduler.from_config(cfg, clip_sample=False, set_alpha_to_one=False,
+                                     timestep_spacing="trailing")
+
+
+@torch.no_grad()
+def teacher_sample_latents(c: Components, unet, ehs: torch.Tensor, ehs_uncond: torch.Tensor,
+                           z: torch.Tensor, steps: int, guidance: float) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0, trailing spacing, no sample clipping: these are latents)
+    with classifier-free guidance. z: (B, C, h, w) -> z_0."""
+    sched = ddim_scheduler(c)
+    sched.set_timesteps(steps)
+    cond = torch.cat([ehs_uncond.expand(len(z), -1, -1), ehs])
+    for t in sched.timesteps:
+        eps_u, eps_c = unet(torch.cat([z, z]), t, cond).sample.chunk(2)
+        eps = eps_u + guidance * (eps_c - eps_u)
+        z = sched.step(eps, t, z).prev_sample
+    return z
+
+
+@torch.no_grad()
+def teacher_generate(c: Components, prompts: Sequence[str], seeds: Sequence[int],
+                     steps: int = 50, guidance: float = 5.0, return_latents: bool = False):
+    """The multi-step teacher (SD 2.1's role): N DDIM steps with classifier-free guidance."""
+    if c.teacher_unet is None:
+        raise ValueError(f"model {c.name!r} has no teacher_unet")
+    ehs, _ = encode_prompt(c, prompts)
+    unc, _ = encode_prompt(c, [""])
+    z = torch.from_numpy(initial_noise(seeds, latent_shape(c))).to(ehs.dtype)
+    z0 = teacher_sample_latents(c, c.teacher_unet, ehs, unc, z, steps, guidance)
+    images = decode_latents(c, z0)
+    return (images, z0) if return_latents else images
+
+
+def batched(seq, n):
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]

@@ -1,0 +1,547 @@
+"""The tiny ShapesWorld family, trained here on a CPU: the offline stand-in for SD 2.1 (teacher)
+and SD-Turbo (one-step student).
+
+Stages (``imageragturbo train base``), each resumable from its last checkpoint:
+
+1. ``clip``: the CLIP text encoder (transformers ``CLIPTextModel``, CLIP's BPE tokenizer) and
+   an image tower, trained contrastively with open_clip's ``ClipLoss``. The text encoder is
+   then frozen, as SD's is; the image tower is the CLIP-score analogue and FD's features.
+2. ``vae``: ``AutoencoderKL`` (64x64 RGB <-> 16x16x4), L1 + MSE + a small KL, on 32x32
+   random crops (the model is fully convolutional; crops cost a quarter of full images).
+3. ``teacher``: ``UNet2DConditionModel``, epsilon prediction on SD 2.1's noise schedule, 10%
+   caption dropout for classifier-free guidance, EMA weights.
+4. ``synth``: the teacher's samples (DDIM, CFG) for training prompts, from stored z_T:
+   (z_T, prompt, z_0) triplets, the synthetic data of paper Sec. 4.1.
+5. ``student``: one step at t=999, initialised from the teacher, trained with latent
+   adversarial distillation (paper Eqs. 6-8, ``training.ladd``).
+6. ``export``: a diffusers folder (fp16 safetensors + configs) with ``teacher_unet`` and
+   ``clip_scorer`` subfolders, which ``imageragturbo.model.load_components`` loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from imageragturbo import shapesworld as sw
+from imageragturbo.model import family
+from imageragturbo.model.clip_scorer import ClipScorer, ClipScorerConfig
+from imageragturbo.model.pipeline import initial_noise, teacher_sample_latents, tokenize
+from imageragturbo.model.unet_split import one_step_z0, split_unet
+
+from . import ladd
+
+STAGES = ("clip", "vae", "teacher", "synth", "student", "export")
+
+
+@dataclass
+class RecipeConfig:
+    seed: int = 0                 # data and initialisation seed
+    n_train: int = 20000          # ShapesWorld training items
+    threads: int = 2              # torch CPU threads
+    clip_steps: int = 1500
+    clip_batch: int = 128
+    clip_lr: float = 1e-3
+    vae_steps: int = 1500
+    vae_batch: int = 32
+    vae_crop: int = 32
+    vae_lr: float = 1e-3
+    teacher_steps: int = 6000
+    teacher_batch: int = 64
+    teacher_lr: float = 4e-4
+    teacher_channels: tuple = (48, 96, 96)
+    cfg_drop: float = 0.1         # caption dropout for classifier-free guidance
+    ema: float = 0.999
+    synth_prompts: int = 4000
+    synth_steps: int = 25
+    guidance: float = 4.0         # teacher CFG scale for synthetic data and evaluation
+    student_steps: int = 1500
+    student_batch: int = 32
+    student_lr: float = 5e-5
+    disc_lr: float = 2e-4
+    distill_weight: float = 2.5   # alpha of paper Eq. 10
+    disc_s_max: int = 750         # discriminator noise level s ~ U{0..s_max-1}
+    ckpt_every: int = 250
+
+    @classmethod
+    def quick(cls) -> RecipeConfig:
+        """A few steps of everything on a small data set: checks the recipe end to end."""
+        return cls(n_train=256, clip_steps=6, clip_batch=32, vae_steps=6, vae_batch=8,
+                   teacher_steps=6, teacher_batch=16, synth_prompts=16, synth_steps=2,
+                   student_steps=4, student_batch=8, ckpt_every=3)
+
+
+# ----------------------------------------------------------------------------- utilities
+
+
+class EMA:
+    """Exponential moving average of a module's parameters."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        for s, p in zip(self.shadow.parameters(), module.parameters()):
+            s.lerp_(p.detach(), 1 - self.decay)
+
+
+def _rng(cfg: RecipeConfig, stage: str, step: int) -> np.random.Generator:
+    return np.random.default_rng([cfg.seed, STAGES.index(stage), step])
+
+
+def train_loop(name: str, ckpt: Path, state: dict[str, object], step_fn: Callable[[int], dict],
+               steps: int, every: int, progress: bool = True) -> list[dict]:
+    """Run ``step_fn(step)`` for steps [start, steps), checkpointing ``state`` (modules,
+    optimisers, EMA shadows: anything with state_dict) and the loss history every ``every``
+    steps; resumes from ``ckpt`` if it exists. Batches come from per-step generators, so a
+    resumed run continues exactly as an uninterrupted one would."""
+    from tqdm import tqdm
+
+    history: list[dict] = []
+    start = 0
+    if ckpt.exists():
+        blob = torch.load(ckpt, weights_only=False)
+        for k, obj in state.items():
+            obj.load_state_dict(blob["state"][k])
+        history, start = blob["history"], blob["step"]
+    bar = tqdm(range(start, steps), desc=name, disable=not progress, initial=start, total=steps)
+    t0 = time.perf_counter()
+    for step in bar:
+        losses = step_fn(step)
+        for k, v in losses.items():
+            if not math.isfinite(v):
+                raise FloatingPointError(f"{name}: loss {k} is {v} at step {step}")
+        history.append({"step": step, **losses})
+        if step % 10 == 0:
+            bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()})
+        if (step + 1) % every == 0 or step + 1 == steps:
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"state": {k: o.state_dict() for k, o in state.items()},
+                        "history": history, "step": step + 1}, tmp)
+            tmp.replace(ckpt)
+    bar.close()
+    if history and start < steps:
+        history[-1]["seconds"] = time.perf_counter() - t0
+    return history
+
+
+def _mean_tail(history: list[dict], key: str, n: int = 50) -> float:
+    vals = [h[key] for h in history[-n:] if key in h]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def training_data(cfg: RecipeConfig, cache: Path) -> tuple[np.ndarray, list[str]]:
+    """ShapesWorld training renders (N, 64, 64, 3) uint8 and captions, cached in the run."""
+    img_path, cap_path = cache / "train_images.npy", cache / "train_captions.json"
+    if img_path.exists() and cap_path.exists():
+        return np.load(img_path), json.loads(cap_path.read_text())
+    from tqdm import tqdm
+
+    items = sw.make_split("train", cfg.n_train, cfg.seed)
+    imgs = np.stack([np.asarray(sw.render(it.scene)) for it in tqdm(items, desc="render")])
+    caps = [it.caption for it in items]
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(img_path, imgs)
+    cap_path.write_text(json.dumps(caps))
+    return imgs, caps
+
+
+def to_unit(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Mild blur and noise on half of a batch: the CLIP-score towers must read generated
+    images too, which are blurrier than renders."""
+    b = x.shape[0]
+    sel = torch.from_numpy(rng.random(b) < 0.5)
+    k = torch.tensor([1.0, 2.0, 1.0])
+    k = (k[:, None] * k[None, :] / 16).expand(3, 1, 3, 3)
+    blurred = nn.functional.conv2d(nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), k,
+                                   groups=3)
+    noisy = blurred + torch.from_numpy(rng.normal(0, 0.05, x.shape).astype(np.float32))
+    return torch.where(sel.view(-1, 1, 1, 1), noisy, x)
+
+
+# ----------------------------------------------------------------------------- stage steps
+# Each ``*_step`` does one optimisation step on a given batch and returns its losses; the
+# smoke tests call them on a fixed batch.
+
+
+def clip_step(text_encoder, scorer: ClipScorer, opt, ids: torch.Tensor,
+              images: torch.Tensor) -> dict:
+    from open_clip.loss import ClipLoss
+
+    pooled = text_encoder(ids).pooler_output                             # (B, D)
+    t = scorer.encode_text(pooled)
+    i = scorer.encode_image(images)
+    loss = ClipLoss()(i, t, scorer.logit_scale.exp().clamp(max=100))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+    opt.step()
+    return {"loss": float(loss)}
+
+
+def vae_step(vae, opt, x: torch.Tensor, kl_weight: float = 1e-6) -> dict:
+    post = vae.encode(x).latent_dist
+    rec = vae.decode(post.sample()).sample
+    l1 = (rec - x).abs().mean()
+    mse = ((rec - x) ** 2).mean()
+    kl = post.kl().mean()
+    loss = l1 + mse + kl_weight * kl
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+    opt.step()
+    return {"loss": float(loss), "mse": float(mse)}
+
+
+def teacher_step(unet, opt, z0: torch.Tensor, ehs: torch.Tensor, t: torch.Tensor,
+                 noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> dict:
+    zt = ladd.add_noise(z0, noise, t, alphas_cumprod)
+    loss = nn.functional.mse_loss(unet(zt, t, ehs).sample, noise)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    opt.step()
+    return {"loss": float(loss)}
+
+
+def student_forward(student, z_t: torch.Tensor, ehs: torch.Tensor, alphas_cumprod,
+                    adapter_fn=None) -> torch.Tensor:
+    """One step at t=999 through the split UNet; ``adapter_fn(h)`` edits the H-space feature."""
+    t = torch.full((z_t.shape[0],), 999, dtype=torch.long)
+    enc, dec = split_unet(student)
+    h, temb, *skips = enc(z_t, t, ehs)
+    if adapter_fn is not None:
+        h = adapter_fn(h)
+    return one_step_z0(z_t, t, dec(h, temb, skips, ehs), alphas_cumprod)
+
+
+def ladd_step(student, disc: ladd.LADDDiscriminator, opt_g, opt_d, z_t, z0_teacher, ehs,
+              pooled, s, eps_s, alphas_cumprod, distill_weight: float = 2.5,
+              adapter_fn=None) -> dict:
+    """One generator and one discriminator update (paper Eqs. 6-8, Eq. 10 without the
+    perceptual term)."""
+    z0_hat = student_forward(student, z_t, ehs, alphas_cumprod, adapter_fn)
+    fake = disc(ladd.add_noise(z0_hat, eps_s, s, alphas_cumprod), s, ehs, pooled)
+    l_adv = ladd.g_adv_loss(fake)
+    l_dist = ladd.distill_loss(z0_hat, z0_teacher)
+    loss_g = l_adv + distill_weight * l_dist
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    nn.utils.clip_grad_norm_([p for g in opt_g.param_groups for p in g["params"]], 1.0)
+    opt_g.step()
+
+    real = disc(ladd.add_noise(z0_teacher, eps_s, s, alphas_cumprod), s, ehs, pooled)
+    fake = disc(ladd.add_noise(z0_hat.detach(), eps_s, s, alphas_cumprod), s, ehs, pooled)
+    loss_d = ladd.d_hinge_loss(real, fake)
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+    return {"g_adv": float(l_adv), "distill": float(l_dist), "d": float(loss_d)}
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+class Recipe:
+    """Runs the stages into ``run_dir``; every stage writes ``<stage>/done.json`` when it ends
+    and is skipped on the next run."""
+
+    def __init__(self, run_dir: str | Path, cfg: RecipeConfig | None = None,
+                 progress: bool = True, reconfigure: bool = False):
+        self.dir = Path(run_dir)
+        self.cfg = cfg or RecipeConfig()
+        self.progress = progress
+        self.dir.mkdir(parents=True, exist_ok=True)
+        saved = self.dir / "recipe.json"
+        mine = json.loads(json.dumps(asdict(self.cfg)))
+        mine.pop("threads")  # speed only, not results
+        if saved.exists() and json.loads(saved.read_text()) != mine and not reconfigure:
+            raise ValueError(f"{saved} was written by a different recipe configuration; use "
+                             "a new run folder, or --reconfigure to keep finished stages "
+                             "and run the rest with the new one")
+        saved.write_text(json.dumps(mine, indent=2) + "\n")
+        torch.set_num_threads(self.cfg.threads)
+        self._data = None
+        self.tokenizer = family.clip_tokenizer()
+        self.scheduler = self._scheduler()
+
+    @staticmethod
+    def _scheduler():
+        from diffusers import EulerDiscreteScheduler
+
+        return EulerDiscreteScheduler(**family.noise_schedule_config())
+
+    @property
+    def data(self):
+        if self._data is None:
+            self._data = training_data(self.cfg, self.dir / "data")
+        return self._data
+
+    def done(self, stage: str) -> dict | None:
+        p = self.dir / stage / "done.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def _finish(self, stage: str, info: dict) -> dict:
+        (self.dir / stage / "done.json").write_text(json.dumps(info, indent=2) + "\n")
+        return info
+
+    def run(self, stages=STAGES) -> dict:
+        out = {}
+        for st in stages:
+            if st not in STAGES:
+                raise ValueError(f"unknown stage {st!r}; stages: {', '.join(STAGES)}")
+            out[st] = self.done(st) or getattr(self, f"stage_{st}")()
+        return out
+
+    # -- 1. CLIP
+    def stage_clip(self) -> dict:
+        from transformers import CLIPTextModel
+
+        cfg, d = self.cfg, self.dir / "clip"
+        d.mkdir(exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        text = CLIPTextModel(family.tiny_text_config())
+        scorer = ClipScorer(ClipScorerConfig(text_dim=text.config.hidden_size))
+        opt = torch.optim.AdamW(list(text.parameters()) + list(scorer.parameters()),
+                                lr=cfg.clip_lr, weight_decay=0.01)
+        imgs, caps = self.data
+        ids_all = tokenize(self.tokenizer, caps)
+
+        def step(i):
+            rng = _rng(cfg, "clip", i)
+            idx = rng.choice(len(caps), cfg.clip_batch, replace=False)
+            for g in opt.param_groups:
+                g["lr"] = cfg.clip_lr * min(1.0, (i + 1) / 100)
+            return clip_step(text, scorer, opt, ids_all[idx], augment(to_unit(imgs[idx]), rng))
+
+        t0 = time.perf_counter()
+        hist = train_loop("clip", d / "ckpt.pt", {"text": text, "scorer": scorer, "opt": opt},
+                          step, cfg.clip_steps, cfg.ckpt_every, self.progress)
+        text.save_pretrained(d / "text_encoder")
+        scorer.save_pretrained(d / "clip_scorer")
+        return self._finish("clip", {"final_loss": _mean_tail(hist, "loss"),
+                                     "first_loss": hist[0]["loss"] if hist else None,
+                                     "seconds": time.perf_counter() - t0})
+
+    def text_encoder(self):
+        from transformers import CLIPTextModel
+
+        return CLIPTextModel.from_pretrained(self.dir / "clip" / "text_encoder").eval()
+
+    # -- 2. VAE
+    def stage_vae(self) -> dict:
+        from diffusers import AutoencoderKL
+
+        cfg, d = self.cfg, self.dir / "vae"
+        d.mkdir(exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        vae = AutoencoderKL(**family.tiny_vae_config())
+        opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+        imgs, _ = self.data
+        c = cfg.vae_crop
+
+        def step(i):
+            rng = _rng(cfg, "vae", i)
+            idx = rng.choice(len(imgs), cfg.vae_batch, replace=False)
+            oy, ox = rng.integers(0, imgs.shape[1] - c + 1, 2)
+            for g in opt.param_groups:
+                g["lr"] = cfg.vae_lr * min(1.0, (i + 1) / 100) * (
+                    0.5 * (1 + math.cos(math.pi * i / cfg.vae_steps)))
+            return vae_step(vae, opt, to_unit(imgs[idx, oy:oy + c, ox:ox + c]))
+
+        t0 = time.perf_counter()
+        hist = train_loop("vae", d / "ckpt.pt", {"vae": vae, "opt": opt}, step,
+                          cfg.vae_steps, cfg.ckpt_every, self.progress)
+        vae.eval()
+        with torch.no_grad():
+            z = vae.encode(to_unit(imgs[:1024])).latent_dist.mode()
+            rec = vae.decode(z).sample
+            full_mse = float(((rec - to_unit(imgs[:1024])) ** 2).mean())
+        # SD's convention: latents scaled to unit variance by config.scaling_factor
+        vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+        vae.save_pretrained(d / "model")
+        return self._finish("vae", {"final_loss": _mean_tail(hist, "loss"),
+                                    "first_loss": hist[0]["loss"] if hist else None,
+                                    "full_image_mse": full_mse,
+                                    "scaling_factor": vae.config.scaling_factor,
+                                    "seconds": time.perf_counter() - t0})
+
+    def vae(self):
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(self.dir / "vae" / "model").eval()
+
+    @torch.no_grad()
+    def _latents_and_text(self):
+        """Scaled latents (N, 4, 16, 16) of the training renders and frozen text states."""
+        cache = self.dir / "data" / "latents.pt"
+        if cache.exists():
+            return torch.load(cache)
+        vae, text = self.vae(), self.text_encoder()
+        imgs, caps = self.data
+        lat, ehs = [], []
+        for i in range(0, len(imgs), 256):
+            lat.append(vae.encode(to_unit(imgs[i:i + 256])).latent_dist.mode()
+                       * vae.config.scaling_factor)
+            ehs.append(text(tokenize(self.tokenizer, caps[i:i + 256])).last_hidden_state.half())
+        unc = text(tokenize(self.tokenizer, [""])).last_hidden_state
+        out = {"latents": torch.cat(lat), "ehs": torch.cat(ehs), "uncond": unc}
+        torch.save(out, cache)
+        return out
+
+    # -- 3. teacher
+    def _new_unet(self):
+        from diffusers import UNet2DConditionModel
+
+        ucfg = family.tiny_unet_config()
+        ucfg["block_out_channels"] = tuple(self.cfg.teacher_channels)
+        return UNet2DConditionModel(**ucfg)
+
+    def stage_teacher(self) -> dict:
+        cfg, d = self.cfg, self.dir / "teacher"
+        d.mkdir(exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        data = self._latents_and_text()
+        lat, ehs_all, unc = data["latents"], data["ehs"], data["uncond"]
+        unet = self._new_unet()
+        ema = EMA(unet, cfg.ema)
+        opt = torch.optim.AdamW(unet.parameters(), lr=cfg.teacher_lr, weight_decay=0.0)
+        ac = self.scheduler.alphas_cumprod
+
+        def step(i):
+            rng = _rng(cfg, "teacher", i)
+            idx = rng.choice(len(lat), cfg.teacher_batch, replace=False)
+            ehs = ehs_all[idx].float()
+            drop = torch.from_numpy(rng.random(len(idx)) < cfg.cfg_drop)
+            ehs = torch.where(drop.view(-1, 1, 1), unc.expand_as(ehs), ehs)
+            t = torch.from_numpy(rng.integers(0, 1000, len(idx)))
+            noise = torch.from_numpy(rng.standard_normal(lat[idx].shape).astype(np.float32))
+            for g in opt.param_groups:
+                g["lr"] = cfg.teacher_lr * min(1.0, (i + 1) / 200) * (
+                    0.55 + 0.45 * math.cos(math.pi * i / cfg.teacher_steps))
+            out = teacher_step(unet, opt, lat[idx], ehs, t, noise, ac)
+            ema.update(unet)
+            return out
+
+        t0 = time.perf_counter()
+        hist = train_loop("teacher", d / "ckpt.pt", {"unet": unet, "ema": ema.shadow, "opt": opt},
+                          step, cfg.teacher_steps, cfg.ckpt_every, self.progress)
+        ema.shadow.save_pretrained(d / "unet_ema")
+        return self._finish("teacher", {"final_loss": _mean_tail(hist, "loss", 200),
+                                        "first_loss": _mean_tail(hist[:50], "loss"),
+                                        "seconds": time.perf_counter() - t0})
+
+    def teacher(self):
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.from_pretrained(self.dir / "teacher" / "unet_ema").eval()
+
+    # -- 4. synthetic data
+    @torch.no_grad()
+    def stage_synth(self) -> dict:
+        from tqdm import tqdm
+
+        cfg, d = self.cfg, self.dir / "synth"
+        d.mkdir(exist_ok=True)
+        data = self._latents_and_text()
+        unet = self.teacher().requires_grad_(False)
+        comps = family.Components(tokenizer=self.tokenizer, text_encoder=None, vae=None,
+                                  unet=unet, scheduler=self.scheduler)
+        n = min(cfg.synth_prompts, len(data["ehs"]))
+        idx = np.random.default_rng([cfg.seed, 4]).choice(len(data["ehs"]), n, replace=False)
+        seeds = [10_000_000 + int(i) for i in idx]
+        z_t = torch.from_numpy(initial_noise(seeds, tuple(data["latents"].shape[1:])))
+        z0 = torch.empty_like(z_t)
+        t0 = time.perf_counter()
+        for a in tqdm(range(0, n, 200), desc="synth", disable=not self.progress):
+            sl = slice(a, a + 200)
+            z0[sl] = teacher_sample_latents(comps, unet, data["ehs"][idx[sl]].float(),
+                                            data["uncond"], z_t[sl], cfg.synth_steps,
+                                            cfg.guidance)
+        torch.save({"idx": torch.from_numpy(idx), "z_t": z_t, "z0": z0}, d / "synth.pt")
+        return self._finish("synth", {"prompts": n, "steps": cfg.synth_steps,
+                                      "guidance": cfg.guidance,
+                                      "seconds": time.perf_counter() - t0})
+
+    # -- 5. student (LADD)
+    def stage_student(self) -> dict:
+        cfg, d = self.cfg, self.dir / "student"
+        d.mkdir(exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        data = self._latents_and_text()
+        syn = torch.load(self.dir / "synth" / "synth.pt")
+        teacher = self.teacher().requires_grad_(False)
+        student = copy.deepcopy(teacher).train().requires_grad_(True)
+        text = self.text_encoder()
+        _, caps = self.data
+        with torch.no_grad():
+            pooled_all = torch.cat([
+                text(tokenize(self.tokenizer, [caps[int(j)] for j in syn["idx"][a:a + 256]]))
+                .pooler_output for a in range(0, len(syn["idx"]), 256)])
+        disc = ladd.LADDDiscriminator(teacher, text_dim=pooled_all.shape[1])
+        opt_g = torch.optim.AdamW(student.parameters(), lr=cfg.student_lr, betas=(0.0, 0.99),
+                                  weight_decay=0.0)
+        opt_d = torch.optim.AdamW(disc.trainable_parameters(), lr=cfg.disc_lr,
+                                  betas=(0.0, 0.99), weight_decay=0.0)
+        ac = self.scheduler.alphas_cumprod
+        n = len(syn["idx"])
+
+        def step(i):
+            rng = _rng(cfg, "student", i)
+            j = rng.choice(n, cfg.student_batch, replace=False)
+            ehs = data["ehs"][syn["idx"][j]].float()
+            s = torch.from_numpy(rng.integers(0, cfg.disc_s_max, len(j)))
+            eps = torch.from_numpy(rng.standard_normal(syn["z0"][j].shape).astype(np.float32))
+            return ladd_step(student, disc, opt_g, opt_d, syn["z_t"][j], syn["z0"][j], ehs,
+                             pooled_all[j], s, eps, ac, cfg.distill_weight)
+
+        t0 = time.perf_counter()
+        hist = train_loop("student", d / "ckpt.pt",
+                          {"student": student, "heads": disc.heads, "opt_g": opt_g,
+                           "opt_d": opt_d}, step, cfg.student_steps, cfg.ckpt_every,
+                          self.progress)
+        student.eval().save_pretrained(d / "unet")
+        return self._finish("student", {
+            "final_distill": _mean_tail(hist, "distill"), "final_g_adv": _mean_tail(hist, "g_adv"),
+            "final_d": _mean_tail(hist, "d"),
+            "first_distill": _mean_tail(hist[:20], "distill"),
+            "seconds": time.perf_counter() - t0})
+
+    # -- 6. export
+    def stage_export(self) -> dict:
+        from diffusers import UNet2DConditionModel
+
+        d = self.dir / "export" / "tiny-shapes"
+        if d.exists():
+            shutil.rmtree(d)
+        student = UNet2DConditionModel.from_pretrained(self.dir / "student" / "unet")
+        comps = family.Components(tokenizer=self.tokenizer, text_encoder=self.text_encoder(),
+                                  vae=self.vae(), unet=student, scheduler=self.scheduler)
+        half = {"text_encoder", "vae", "unet"}
+        for name in half:
+            getattr(comps, name).half()
+        family.save_sd_folder(comps, d)
+        self.teacher().half().save_pretrained(d / "teacher_unet")
+        shutil.copytree(self.dir / "clip" / "clip_scorer", d / "clip_scorer")
+        size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+        return self._finish("export", {"path": str(d), "bytes": size})
