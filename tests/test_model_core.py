@@ -33,9 +33,7 @@ def tiny_unet():
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    cfg = family.tiny_unet_config()
-    cfg["block_out_channels"] = (48, 96, 96)
-    return UNet2DConditionModel(**cfg).eval()
+    return UNet2DConditionModel(**family.tiny_unet_config()).eval()
 
 
 def _parity(unet, side, text_dim, batch=3):

@@ -196,7 +196,7 @@ def clip_step(text_encoder, scorer: ClipScorer, opt, ids: torch.Tensor,
     loss.backward()
     nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
     opt.step()
-    return {"loss": float(loss)}
+    return {"loss": loss.item()}
 
 
 def vae_step(vae, opt, x: torch.Tensor, kl_weight: float = 1e-6) -> dict:
@@ -210,7 +210,7 @@ def vae_step(vae, opt, x: torch.Tensor, kl_weight: float = 1e-6) -> dict:
     loss.backward()
     nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
     opt.step()
-    return {"loss": float(loss), "mse": float(mse)}
+    return {"loss": loss.item(), "mse": mse.item()}
 
 
 def teacher_step(unet, opt, z0: torch.Tensor, ehs: torch.Tensor, t: torch.Tensor,
@@ -221,7 +221,7 @@ def teacher_step(unet, opt, z0: torch.Tensor, ehs: torch.Tensor, t: torch.Tensor
     loss.backward()
     nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
     opt.step()
-    return {"loss": float(loss)}
+    return {"loss": loss.item()}
 
 
 def student_forward(student, z_t: torch.Tensor, ehs: torch.Tensor, alphas_cumprod,
@@ -256,7 +256,7 @@ def ladd_step(student, disc: ladd.LADDDiscriminator, opt_g, opt_d, z_t, z0_teach
     opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
     opt_d.step()
-    return {"g_adv": float(l_adv), "distill": float(l_dist), "d": float(loss_d)}
+    return {"g_adv": l_adv.item(), "distill": l_dist.item(), "d": loss_d.item()}
 
 
 # ----------------------------------------------------------------------------- stages

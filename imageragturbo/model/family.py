@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ def resolve(model: str | Path) -> Path:
 # ----------------------------------------------------------------------------- tokenizer
 
 
+@lru_cache(maxsize=4)
 def clip_tokenizer(max_length: int = 77):
     """CLIP's BPE tokenizer as a transformers ``CLIPTokenizer``, built offline from the
     vocabulary that ships inside open_clip (the same BPE as OpenAI CLIP / OpenCLIP, which SD 2.1
@@ -84,10 +86,10 @@ def tiny_vae_config() -> dict:
 
 
 def tiny_unet_config(cross_attention_dim: int = 64) -> dict:
-    """16x16x4 latents; H-space at 4x4 with 128 channels; SD 2.1's block kinds and linear
-    attention projections, one resnet per block."""
+    """16x16x4 latents; H-space at 4x4 with 96 channels; SD 2.1's block kinds and linear
+    attention projections, one resnet per block (3.7 M parameters)."""
     return dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-                block_out_channels=(64, 128, 128),
+                block_out_channels=(48, 96, 96),
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                 cross_attention_dim=cross_attention_dim, attention_head_dim=4,
