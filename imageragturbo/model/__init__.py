@@ -5,3 +5,11 @@
 Submodules import torch; this package's ``__init__`` does not, so torch-free code can import
 ``imageragturbo.model`` names lazily.
 """
+
+
+def load_retrieval_encoder(model: str = "tiny-shapes"):
+    """The pipeline's text encoder, VAE and UNet encoder as a ``RetrievalEncoder`` for
+    ``imageragturbo.retriever`` (imports torch)."""
+    from .encoder import TorchRetrievalEncoder
+
+    return TorchRetrievalEncoder.load(model)
