@@ -13,7 +13,7 @@ from imageragturbo import shapesworld as sw
 from imageragturbo.model import family
 from imageragturbo.model.clip_scorer import ClipScorer, ClipScorerConfig
 from imageragturbo.model.pipeline import tokenize
-from training import base, ladd
+from imageragturbo.training import base, ladd
 
 
 @pytest.fixture(scope="module")
