@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from imageragturbo.retriever import RetrievalIndex, build_index, shapesworld_pairs
 
 from imageragturbo import shapesworld as sw
 from imageragturbo.model import family, load_retrieval_encoder
+from imageragturbo.retriever import RetrievalIndex, build_index, shapesworld_pairs
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from imageragturbo.retriever import (
     DEFAULT_EF,
     DEFAULT_EF_CONSTRUCTION,
@@ -32,7 +34,6 @@ from imageragturbo.retriever import (
     shapesworld_pairs,
 )
 from imageragturbo.retriever import cli as rcli
-from PIL import Image
 
 IMG = 8  # test images are 8x8 RGB
 
