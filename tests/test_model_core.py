@@ -10,6 +10,7 @@ import torch
 from imageragturbo.model import family
 from imageragturbo.model.h_space import (
     HAdapter,
+    adapter_config_for,
     HAdapterConfig,
     count_parameters,
     sd21_adapter_config,
@@ -133,9 +134,12 @@ def test_fresh_adapter_is_identity_and_learns():
         ad(h, torch.randn(2, 3, 32, 4, 4), lam)
 
 
-def test_adapter_size_matches_the_paper_at_sd21_width():
+def test_adapter_size_matches_the_paper_at_sd21_width(tiny_unet):
     n = count_parameters(HAdapter(sd21_adapter_config()))
     assert 35e6 < n < 37.5e6  # the paper: 36 M, 4 % of the model
+    cfg = adapter_config_for(tiny_unet)
+    assert (cfg.channels, cfg.num_heads, cfg.head_dim) == (96, 4, 24)
+    assert count_parameters(HAdapter(cfg)) == 204768
 
 
 def test_adapter_round_trips_through_safetensors(tmp_path):

@@ -140,5 +140,14 @@ def sd21_adapter_config() -> HAdapterConfig:
     return HAdapterConfig(channels=1280, num_heads=20, head_dim=64)
 
 
+def adapter_config_for(unet) -> HAdapterConfig:
+    """The adapter sized for a UNet's mid-block: heads of 64 at SD width (1280 -> 20 heads,
+    36.1 M parameters, 4.2 % of SD 2.1's 866 M UNet), four heads on narrow models (tiny-shapes:
+    96 channels -> 4 heads of 24, 0.20 M parameters, 5.5 % of its 3.7 M UNet)."""
+    c = int(unet.config.block_out_channels[-1])
+    head_dim = 64 if c >= 640 else c // 4
+    return HAdapterConfig(channels=c, num_heads=c // head_dim, head_dim=head_dim)
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
