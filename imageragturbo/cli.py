@@ -18,6 +18,7 @@ DEFAULT_DATA = Path("data/shapesworld")
 PLUGINS = (
     "imageragturbo.retriever.cli",
     "imageragturbo.training.cli",
+    "imageragturbo.export.cli",
 )
 
 

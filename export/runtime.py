@@ -1,0 +1,277 @@
+"""The one-step pipeline in process on ONNX Runtime: the five exported stages (see
+``onnx_export``) chained as in shared/DESIGN.md, "The request path"::
+
+    ids -> text_encoder -> (ehs, pooled) ; pooled -> retriever -> (h_retr, lambda)
+    z_T, t, ehs -> unet_encoder -> (h, temb, skips) ; h, h_retr, lambda -> h_adapter -> h
+    h, temb, skips, ehs, z_T, t -> unet_decoder -> z0 -> vae_decoder -> uint8 image
+
+One ``InferenceSession`` per stage, created when the pipeline is built and reused for every
+call. Execution providers are chosen by availability: TensorRT, then CUDA, then CPU. This
+module needs numpy, onnxruntime and the tokenizer only (no torch), so it can serve alone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import MANIFEST, load_manifest, stage_names
+
+PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> np.ndarray:
+    """z_T per seed, (B, C, H, W) float32 from NumPy's PCG64: the same draw as
+    ``imageragturbo.model.pipeline.initial_noise`` (kept torch-free here; a test checks the
+    two agree)."""
+    return np.stack([np.random.default_rng(int(s)).standard_normal(shape, dtype=np.float32)
+                     for s in seeds])
+
+
+def choose_providers(prefer: Sequence[str] | None = None, fp16: bool = False,
+                     cache_dir: str | Path | None = None) -> list:
+    """Execution providers by availability (TensorRT > CUDA > CPU), or exactly ``prefer``
+    (short names accepted: ``tensorrt``, ``cuda``, ``cpu``). TensorRT gets fp16 when the graphs
+    are fp16 and an engine cache in ``cache_dir``."""
+    import onnxruntime as ort
+
+    avail = ort.get_available_providers()
+    short = {"tensorrt": PROVIDER_ORDER[0], "trt": PROVIDER_ORDER[0],
+             "cuda": PROVIDER_ORDER[1], "cpu": PROVIDER_ORDER[2]}
+    if prefer:
+        names = [short.get(p.lower(), p) for p in prefer]
+        missing = [p for p in names if p not in avail]
+        if missing:
+            raise ValueError(f"execution provider(s) {missing} not available here; this "
+                             f"onnxruntime offers {avail} (GPU providers need onnxruntime-gpu)")
+    else:
+        names = [p for p in PROVIDER_ORDER if p in avail]
+    out: list = []
+    for p in names:
+        if p == "TensorrtExecutionProvider":
+            opts = {"trt_fp16_enable": bool(fp16), "trt_engine_cache_enable": cache_dir is not None}
+            if cache_dir is not None:
+                Path(cache_dir).mkdir(parents=True, exist_ok=True)
+                opts["trt_engine_cache_path"] = str(cache_dir)
+            out.append((p, opts))
+        else:
+            out.append(p)
+    if "CPUExecutionProvider" not in names:
+        out.append("CPUExecutionProvider")  # for any node the GPU provider does not take
+    return out
+
+
+def slerp_inject(h_tgt: np.ndarray, h_retr: np.ndarray, w, eps: float = 1e-4) -> np.ndarray:
+    """Paper Eq. 3 in NumPy, the same computation as ``model.h_space.slerp_inject``: slerp
+    over each sample's flattened C*H*W vector, the retrieved feature first rescaled to the
+    target's norm, target weight ``w`` (scalar or (B,)); lerp where sin(angle) < eps."""
+    if h_tgt.shape != h_retr.shape:
+        raise ValueError(f"h_tgt {h_tgt.shape} and h_retr {h_retr.shape} differ")
+    a = h_tgt.astype(np.float32).reshape(len(h_tgt), -1)               # (B, N)
+    b = h_retr.astype(np.float32).reshape(len(h_retr), -1)             # (B, N)
+    na = np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)   # (B, 1)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12) * na
+    w = np.asarray(w, dtype=np.float32).reshape(-1, 1)                 # (B|1, 1)
+    cos = np.clip((a * b).sum(1, keepdims=True) / (na * na), -1.0, 1.0)
+    omega = np.arccos(cos)
+    so = np.sin(omega)
+    small = np.abs(so) < eps
+    safe = np.where(small, 1.0, so)
+    slerp = (np.sin((1 - w) * omega) / safe) * b + (np.sin(w * omega) / safe) * a
+    lerp = (1 - w) * b + w * a
+    return np.where(small, lerp, slerp).reshape(h_tgt.shape).astype(h_tgt.dtype)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """VAE output (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), as ``decode_latents``."""
+    x = np.round((np.clip(image.astype(np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
+    return x.transpose(0, 2, 3, 1)                                     # (B, H, W, 3)
+
+
+class OnnxPipeline:
+    """The exported stages of one model on ONNX Runtime (sessions built once, reused).
+
+    ``path``: an export folder (``imageragturbo export``); ``providers``: as
+    :func:`choose_providers` (default: by availability); ``threads``: intra-op threads per
+    session (default: onnxruntime's choice).
+    """
+
+    def __init__(self, path: str | Path, providers: Sequence | None = None,
+                 threads: int | None = None, verify: bool = False):
+        import onnxruntime as ort
+        from transformers import CLIPTokenizer
+
+        self.path = Path(path)
+        self.manifest = load_manifest(self.path, verify=verify)
+        fp16 = self.manifest["dtype"] == "float16"
+        self.providers = list(providers) if providers else choose_providers(
+            fp16=fp16, cache_dir=self.path / "trt_cache")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            so.intra_op_num_threads = int(threads)
+            so.inter_op_num_threads = 1
+        self.sessions = {}
+        for name in stage_names(self.manifest):
+            f = self.path / self.manifest["stages"][name]["file"]
+            self.sessions[name] = ort.InferenceSession(str(f), so, providers=self.providers)
+        self.tokenizer = CLIPTokenizer.from_pretrained(self.path / "tokenizer")
+        self.latent_shape = tuple(self.manifest["latent_shape"])
+        self.timestep = int(self.manifest["timestep"])
+        self.num_skips = int(self.manifest["num_skips"])
+        h = self.manifest["stages"]["unet_encoder"]["outputs"][0]["shape"]
+        self.h_shape = tuple(h[1:])                                    # (C, h', w')
+        self.timings: dict[str, float] = {}
+
+    @property
+    def has_adapter(self) -> bool:
+        return "h_adapter" in self.sessions
+
+    @property
+    def active_providers(self) -> list[str]:
+        return self.sessions["unet_encoder"].get_providers()
+
+    # ------------------------------------------------------------------ stages
+
+    def run(self, stage: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One stage, timed into ``self.timings[stage]`` (milliseconds)."""
+        if stage not in self.sessions:
+            raise ValueError(f"stage {stage!r} is not in the export at {self.path} "
+                             f"(it has {list(self.sessions)})")
+        t0 = time.perf_counter()
+        out = self.sessions[stage].run(None, feeds)
+        self.timings[stage] = (time.perf_counter() - t0) * 1e3
+        return out
+
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, not one string")
+        ids = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                             max_length=int(self.manifest["max_length"]),
+                             return_tensors="np").input_ids
+        return ids.astype(np.int64)                                    # (B, 77)
+
+    def encode_prompt(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(B, 77, D) text states and (B, D) L2-normalised pooled key."""
+        ehs, pooled = self.run("text_encoder", {"input_ids": self.tokenize(prompts)})
+        return ehs, pooled
+
+    def unet_encoder(self, z: np.ndarray, t: np.ndarray, ehs: np.ndarray):
+        h, temb, *skips = self.run("unet_encoder", {"sample": z, "timestep": t,
+                                                    "encoder_hidden_states": ehs})
+        return h, temb, skips
+
+    def h_adapter(self, h: np.ndarray, h_retr: np.ndarray, lam: np.ndarray) -> np.ndarray:
+        """Paper Eq. 5: h + lam * g(h, h_retr); h_retr (B, k, C, h', w'), lam (B,)."""
+        if h_retr.ndim != 5 or h_retr.shape[0] != h.shape[0] or h_retr.shape[2:] != h.shape[1:]:
+            raise ValueError(f"h_retr must be (B, k, {', '.join(map(str, h.shape[1:]))}) with "
+                             f"B={h.shape[0]}, got {h_retr.shape}")
+        lam = np.asarray(lam, dtype=np.float32).reshape(-1)
+        if lam.shape[0] != h.shape[0]:
+            raise ValueError(f"lam must have one value per sample ({h.shape[0]}), got {lam.shape}")
+        return self.run("h_adapter", {"h_tgt": h, "h_retr": h_retr.astype(np.float32),
+                                      "lam": lam})[0]
+
+    def unet_decoder(self, h, temb, skips, ehs, z, t) -> np.ndarray:
+        feeds = {"h": h, "temb": temb, "encoder_hidden_states": ehs, "sample": z,
+                 "timestep": t}
+        feeds.update({f"skip_{i}": s for i, s in enumerate(skips)})
+        return self.run("unet_decoder", feeds)[0]
+
+    def vae_decoder(self, z0: np.ndarray) -> np.ndarray:
+        return self.run("vae_decoder", {"latents": z0})[0]
+
+    # ------------------------------------------------------------------ whole pipeline
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int],
+                 h_retr: np.ndarray | None = None, lam: np.ndarray | None = None,
+                 slerp_w: float | None = None, return_latents: bool = False):
+        """One step at t=999, as ``pipeline.student_generate``: uint8 (B, H, W, 3). With
+        ``h_retr`` (B, k, C, h', w'): the H-adapter with ``lam`` (paper Eq. 5), or slerp of
+        the top-1 neighbour with target weight ``slerp_w`` (paper Eq. 3)."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        t0 = time.perf_counter()
+        ehs, _ = self.encode_prompt(prompts)
+        z = initial_noise(seeds, self.latent_shape)                    # (B, 4, h, w)
+        t = np.full((len(prompts),), self.timestep, dtype=np.int64)    # (B,)
+        h, temb, skips = self.unet_encoder(z, t, ehs)
+        if h_retr is not None:
+            h_retr = np.asarray(h_retr, dtype=np.float32)
+            if slerp_w is not None:
+                h = slerp_inject(h, h_retr[:, 0], slerp_w)
+            elif self.has_adapter:
+                if lam is None:
+                    raise ValueError("the H-adapter needs lam (B,): the retrieval similarity")
+                h = self.h_adapter(h, h_retr, lam)
+            else:
+                raise ValueError("retrieved features given, but the export has no H-adapter "
+                                 "and no slerp strength was set")
+        z0 = self.unet_decoder(h, temb, skips, ehs, z, t)
+        images = to_uint8(self.vae_decoder(z0))
+        self.timings["end_to_end"] = (time.perf_counter() - t0) * 1e3
+        return (images, z0) if return_latents else images
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+def load_index(path: str | Path, text_dim: int, h_shape: Sequence[int], ef: int | None = None):
+    """Open a retrieval index (``imageragturbo.retriever``) and check it fits this model: the
+    same text width, and cached H-space features of the UNet encoder's h shape."""
+    try:
+        from imageragturbo.retriever import RetrievalIndex
+    except ImportError as e:
+        raise ValueError(f"retriever not available yet ({e}); generate without --k") from None
+    for attr in ("load", "search", "lookup"):
+        if not hasattr(RetrievalIndex, attr):
+            raise ValueError(f"retriever not available yet: RetrievalIndex has no {attr}()")
+    index = RetrievalIndex.load(path, text_dim=text_dim, ef=ef)
+    cached = tuple(index.manifest["shapes"]["h"][1:])
+    if cached != tuple(h_shape):
+        raise ValueError(f"index {path} caches H-space features of shape {cached}; this model's "
+                         f"UNet encoder gives {tuple(h_shape)}: rebuild the index for it")
+    return index
+
+
+def retrieve(index, pooled: np.ndarray, k: int):
+    """Neighbours of each query: (h_retr (B, k, C, h', w'), scores (B, k), Neighbours)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    ids, scores = index.search(pooled, k)
+    nb = index.lookup(ids, scores)
+    return nb.h.astype(np.float32), nb.scores, nb
+
+
+def retrieval_controls(scores: np.ndarray, strength: float | None, has_adapter: bool):
+    """(lam, slerp_w) from the neighbours' scores and the user's ``strength``.
+
+    With an H-adapter: lam = strength x the top-1 cosine similarity (paper Eq. 5 sets lambda to
+    that similarity: strength 1, the default). Without one: training-free slerp of the top-1
+    neighbour (paper Eq. 3) with target weight w = 1 - strength (default strength 0.2, the
+    paper's fixed w = 0.8)."""
+    if has_adapter:
+        s = 1.0 if strength is None else float(strength)
+        if s < 0:
+            raise ValueError(f"strength must be >= 0, got {s}")
+        return (s * scores[:, 0]).astype(np.float32), None
+    s = 0.2 if strength is None else float(strength)
+    if not 0.0 <= s <= 1.0:
+        raise ValueError(f"slerp strength must be in [0, 1], got {s}")
+    return None, 1.0 - s
+
+
+def describe(path: str | Path) -> str:
+    """One line per stage of an export folder (for the CLI)."""
+    m = json.loads((Path(path) / MANIFEST).read_text())
+    lines = [f"{path}: opset {m['opset']}, {m['dtype']}, source {m['source']['name']}"]
+    for name in stage_names(m):
+        st = m["stages"][name]
+        ins = ", ".join(f"{v['name']}{v['shape']}" for v in st["inputs"])
+        outs = ", ".join(f"{v['name']}{v['shape']}" for v in st["outputs"])
+        lines.append(f"  {name:13s} {ins} -> {outs}")
+    return "\n".join(lines)
