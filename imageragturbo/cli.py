@@ -101,6 +101,14 @@ def _cmd_eval_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_compare(args: argparse.Namespace) -> int:
+    from . import evaluate
+
+    print(evaluate.compare_grid(args.model, args.n, args.seed, args.output, args.steps,
+                                args.guidance))
+    return 0
+
+
 def _print_table(results: dict[str, dict]) -> None:
     from .tifa import CATEGORIES
 
@@ -227,6 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--grid", type=Path, default=None, help="write a PNG grid of 24 samples")
     r.add_argument("--plot", type=Path, default=None, help="write a per-category histogram PNG")
     r.set_defaults(func=_cmd_eval_run)
+
+    cmp_ = esub.add_parser(
+        "compare", help="a PNG grid: teacher xN, teacher x1, student x1 and the render per prompt",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cmp_.add_argument("--model", default="tiny-shapes", help="variant name or diffusers folder")
+    cmp_.add_argument("--n", type=int, default=8, help="evaluation prompts (columns)")
+    cmp_.add_argument("--steps", type=int, default=50, help="teacher steps of the first row")
+    cmp_.add_argument("--guidance", type=float, default=4.0, help="teacher CFG scale")
+    cmp_.add_argument("--seed", type=int, default=0)
+    cmp_.add_argument("-o", "--output", type=Path, default=Path("outputs/compare.png"))
+    cmp_.set_defaults(func=_cmd_eval_compare)
 
     # demo
     d = sub.add_parser("demo", help="the main job: sample grid and scorer check, as PNGs",
