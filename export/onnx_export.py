@@ -236,12 +236,42 @@ def _set_output_shapes(model, example: Sequence[torch.Tensor],
                 d.dim_value = int(t.shape[i])
 
 
+def _infer_shapes(model):
+    """ONNX shape inference, through a file with external data for graphs over 2 GB."""
+    import onnx
+
+    if _initializer_bytes(model) < TWO_GB - (64 << 20):
+        return onnx.shape_inference.infer_shapes(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        onnx.save_model(model, str(src), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location="in.onnx.data")
+        onnx.shape_inference.infer_shapes_path(str(src), str(dst))
+        return _load_with_data(dst, src)
+
+
+def _load_with_data(graph: Path, data_dir_graph: Path):
+    """Load ``graph`` (written by shape inference, tensors referring to ``data_dir_graph``'s
+    external data file in the same folder) with its tensors."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    m = onnx.load(str(graph), load_external_data=False)
+    load_external_data_for_model(m, str(data_dir_graph.parent))
+    return m
+
+
 def to_fp16(model, fp32_attention: bool):
     """fp32 graph -> fp16 weights and compute, float32 inputs and outputs (casts inserted at
     the edges); the attention core kept in fp32 when ``fp32_attention``."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    block = attention_core_nodes(model) if fp32_attention else None
+    block = None
+    if fp32_attention:
+        # The converter inserts the fp16<->fp32 casts around blocked nodes from value_info:
+        # without inferred types it inserts none and the "blocked" nodes run in fp16.
+        model = _infer_shapes(model)
+        block = attention_core_nodes(model)
     return convert_float_to_float16(model, keep_io_types=True, node_block_list=block,
                                     disable_shape_infer=True)
 
