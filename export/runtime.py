@@ -19,17 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from imageragturbo.model.noise import initial_noise  # torch-free
+
 from .manifest import MANIFEST, load_manifest, stage_names
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-
-
-def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> np.ndarray:
-    """z_T per seed, (B, C, H, W) float32 from NumPy's PCG64: the same draw as
-    ``imageragturbo.model.pipeline.initial_noise`` (kept torch-free here; a test checks the
-    two agree)."""
-    return np.stack([np.random.default_rng(int(s)).standard_normal(shape, dtype=np.float32)
-                     for s in seeds])
 
 
 def choose_providers(prefer: Sequence[str] | None = None, fp16: bool = False,

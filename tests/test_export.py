@@ -233,8 +233,8 @@ def test_onnx_noise_and_slerp_equal_the_pytorch_pipeline_s():
     from imageragturbo.model import pipeline
     from imageragturbo.model.h_space import slerp_inject
 
-    assert np.array_equal(runtime.initial_noise([0, 5], (4, 8, 8)),
-                          pipeline.initial_noise([0, 5], (4, 8, 8)))
+    # one torch-free noise function serves every backend
+    assert runtime.initial_noise is pipeline.initial_noise
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(3, 8, 2, 2, generator=g), torch.randn(3, 8, 2, 2, generator=g)
     for w in (0.0, 0.3, 1.0):

@@ -1,8 +1,8 @@
 """PyTorch pipelines over ``Components``: the multi-step teacher with classifier-free
 guidance, and the one-step student with optional retrieval (H-adapter or slerp injection).
 
-The initial noise comes from NumPy (``initial_noise``), never from torch's generator, so the
-ONNX Runtime pipeline and the Triton ensemble draw the very same z_T for a seed.
+The initial noise comes from NumPy (``noise.initial_noise``), never from torch's generator, so
+the ONNX Runtime pipeline and the Triton ensemble draw the very same z_T for a seed.
 """
 
 from __future__ import annotations
@@ -14,15 +14,10 @@ import torch
 
 from .family import Components
 from .h_space import slerp_inject
+from .noise import initial_noise
 from .unet_split import one_step_z0, split_unet
 
 STUDENT_TIMESTEP = 999  # SD-Turbo's single step: t = 999 (EulerDiscrete, trailing spacing)
-
-
-def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> np.ndarray:
-    """z_T for each seed: (B, C, H, W) float32 standard normal, from NumPy's PCG64."""
-    return np.stack([np.random.default_rng(int(s)).standard_normal(shape, dtype=np.float32)
-                     for s in seeds])
 
 
 def latent_shape(c: Components, image_size: int | None = None) -> tuple[int, int, int]:
