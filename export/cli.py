@@ -60,6 +60,33 @@ def _write_images(images, output: Path) -> list[Path]:
     return paths
 
 
+def _generate_remote(args: argparse.Namespace, prompts: list[str], seeds: list[int]) -> int:
+    """``generate --url``: through the gRPC SDK to a running ``imageragturbo serve``."""
+    import numpy as np
+
+    from imageragturbo.client import ImageRAGTurboClient, ImageRAGTurboError, UnavailableError
+
+    try:
+        with ImageRAGTurboClient(args.url, timeout=args.timeout) as client:
+            results = client.generate_batch(prompts, seeds=seeds, k=args.k,
+                                            strength=args.strength)
+    except UnavailableError as e:
+        print(f"imageragturbo: error: server {args.url} unavailable ({e}); is `imageragturbo "
+              "serve` running there?", file=sys.stderr)
+        return 1
+    except ImageRAGTurboError as e:
+        print(f"imageragturbo: error: server {args.url}: {e.status}: {e}", file=sys.stderr)
+        return 1
+    info = {"backend": "server", "url": args.url, "seeds": [r.seed for r in results]}
+    if args.k > 0:
+        info["neighbours"] = [[{"id": n.id, "score": round(n.score, 4), "caption": n.caption}
+                               for n in r.neighbours] for r in results]
+    info["images"] = [str(p) for p in _write_images(np.stack([r.array for r in results]),
+                                                    args.output)]
+    print(json.dumps(info, indent=2))
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -71,6 +98,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if any(not p.strip() for p in prompts):
         raise ValueError("prompts must not be empty")
     seeds = [args.seed + i for i in range(len(prompts))]
+    if args.url:
+        return _generate_remote(args, prompts, seeds)
     info: dict = {"backend": args.backend, "seeds": seeds}
     if args.backend == "onnx":
         folder = args.onnx or _default_onnx_dir(args.model)
@@ -224,6 +253,12 @@ def add_parsers(sub, bench) -> None:
     g.add_argument("--strength", type=float, default=None,
                    help="retrieval strength (adapter: scales lambda, default 1; slerp: weight "
                         "of the neighbour, default 0.2)")
+    g.add_argument("--url", default=None, metavar="HOST:PORT",
+                   help="generate on a running `imageragturbo serve` through the gRPC SDK "
+                        "(--k, --strength, --seed apply; --backend, --model, --onnx, --index "
+                        "are the server's)")
+    g.add_argument("--timeout", type=float, default=60.0,
+                   help="with --url: seconds before the request is abandoned")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_cmd_generate)
 

@@ -19,6 +19,7 @@ PLUGINS = (
     "imageragturbo.retriever.cli",
     "imageragturbo.training.cli",
     "imageragturbo.export.cli",
+    "imageragturbo.serving.cli",  # serve, demo (the served ensemble), bench serve
 )
 
 
@@ -182,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("-o", "--output", type=Path, default=Path("outputs/samples.png"))
     g.set_defaults(func=_cmd_data_grid)
+    d = dsub.add_parser("demo", help="ShapesWorld sample grid and scorer self-check, as PNGs",
+                        description="The data world at a glance: a grid of evaluation prompts "
+                                    "with their renders, and the ShapesTIFA self-check "
+                                    "histogram. (`imageragturbo demo` is the served model.)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder")
+    d.add_argument("--n", type=int, default=500, help="evaluation prompts for the self-check")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_cmd_demo)
 
     # eval
     ev = sub.add_parser("eval", help="ShapesTIFA scoring",
@@ -247,13 +257,6 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("-o", "--output", type=Path, default=Path("outputs/compare.png"))
     cmp_.set_defaults(func=_cmd_eval_compare)
 
-    # demo
-    d = sub.add_parser("demo", help="the main job: sample grid and scorer check, as PNGs",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder")
-    d.add_argument("--n", type=int, default=500, help="evaluation prompts for the self-check")
-    d.add_argument("--seed", type=int, default=0)
-    d.set_defaults(func=_cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON figures for the README)",
                            description="Benchmarks. Each prints its figures; --json for one "

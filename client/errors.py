@@ -1,0 +1,45 @@
+"""Typed errors of the SDK: one base class, one subclass per gRPC status a caller handles
+differently."""
+
+from __future__ import annotations
+
+
+class ImageRAGTurboError(Exception):
+    """Any failure of a request to the served ensemble. ``status`` is the gRPC status name
+    (``INVALID_ARGUMENT``, ``UNAVAILABLE``, ...) when the server or the channel gave one."""
+
+    def __init__(self, message: str, status: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class InvalidInputError(ImageRAGTurboError, ValueError):
+    """The server rejected the request (INVALID_ARGUMENT): an empty or non-UTF-8 prompt, a
+    wrong dtype, a missing input, a batch larger than the server's maximum, a bad K or
+    STRENGTH. Not retried: the same request would fail again."""
+
+
+class UnavailableError(ImageRAGTurboError):
+    """The server cannot be reached or is not ready, or its queue is full (UNAVAILABLE).
+    Retried with capped exponential backoff before this is raised."""
+
+
+class DeadlineExceededError(ImageRAGTurboError, TimeoutError):
+    """The request did not complete within its timeout (DEADLINE_EXCEEDED)."""
+
+
+class ServerError(ImageRAGTurboError):
+    """Any other server-side failure (INTERNAL, NOT_FOUND for a missing model, ...)."""
+
+
+def from_triton(exc) -> ImageRAGTurboError:
+    """Map a ``tritonclient.utils.InferenceServerException`` to the SDK's errors."""
+    status = str(exc.status() or "")
+    name = status.rsplit(".", 1)[-1] if status else None
+    msg = exc.message() or str(exc)
+    cls = {"INVALID_ARGUMENT": InvalidInputError, "UNAVAILABLE": UnavailableError,
+           "DEADLINE_EXCEEDED": DeadlineExceededError}.get(name or "", ServerError)
+    if cls is ServerError and "Deadline Exceeded" in msg:
+        cls, name = DeadlineExceededError, "DEADLINE_EXCEEDED"
+    return cls(msg, name)

@@ -1,0 +1,377 @@
+"""``ImageRAGTurboClient`` and ``AsyncImageRAGTurboClient``: the served ``imageragturbo``
+ensemble over gRPC (``tritonclient.grpc`` / ``tritonclient.grpc.aio``).
+
+Each request carries PROMPT (BYTES), SEED (INT64), and K (INT32) / STRENGTH (FP32) when
+given, one row per prompt; the answer is IMAGE (uint8 [H, W, 3]), the neighbours' ids,
+captions and cosine scores, and the seed used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from io import BytesIO
+
+import numpy as np
+
+from .errors import (
+    InvalidInputError,
+    UnavailableError,
+    from_triton,
+)
+
+DEFAULT_URL = "127.0.0.1:8001"
+DEFAULT_MODEL = "imageragturbo"
+OUTPUTS = ("IMAGE", "NEIGHBOUR_IDS", "NEIGHBOUR_CAPTIONS", "NEIGHBOUR_SCORES", "SEED_USED")
+_SEED_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """One retrieved item: its id in the index, its caption, its cosine similarity."""
+
+    id: str
+    caption: str
+    score: float
+
+
+@dataclass
+class GenerationResult:
+    """One generated image: ``array`` uint8 [H, W, 3], ``image`` (PIL), ``png`` (bytes), the
+    ``seed`` that drew z_T, and the ``neighbours`` retrieved for the prompt (best first)."""
+
+    prompt: str
+    seed: int
+    array: np.ndarray
+    neighbours: list[Neighbour] = field(default_factory=list)
+
+    @property
+    def image(self):
+        from PIL import Image
+
+        return Image.fromarray(self.array)
+
+    @property
+    def png(self) -> bytes:
+        buf = BytesIO()
+        self.image.save(buf, format="PNG")
+        return buf.getvalue()
+
+    def save(self, path) -> None:
+        self.image.save(path)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries on UNAVAILABLE only (server starting, restarting, queue full): attempt n waits
+    min(max_backoff, initial_backoff * multiplier**(n-1)) seconds, with +-``jitter`` of it."""
+
+    max_attempts: int = 4
+    initial_backoff: float = 0.1
+    max_backoff: float = 2.0
+    multiplier: float = 2.0
+    jitter: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.initial_backoff < 0 or self.max_backoff < 0 or self.multiplier < 1:
+            raise ValueError("backoffs must be >= 0 and the multiplier >= 1")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        d = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        return max(0.0, d * (1 + random.uniform(-self.jitter, self.jitter)))
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+def _check_prompts(prompts: Sequence[str]) -> list[str]:
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError("prompts must be a list of strings; use generate() for one prompt")
+    prompts = list(prompts)
+    if not prompts:
+        raise InvalidInputError("no prompts given")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise InvalidInputError(f"prompt {i} is {type(p).__name__}, not str")
+    return prompts
+
+
+def _seeds(seeds, n: int) -> np.ndarray | None:
+    if seeds is None:
+        return None
+    if isinstance(seeds, (int, np.integer)):
+        seeds = [int(seeds) + i for i in range(n)]
+    seeds = [int(s) for s in seeds]
+    if len(seeds) != n:
+        raise InvalidInputError(f"{len(seeds)} seeds for {n} prompts")
+    if any(not 0 <= s <= _SEED_MAX for s in seeds):
+        raise InvalidInputError("seeds must be in [0, 2**63 - 1]")
+    return np.array(seeds, dtype=np.int64).reshape(n, 1)
+
+
+def build_inputs(module, prompts: list[str], seeds=None, k: int | None = None,
+                 strength: float | Sequence[float] | None = None) -> list:
+    """The InferInput list for ``module`` (tritonclient.grpc or .aio's parent)."""
+    n = len(prompts)
+    arrays = [("PROMPT", "BYTES", np.array([p.encode("utf-8") for p in prompts],
+                                           dtype=np.object_).reshape(n, 1))]
+    s = _seeds(seeds, n)
+    if s is not None:
+        arrays.append(("SEED", "INT64", s))
+    if k is not None:
+        if int(k) < 0:
+            raise InvalidInputError(f"k must be >= 0 (0 = no retrieval), got {k}")
+        arrays.append(("K", "INT32", np.full((n, 1), int(k), dtype=np.int32)))
+    if strength is not None:
+        st = np.broadcast_to(np.asarray(strength, dtype=np.float32).reshape(-1), (n,))
+        arrays.append(("STRENGTH", "FP32", np.ascontiguousarray(st).reshape(n, 1)))
+    inputs = []
+    for name, dtype, a in arrays:
+        x = module.InferInput(name, list(a.shape), dtype)
+        x.set_data_from_numpy(a)
+        inputs.append(x)
+    return inputs
+
+
+def _decode(x) -> str:
+    return x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
+
+
+def parse_results(result, prompts: list[str]) -> list[GenerationResult]:
+    images = result.as_numpy("IMAGE")                                   # (B, H, W, 3) uint8
+    ids = result.as_numpy("NEIGHBOUR_IDS")                              # (B, k) bytes
+    caps = result.as_numpy("NEIGHBOUR_CAPTIONS")
+    scores = result.as_numpy("NEIGHBOUR_SCORES")                        # (B, k) float32
+    seeds = result.as_numpy("SEED_USED").reshape(-1)
+    out = []
+    for b, p in enumerate(prompts):
+        nbs = [Neighbour(_decode(i), _decode(c), float(s))
+               for i, c, s in zip(ids[b], caps[b], scores[b])] if ids is not None else []
+        out.append(GenerationResult(p, int(seeds[b]), np.ascontiguousarray(images[b]), nbs))
+    return out
+
+
+def _outputs(module) -> list:
+    return [module.InferRequestedOutput(n) for n in OUTPUTS]
+
+
+class _Base:
+    def __init__(self, url: str = DEFAULT_URL, *, model_name: str = DEFAULT_MODEL,
+                 timeout: float | None = 60.0, retry: RetryPolicy | None = None,
+                 ssl: bool = False, root_certificates: str | None = None,
+                 private_key: str | None = None, certificate_chain: str | None = None,
+                 verbose: bool = False):
+        if "://" in url:
+            raise ValueError(f"url is host:port for gRPC (e.g. {DEFAULT_URL}), got {url!r}")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self.url = url
+        self.model_name = model_name
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        tls = bool(ssl or root_certificates or private_key or certificate_chain)
+        if bool(private_key) != bool(certificate_chain):
+            raise ValueError("a client certificate needs both private_key and "
+                             "certificate_chain (mutual TLS)")
+        self._kw = dict(url=url, verbose=verbose, ssl=tls, root_certificates=root_certificates,
+                        private_key=private_key, certificate_chain=certificate_chain)
+
+    def _timeout(self, timeout):
+        t = self.timeout if timeout is None else timeout
+        if t is not None and t <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {t}")
+        return t
+
+
+class ImageRAGTurboClient(_Base):
+    """Blocking client. ``url`` is the gRPC host:port (default 127.0.0.1:8001).
+
+    ``timeout``: seconds per request (DeadlineExceededError beyond it); ``retry``: the
+    backoff on UNAVAILABLE; ``ssl`` / ``root_certificates`` / ``private_key`` /
+    ``certificate_chain``: TLS (file paths; the last two for mutual TLS).
+
+    >>> with ImageRAGTurboClient("127.0.0.1:8001") as c:
+    ...     r = c.generate("a red circle left of a blue square", seed=0, k=3)
+    ...     r.save("out.png"); print([n.caption for n in r.neighbours])
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, **kw):
+        super().__init__(url, **kw)
+        import tritonclient.grpc as grpcclient
+
+        self._mod = grpcclient
+        self._client = grpcclient.InferenceServerClient(**self._kw)
+
+    def _call(self, fn, *args, **kw):
+        from tritonclient.utils import InferenceServerException
+
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return fn(*args, **kw)
+            except InferenceServerException as e:
+                err = from_triton(e)
+            if not isinstance(err, UnavailableError) or attempt >= self.retry.max_attempts:
+                raise err
+            time.sleep(self.retry.delay(attempt))
+
+    def generate(self, prompt: str, *, seed: int | None = None, k: int | None = None,
+                 strength: float | None = None, timeout: float | None = None
+                 ) -> GenerationResult:
+        """One image for ``prompt``. ``seed``: z_T's seed (random when None: see
+        ``result.seed``); ``k``: neighbours to retrieve (None: the server's default, 0: no
+        retrieval); ``strength``: the H-adapter's lambda scale or the slerp weight of the
+        neighbour (None: the server's default; 0: retrieve but do not inject)."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        return self.generate_batch([prompt], seeds=None if seed is None else [seed], k=k,
+                                   strength=strength, timeout=timeout)[0]
+
+    def generate_batch(self, prompts: Sequence[str], *, seeds=None, k: int | None = None,
+                       strength=None, timeout: float | None = None) -> list[GenerationResult]:
+        """One request with several prompts (at most the server's max batch size). ``seeds``:
+        one per prompt, or an int s for s, s+1, ...; ``strength``: one value or one per
+        prompt."""
+        prompts = _check_prompts(prompts)
+        inputs = build_inputs(self._mod, prompts, seeds, k, strength)
+        res = self._call(self._client.infer, self.model_name, inputs, outputs=_outputs(self._mod),
+                         client_timeout=self._timeout(timeout))
+        return parse_results(res, prompts)
+
+    def infer_raw(self, inputs: list, timeout: float | None = None):
+        """Send prepared ``tritonclient.grpc.InferInput`` objects as they are (no client-side
+        checks): for tests and callers with their own tensors."""
+        return self._call(self._client.infer, self.model_name, inputs,
+                          outputs=_outputs(self._mod), client_timeout=self._timeout(timeout))
+
+    def is_live(self, timeout: float = 5.0) -> bool:
+        """The server process answers (False when it cannot be reached)."""
+        return self._health(self._client.is_server_live, timeout)
+
+    def is_ready(self, timeout: float = 5.0) -> bool:
+        """The server and the ensemble are ready (graphs and index loaded)."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return bool(self._client.is_server_ready(client_timeout=timeout)) and bool(
+                self._client.is_model_ready(self.model_name, client_timeout=timeout))
+        except InferenceServerException:
+            return False
+
+    def _health(self, fn, timeout):
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return bool(fn(client_timeout=timeout))
+        except InferenceServerException:
+            return False
+
+    def wait_until_ready(self, timeout: float = 120.0, interval: float = 0.5) -> None:
+        """Poll readiness; UnavailableError if not ready within ``timeout`` seconds."""
+        t0 = time.monotonic()
+        while not self.is_ready(timeout=min(5.0, timeout)):
+            if time.monotonic() - t0 > timeout:
+                raise UnavailableError(f"{self.url}: {self.model_name} not ready after "
+                                       f"{timeout:.0f} s", "UNAVAILABLE")
+            time.sleep(interval)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> ImageRAGTurboClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncImageRAGTurboClient(_Base):
+    """The asyncio twin of :class:`ImageRAGTurboClient` (``tritonclient.grpc.aio``): the same
+    arguments, methods and errors, awaited. Create and use it inside one event loop."""
+
+    def __init__(self, url: str = DEFAULT_URL, **kw):
+        super().__init__(url, **kw)
+        import tritonclient.grpc as grpcclient
+        import tritonclient.grpc.aio as aioclient
+
+        self._mod = grpcclient  # InferInput / InferRequestedOutput are shared
+        self._client = aioclient.InferenceServerClient(**self._kw)
+
+    async def _call(self, fn, *args, **kw):
+        from tritonclient.utils import InferenceServerException
+
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await fn(*args, **kw)
+            except InferenceServerException as e:
+                err = from_triton(e)
+            if not isinstance(err, UnavailableError) or attempt >= self.retry.max_attempts:
+                raise err
+            await asyncio.sleep(self.retry.delay(attempt))
+
+    async def generate(self, prompt: str, *, seed: int | None = None, k: int | None = None,
+                       strength: float | None = None, timeout: float | None = None
+                       ) -> GenerationResult:
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        return (await self.generate_batch([prompt], seeds=None if seed is None else [seed],
+                                          k=k, strength=strength, timeout=timeout))[0]
+
+    async def generate_batch(self, prompts: Sequence[str], *, seeds=None, k: int | None = None,
+                             strength=None, timeout: float | None = None
+                             ) -> list[GenerationResult]:
+        prompts = _check_prompts(prompts)
+        inputs = build_inputs(self._mod, prompts, seeds, k, strength)
+        res = await self._call(self._client.infer, self.model_name, inputs,
+                               outputs=_outputs(self._mod), client_timeout=self._timeout(timeout))
+        return parse_results(res, prompts)
+
+    async def infer_raw(self, inputs: list, timeout: float | None = None):
+        return await self._call(self._client.infer, self.model_name, inputs,
+                                outputs=_outputs(self._mod),
+                                client_timeout=self._timeout(timeout))
+
+    async def is_live(self, timeout: float = 5.0) -> bool:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return bool(await self._client.is_server_live(client_timeout=timeout))
+        except InferenceServerException:
+            return False
+
+    async def is_ready(self, timeout: float = 5.0) -> bool:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return bool(await self._client.is_server_ready(client_timeout=timeout)) and bool(
+                await self._client.is_model_ready(self.model_name, client_timeout=timeout))
+        except InferenceServerException:
+            return False
+
+    async def wait_until_ready(self, timeout: float = 120.0, interval: float = 0.5) -> None:
+        t0 = time.monotonic()
+        while not await self.is_ready(timeout=min(5.0, timeout)):
+            if time.monotonic() - t0 > timeout:
+                raise UnavailableError(f"{self.url}: {self.model_name} not ready after "
+                                       f"{timeout:.0f} s", "UNAVAILABLE")
+            await asyncio.sleep(interval)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def __aenter__(self) -> AsyncImageRAGTurboClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+

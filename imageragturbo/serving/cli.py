@@ -1,0 +1,252 @@
+"""Subcommands of the serving part: ``serve``, ``demo`` and ``bench serve``.
+
+Standard library only at module level (the main CLI imports this for ``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODEL = "tiny-shapes"
+
+
+def _options(args: argparse.Namespace):
+    from .repository import RenderOptions
+
+    return RenderOptions(
+        max_batch_size=args.max_batch_size, queue_delay_us=args.queue_delay_us,
+        queue_timeout_us=int(args.queue_timeout * 1e6), max_queue_size=args.max_queue_size,
+        default_k=args.default_k, max_k=args.max_k, threads=args.threads,
+        instances=args.instances, trt_cache=args.trt_cache)
+
+
+def _assets(args: argparse.Namespace):
+    from .assets import prepare
+
+    return prepare(args.model, args.export, args.index, args.data,
+                   random_weights=args.random_weights, retrieval_items=args.retrieval_items,
+                   quiet=args.quiet)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .repository import render_repository
+    from .server import TritonServer
+    from .session import repository_dir
+
+    if args.profile == "gpu" and not args.render_only:
+        raise ValueError("the gpu profile runs in NVIDIA's Triton container (onnxruntime "
+                         "backend, TensorRT): render it with --render-only --out DIR and start "
+                         "`tritonserver --model-repository DIR` there; this machine serves the "
+                         "cpu profile")
+    assets = _assets(args)
+    out = args.out or repository_dir(assets, args.profile)
+    link = args.link or ("copy" if args.profile == "gpu" else "symlink")
+    render_repository(assets.export_dir, assets.index_dir, out, args.profile, _options(args),
+                      link=link)
+    if args.render_only:
+        print(json.dumps({"repository": str(out), "profile": args.profile, "link": link,
+                          "export": str(assets.export_dir), "index": str(assets.index_dir)},
+                         indent=2))
+        return 0
+    server = TritonServer(out, host=args.host, grpc_port=args.grpc_port,
+                          http_port=args.http_port, log_path=Path(out).parent / "tritonserver.log",
+                          log_verbose=args.log_verbose)
+    # SIGTERM (e.g. from a process manager) stops the server like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
+    print(f"serve: starting tritonserver ({args.model}) on {args.host}: gRPC {server.grpc_port}, "
+          f"HTTP {server.http_port}", file=sys.stderr, flush=True)
+    server.start()
+    try:
+        server.wait_ready(args.ready_timeout)
+        print(f"serving {args.model} at {server.url} (gRPC); try:\n"
+              f"  imageragturbo generate --url {server.url} \"a red circle\" -o out.png\n"
+              "Ctrl-C stops the server.", flush=True)
+        while server.process.poll() is None:
+            time.sleep(0.5)
+        print(f"serve: tritonserver exited with code {server.process.returncode}; log "
+              f"{server.log_path}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nserve: stopping tritonserver (unloading models)", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        rc = server.stop()
+        if rc is not None:
+            print(f"serve: stopped (exit code {rc})", file=sys.stderr)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    path = run_demo(args)
+    print(path)
+    return 0
+
+
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from .bench import bench_serve, format_table
+
+    res = bench_serve(args)
+    print(json.dumps(res) if args.json else format_table(res))
+    return 0
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="variant name (tiny-shapes, the shipped default) or a local diffusers "
+                        "folder")
+    p.add_argument("--random-weights", action="store_true",
+                   help="serve the default tiny architecture with random weights (to try the "
+                        "stack before tiny-shapes is trained; images are noise-like)")
+    p.add_argument("--export", type=Path, default=None,
+                   help="ONNX export folder (default runs/onnx/<model name>; exported there "
+                        "when missing)")
+    p.add_argument("--index", type=Path, default=None,
+                   help="retrieval index folder (default data/index/shapesworld-<model name>; "
+                        "built from the ShapesWorld retrieval split when missing)")
+    p.add_argument("--data", type=Path, default=Path("data/shapesworld"),
+                   help="ShapesWorld folder whose retrieval split the index is built from "
+                        "(rendered there when missing)")
+    p.add_argument("--retrieval-items", type=int, default=None,
+                   help="index only the first N retrieval items (default: the whole split)")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+
+
+def _server_args(p: argparse.ArgumentParser, ports: bool = True) -> None:
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the server binds (0.0.0.0 exposes it to the network)")
+    if ports:
+        p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
+        p.add_argument("--http-port", type=int, default=8000, help="HTTP port (health checks)")
+    p.add_argument("--ready-timeout", type=float, default=300.0,
+                   help="seconds to wait for every model to load before giving up")
+
+
+def _render_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-batch-size", type=int, default=8,
+                   help="largest batch per request and per dynamic batch")
+    p.add_argument("--queue-delay-us", type=int, default=2000,
+                   help="how long the dynamic batcher waits to fill a batch (microseconds)")
+    p.add_argument("--queue-timeout", type=float, default=30.0,
+                   help="seconds a request may wait in a model's queue before it is rejected "
+                        "(UNAVAILABLE)")
+    p.add_argument("--max-queue-size", type=int, default=64,
+                   help="queued requests per model before new ones get UNAVAILABLE")
+    p.add_argument("--default-k", type=int, default=1,
+                   help="neighbours retrieved when a request sends no K")
+    p.add_argument("--max-k", type=int, default=16, help="largest K a request may ask for")
+    p.add_argument("--threads", type=int, default=1,
+                   help="cpu profile: ONNX Runtime intra-op threads per stage")
+    p.add_argument("--instances", type=int, default=1, help="instances of each ONNX stage")
+    p.add_argument("--trt-cache", default="/tmp/imageragturbo-trt-cache",
+                   help="gpu profile: TensorRT engine cache folder (inside the container)")
+
+
+def _clean_errors(func):
+    """Server and SDK failures as one error line (exit 1), not a traceback."""
+    import functools
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        from imageragturbo.client import ImageRAGTurboError
+
+        from .server import ServerError
+
+        try:
+            return func(args)
+        except (ServerError, ImageRAGTurboError) as e:
+            print(f"imageragturbo: error: {e}", file=sys.stderr)
+            return 1
+    return run
+
+
+def add_parsers(sub, bench) -> None:
+    """Add ``serve`` and ``demo`` to the top-level subparsers ``sub`` and ``serve`` to the
+    ``bench`` group's subparsers."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    s = sub.add_parser(
+        "serve", help="serve the model as a Triton ensemble (gRPC), or render the repository",
+        description="Serve one-step retrieval-augmented generation as the Triton ensemble "
+                    "'imageragturbo' (preprocess, text_encoder, retriever, unet_encoder, "
+                    "h_adapter, unet_decoder, vae_decoder, postprocess). Exports the model to "
+                    "ONNX and builds its retrieval index when they are missing, renders the "
+                    "model repository, starts a real tritonserver (NVIDIA's on PATH, else the "
+                    "one in the nvidia-pytriton wheel) bound to --host, waits until every model "
+                    "is loaded, and runs until Ctrl-C. --render-only writes the repository "
+                    "and exits: --profile gpu gives the onnxruntime-backend + TensorRT FP16 "
+                    "configs for NVIDIA's Triton container.",
+        formatter_class=fmt)
+    _model_args(s)
+    s.add_argument("--profile", choices=["cpu", "gpu"], default="cpu",
+                   help="cpu: ONNX stages run by a Python-backend ONNX Runtime runner (this "
+                        "machine); gpu: Triton's onnxruntime backend, TensorRT FP16, KIND_GPU")
+    s.add_argument("--render-only", action="store_true",
+                   help="write the model repository and exit")
+    s.add_argument("--out", type=Path, default=None,
+                   help="model repository folder (default runs/serve/<model>/"
+                        "model_repository-<profile>); a previous rendering there is replaced")
+    s.add_argument("--link", choices=["symlink", "copy"], default=None,
+                   help="how graphs, tokenizer and index enter the repository (default: "
+                        "symlink for cpu, copy for gpu so the folder can be shipped)")
+    _server_args(s)
+    s.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose")
+    _render_args(s)
+    s.set_defaults(func=_clean_errors(_cmd_serve))
+
+    d = sub.add_parser(
+        "demo", help="the main job: start the server, draw a PNG grid through the SDK, stop",
+        description="Starts the served ensemble (as `serve`, on free local ports), generates a "
+                    "few ShapesWorld evaluation prompts through the gRPC SDK, each without and "
+                    "with retrieval, and writes one PNG grid with the prompt under each pair and "
+                    "the retrieved neighbours' captions; then stops the server and prints the "
+                    "PNG's path. Uses the shipped default model tiny-shapes.",
+        formatter_class=fmt)
+    _model_args(d)
+    d.add_argument("--n", type=int, default=8, help="evaluation prompts")
+    d.add_argument("--seed", type=int, default=0, help="ShapesWorld seed and first image seed")
+    d.add_argument("--k", type=int, default=3, help="neighbours to retrieve")
+    d.add_argument("--strength", type=float, default=None,
+                   help="retrieval strength (default: the server's)")
+    d.add_argument("--url", default=None,
+                   help="use a running server at HOST:PORT instead of starting one")
+    d.add_argument("-o", "--output", type=Path, default=Path("outputs/demo/serving_demo.png"),
+                   help="PNG grid to write")
+    d.add_argument("--ready-timeout", type=float, default=300.0,
+                   help="seconds to wait for the server to load")
+    d.set_defaults(func=_clean_errors(_cmd_demo))
+
+    b = bench.add_parser(
+        "serve", help="served latency (p50/p99) and throughput vs the in-process pipeline",
+        description="Starts the served ensemble, loads it with tritonclient.grpc.aio at each "
+                    "concurrency (one prompt per request, retrieval on), and reports p50/p99 "
+                    "latency and images per second; in the same run, the in-process ONNX "
+                    "Runtime pipeline's latency for the same request (tokenize, encode, "
+                    "retrieve, generate) with the same threads, and the ratio (the serving "
+                    "overhead).",
+        formatter_class=fmt)
+    _model_args(b)
+    b.add_argument("--url", default=None,
+                   help="measure a running server at HOST:PORT (its export must be --export)")
+    b.add_argument("--concurrency", type=int, nargs="+", default=[1, 8],
+                   help="concurrent requests in flight")
+    b.add_argument("--requests", type=int, default=64, help="timed requests per concurrency")
+    b.add_argument("--warmup", type=int, default=8, help="untimed requests first")
+    b.add_argument("--k", type=int, default=1, help="neighbours per request (0: no retrieval)")
+    b.add_argument("--threads", type=int, default=1,
+                   help="ONNX Runtime threads per stage, served and in-process")
+    b.add_argument("--max-batch-size", type=int, default=8, help="server's max batch size")
+    b.add_argument("--queue-delay-us", type=int, default=2000,
+                   help="dynamic batcher's wait to fill a batch")
+    b.add_argument("--ready-timeout", type=float, default=300.0)
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=_clean_errors(_cmd_bench_serve))

@@ -1,0 +1,242 @@
+"""Render the Triton model repository for one ONNX export and one retrieval index.
+
+One source (``model_repository/`` at the project root: config templates and ``model.py``
+files), two profiles:
+
+- ``gpu``: the five ONNX stages on Triton's onnxruntime backend with the TensorRT execution
+  accelerator in FP16, an engine cache, KIND_GPU and model_warmup (NVIDIA's Triton container);
+- ``cpu``: the same graphs run by a small Python-backend ONNX Runtime runner, since the CPU
+  server here (nvidia-pytriton's tritonserver) has no onnxruntime backend.
+
+Everything else (the ensemble, preprocess, retriever, postprocess, every tensor name, dtype
+and shape, dynamic batching and queue policy) is the same text in both. The rendered folder
+is self-contained: each model's ``1/`` holds what it loads (``model.onnx``, ``tokenizer/``,
+``index/``), as links into the export and index (``link="symlink"``) or copies (``"copy"``,
+to ship it into a container).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+from imageragturbo.export.manifest import load_manifest
+
+SOURCE = Path(__file__).resolve().parents[2] / "model_repository"
+PROFILES = ("cpu", "gpu")
+ENSEMBLE = "imageragturbo"
+ONNX_STAGES = ("text_encoder", "unet_encoder", "h_adapter", "unet_decoder", "vae_decoder")
+PYTHON_MODELS = ("preprocess", "retriever", "postprocess")
+MARKER = ".imageragturbo-repository"  # a rendered folder; safe to replace on the next render
+DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64",
+          "int32": "TYPE_INT32", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
+
+
+@dataclass
+class RenderOptions:
+    """Knobs of the rendered configs (the CLI exposes each)."""
+
+    max_batch_size: int = 8            # per request and per dynamic batch
+    queue_delay_us: int = 2000         # how long the dynamic batcher waits to fill a batch
+    queue_timeout_us: int = 30_000_000  # a request queued longer is rejected (UNAVAILABLE)
+    max_queue_size: int = 64           # queued requests per model before UNAVAILABLE
+    default_k: int = 1                 # neighbours when a request sends no K
+    max_k: int = 16                    # largest K a request may ask for
+    max_prompt_chars: int = 2000       # longer prompts are rejected (77 tokens are used anyway)
+    threads: int = 1                   # cpu: ONNX Runtime intra-op threads per stage
+    instances: int = 1                 # instances of each ONNX stage
+    ef: int | None = None              # hnswlib query beam (default: the index's)
+    verify_index: bool = True          # sha256 of the index files at load
+    trt_cache: str = "/tmp/imageragturbo-trt-cache"  # gpu: TensorRT engine cache root
+    trt_workspace_bytes: int = 4 << 30  # gpu: TensorRT builder workspace
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_batch_size <= 1024:
+            raise ValueError(f"max batch size must be in [1, 1024], got {self.max_batch_size}")
+        if not 0 <= self.default_k <= self.max_k:
+            raise ValueError(f"default k must be in [0, max k={self.max_k}], got "
+                             f"{self.default_k}")
+        for name in ("queue_delay_us", "queue_timeout_us", "max_queue_size", "threads",
+                     "instances", "max_prompt_chars"):
+            if getattr(self, name) < (0 if name in ("queue_delay_us", "threads") else 1):
+                raise ValueError(f"{name.replace('_', ' ')} must be positive, got "
+                                 f"{getattr(self, name)}")
+
+
+def _template(rel: str) -> Template:
+    path = SOURCE / rel
+    if not path.exists():
+        raise FileNotFoundError(f"model repository source {path} is missing (it ships with the "
+                                "project checkout: install with `pip install -e .`)")
+    return Template(path.read_text())
+
+
+def _dims(shape: list, reshape_scalar: bool = True) -> tuple[list[int], bool]:
+    """Manifest shape (batch first, symbolic names for dynamic axes) -> Triton dims without
+    the batch axis, and whether a (B,) tensor needs ``dims: [1]`` + ``reshape: []``."""
+    rest = [d if isinstance(d, int) else -1 for d in shape[1:]]
+    if not rest and reshape_scalar:
+        return [1], True
+    return rest, False
+
+
+def _tensor_block(values: list[dict], indent: str = "  ") -> str:
+    lines = []
+    for v in values:
+        dims, reshape = _dims(v["shape"])
+        extra = " reshape: { shape: [ ] }" if reshape else ""
+        lines.append(f'{indent}{{ name: "{v["name"]}" data_type: {DTYPES[v["dtype"]]} '
+                     f'dims: [ {", ".join(map(str, dims))} ]{extra} }}')
+    return ",\n".join(lines)
+
+
+def _warmup_block(values: list[dict], batch_sizes: list[int]) -> str:
+    entries = []
+    for b in batch_sizes:
+        inputs = []
+        for v in values:
+            dims, _ = _dims(v["shape"])
+            dims = [1 if d < 0 else d for d in dims]  # one neighbour for h_retr's k axis
+            inputs.append(f'    inputs {{ key: "{v["name"]}" value: {{ data_type: '
+                          f'{DTYPES[v["dtype"]]} dims: [ {", ".join(map(str, dims))} ] '
+                          'zero_data: true } }')
+        entries.append(f'  {{\n    name: "zeros_batch_{b}"\n    batch_size: {b}\n'
+                       + "\n".join(inputs) + "\n  }")
+    return ",\n".join(entries)
+
+
+def _place(src: Path, dst: Path, link: str) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    src = src.resolve()
+    if link == "symlink":
+        dst.symlink_to(src, target_is_directory=src.is_dir())
+    elif src.is_dir():
+        shutil.copytree(src, dst)
+    else:
+        shutil.copy2(src, dst)
+
+
+def render_repository(export_dir: str | Path, index_dir: str | Path, out: str | Path,
+                      profile: str = "cpu", options: RenderOptions | None = None,
+                      link: str = "symlink") -> Path:
+    """Write the model repository for ``export_dir`` (``imageragturbo export``) and
+    ``index_dir`` (``imageragturbo index build``) to ``out`` in ``profile`` (cpu or gpu).
+
+    ``out`` is replaced if it is a previous rendering; any other non-empty folder is refused.
+    Returns ``out``.
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    if link not in ("symlink", "copy"):
+        raise ValueError(f"link must be 'symlink' or 'copy', got {link!r}")
+    opt = options or RenderOptions()
+    export_dir, index_dir, out = Path(export_dir), Path(index_dir), Path(out)
+    m = load_manifest(export_dir)
+    if not (index_dir / "manifest.json").exists():
+        raise FileNotFoundError(f"no retrieval index at {index_dir} (build one with "
+                                "`imageragturbo index build`)")
+    if out.exists():
+        if (out / MARKER).exists():
+            shutil.rmtree(out)
+        elif any(out.iterdir()):
+            raise FileExistsError(f"{out} is not empty and not a rendered model repository; "
+                                  "choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+    stages = m["stages"]
+    h_shape = stages["unet_encoder"]["outputs"][0]["shape"][1:]               # (C, h', w')
+    img = stages["vae_decoder"]["outputs"][0]["shape"]                        # (B, 3, H, W)
+    skips = [f"skip_{i}" for i in range(int(m["num_skips"]))]
+    has_adapter = "h_adapter" in stages
+    batching = _template("dynamic_batching.pbtxt.in").substitute(
+        queue_delay_us=opt.queue_delay_us, queue_timeout_us=opt.queue_timeout_us,
+        max_queue_size=opt.max_queue_size)
+    common = {
+        "profile": profile, "max_batch_size": opt.max_batch_size, "dynamic_batching": batching,
+        "image_height": img[2], "image_width": img[3],
+        "max_length": m["max_length"], "latent_dims": ", ".join(map(str, m["latent_shape"])),
+        "latent_shape": ",".join(map(str, m["latent_shape"])), "timestep": m["timestep"],
+        "default_k": opt.default_k, "max_k": opt.max_k,
+        "has_adapter": "true" if has_adapter else "false",
+        "max_prompt_chars": opt.max_prompt_chars, "text_dim": m["text_dim"],
+        "h_dims": ", ".join(map(str, h_shape)), "h_shape": ",".join(map(str, h_shape)),
+        "ef": "" if opt.ef is None else opt.ef,
+        "verify_index": "true" if opt.verify_index else "false",
+        "encoder_skip_outputs": "\n".join(
+            f'      output_map {{ key: "{s}" value: "{s}" }}' for s in skips),
+        "decoder_skip_inputs": "\n".join(
+            f'      input_map {{ key: "{s}" value: "{s}" }}' for s in skips),
+    }
+
+    def write(model: str, text: str) -> Path:
+        d = out / model
+        (d / "1").mkdir(parents=True, exist_ok=True)
+        (d / "config.pbtxt").write_text(text)
+        return d
+
+    write(ENSEMBLE, _template(f"{ENSEMBLE}/config.pbtxt.in").substitute(common))
+    for name in PYTHON_MODELS:
+        d = write(name, _template(f"{name}/config.pbtxt.in").substitute(common))
+        shutil.copy2(SOURCE / name / "1" / "model.py", d / "1" / "model.py")
+    _place(export_dir / "tokenizer", out / "preprocess" / "1" / "tokenizer", link)
+    _place(index_dir, out / "retriever" / "1" / "index", link)
+
+    stage_tpl = _template(f"onnx_stage/config.{profile}.pbtxt.in")
+    warm_batches = [1, opt.max_batch_size] if profile == "gpu" and opt.max_batch_size > 1 else [1]
+    for name in ONNX_STAGES:
+        if name == "h_adapter" and not has_adapter:
+            d = write(name, _template("h_slerp/config.pbtxt.in").substitute(common))
+            shutil.copy2(SOURCE / "h_slerp" / "1" / "model.py", d / "1" / "model.py")
+            continue
+        st = stages[name]
+        d = write(name, stage_tpl.substitute(
+            common, name=name, inputs=_tensor_block(st["inputs"]),
+            outputs=_tensor_block(st["outputs"]), instances=opt.instances,
+            threads=opt.threads, trt_cache=opt.trt_cache,
+            trt_workspace_bytes=opt.trt_workspace_bytes,
+            warmup=_warmup_block(st["inputs"], warm_batches)))
+        for f in st["files"]:  # the graph, then any external-data file under its own name
+            target = "model.onnx" if f == st["file"] else f
+            _place(export_dir / f, d / "1" / target, link)
+        if profile == "cpu":
+            shutil.copy2(SOURCE / "onnx_stage" / "1" / "model.py", d / "1" / "model.py")
+    (out / MARKER).write_text(f"profile {profile}\nexport {export_dir.resolve()}\n"
+                              f"index {index_dir.resolve()}\n")
+    return out
+
+
+# ----------------------------------------------------------------------------- inspection
+
+
+def load_configs(repo: str | Path) -> dict:
+    """Every ``config.pbtxt`` of a rendered repository parsed with Triton's own schema
+    (``tritonclient.grpc.model_config_pb2``): {model name: ModelConfig}."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    configs = {}
+    for f in sorted(Path(repo).glob("*/config.pbtxt")):
+        configs[f.parent.name] = text_format.Parse(f.read_text(), model_config_pb2.ModelConfig())
+    return configs
+
+
+def wiring(repo: str | Path) -> dict:
+    """What must not differ between profiles: the ensemble's steps (model, input and output
+    maps) and every model's tensors (name, dtype, dims, reshape), batch size and batching."""
+    out = {}
+    for name, c in load_configs(repo).items():
+        tensors = {
+            "inputs": [(t.name, t.data_type, list(t.dims), list(t.reshape.shape),
+                        t.optional) for t in c.input],
+            "outputs": [(t.name, t.data_type, list(t.dims)) for t in c.output],
+            "max_batch_size": c.max_batch_size,
+            "dynamic_batching": str(c.dynamic_batching) if c.HasField("dynamic_batching")
+            else None,
+        }
+        if c.platform == "ensemble":
+            tensors["steps"] = [(s.model_name, dict(s.input_map), dict(s.output_map))
+                                for s in c.ensemble_scheduling.step]
+        out[name] = tensors
+    return out

@@ -1,0 +1,251 @@
+"""Start and stop a real Triton Inference Server for a rendered model repository.
+
+NVIDIA's ``tritonserver`` on PATH is used when there is one (its own backends directory);
+otherwise the server inside the ``nvidia-pytriton`` wheel, with a Python backend directory
+assembled from the wheel's parts (shared/ENVIRONMENT.md, "Triton Inference Server without
+Docker"). The server is started from this interpreter's environment (its ``bin`` first on
+PATH), so the Python backend's model.py files import this environment's numpy, onnxruntime,
+hnswlib and ``imageragturbo``. It binds 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ServerError(RuntimeError):
+    """The server could not be found, did not start, or did not become ready."""
+
+
+@dataclass
+class TritonBinary:
+    """Where a tritonserver lives: the executable, its backends folder and extra libraries."""
+
+    executable: Path
+    backend_dir: Path
+    lib_dirs: list[Path] = field(default_factory=list)
+    source: str = "nvidia"
+
+
+def _pytriton_root() -> Path | None:
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("pytriton")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def python_backend_dir(pytriton: Path, cache: Path) -> Path:
+    """A backends folder whose ``python/`` holds the wheel's libtriton_python.so and
+    triton_python_backend_utils.py plus the stub for this Python version (the wheel keeps
+    the stubs apart)."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    src = pytriton / "tritonserver" / "backends" / "python"
+    stub = pytriton / "tritonserver" / "python_backend_stubs" / version / \
+        "triton_python_backend_stub"
+    if not stub.exists():
+        raise ServerError(f"nvidia-pytriton has no Python backend stub for Python {version} "
+                          f"({stub} is missing)")
+    dst = cache / "backends" / "python"
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in (src / "libtriton_python.so", src / "triton_python_backend_utils.py", stub):
+        link = dst / f.name
+        if link.is_symlink() or link.exists():
+            if link.is_symlink() and link.resolve() == f.resolve():
+                continue
+            link.unlink()
+        link.symlink_to(f.resolve())
+    return dst.parent
+
+
+def find_tritonserver(cache: str | Path = "runs/serve") -> TritonBinary:
+    """NVIDIA's tritonserver on PATH (with /opt/tritonserver/backends or TRITON_BACKENDS), else
+    the one in the nvidia-pytriton wheel."""
+    exe = shutil.which("tritonserver")
+    if exe:
+        backends = Path(os.environ.get("TRITON_BACKENDS", "/opt/tritonserver/backends"))
+        return TritonBinary(Path(exe), backends, [], "nvidia")
+    root = _pytriton_root()
+    if root is None:
+        raise ServerError("no tritonserver found: none on PATH and the nvidia-pytriton wheel is "
+                          "not installed (pip install -e '.[serve]')")
+    exe = root / "tritonserver" / "bin" / "tritonserver"
+    if not exe.exists():
+        raise ServerError(f"nvidia-pytriton is installed but {exe} is missing")
+    libs = root.parent / "nvidia_pytriton.libs"
+    return TritonBinary(exe, python_backend_dir(root, Path(cache)), [libs] if libs.is_dir()
+                        else [], "nvidia-pytriton")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+class TritonServer:
+    """A tritonserver process serving ``repository``: ``start()``, ``wait_ready()``,
+    ``stop()``, or use it as a context manager (started and ready on entry, stopped on exit).
+
+    ``grpc_port`` / ``http_port`` default to free ports; the log goes to ``log_path``.
+    """
+
+    def __init__(self, repository: str | Path, host: str = "127.0.0.1",
+                 grpc_port: int | None = None, http_port: int | None = None,
+                 log_path: str | Path | None = None, cache: str | Path = "runs/serve",
+                 log_verbose: int = 0, extra_args: list[str] | None = None):
+        self.repository = Path(repository).resolve()
+        self.host = host
+        self.grpc_port = grpc_port or free_port()
+        self.http_port = http_port or free_port()
+        self.cache = Path(cache)
+        self.log_path = Path(log_path) if log_path else self.cache / "tritonserver.log"
+        self.log_verbose = log_verbose
+        self.extra_args = list(extra_args or [])
+        self.process: subprocess.Popen | None = None
+        self.binary: TritonBinary | None = None
+
+    @property
+    def url(self) -> str:
+        """host:port of the gRPC endpoint (what the SDK takes)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"{host}:{self.grpc_port}"
+
+    def command(self) -> list[str]:
+        b = self.binary
+        return [str(b.executable), f"--model-repository={self.repository}",
+                f"--backend-directory={b.backend_dir}",
+                f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+                f"--http-address={self.host}", f"--http-port={self.http_port}",
+                "--allow-metrics=false", "--strict-readiness=true", "--exit-on-error=true",
+                f"--log-verbose={self.log_verbose}", *self.extra_args]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        bindir = sysconfig.get_path("scripts")  # this environment's bin/ first on PATH
+        env["PATH"] = os.pathsep.join([bindir, env.get("PATH", "")])
+        if sys.prefix != sys.base_prefix:
+            env["VIRTUAL_ENV"] = sys.prefix
+        libs = [str(p) for p in self.binary.lib_dirs]
+        # The stub embeds libpython: make it load this interpreter's own (the system's may be
+        # another patch release whose lib-dynload modules, e.g. _ssl, do not link against it).
+        libdir = sysconfig.get_config_var("LIBDIR")
+        ldlib = sysconfig.get_config_var("LDLIBRARY")
+        if libdir and ldlib and (Path(libdir) / ldlib).exists():
+            libs.insert(0, libdir)
+        if libs:
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(
+                libs + ([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else []))
+        env.setdefault("OMP_NUM_THREADS", "1")
+        return env
+
+    def start(self) -> TritonServer:
+        if self.process is not None:
+            raise ServerError("server already started")
+        for port in (self.grpc_port, self.http_port):
+            if _port_in_use(self.host if self.host != "0.0.0.0" else "127.0.0.1", port):
+                raise ServerError(f"port {port} on {self.host} is in use (another server?); "
+                                  "choose another with --grpc-port / --http-port")
+        self.binary = find_tritonserver(self.cache)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "wb")
+        try:
+            # Own process group, so Ctrl-C in a terminal reaches us, and we stop it in order.
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                            env=self.environment(), start_new_session=True)
+        finally:
+            log.close()
+        return self
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def is_ready(self) -> bool:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            with grpcclient.InferenceServerClient(self.url) as c:
+                return bool(c.is_server_ready(client_timeout=2.0))
+        except InferenceServerException:
+            return False
+
+    def wait_ready(self, timeout: float = 300.0, progress: bool = True) -> None:
+        """Block until the server reports ready (every model loaded: graphs, tokenizer,
+        index), printing progress every few seconds; raise ServerError with the log's tail
+        if it exits or ``timeout`` passes first."""
+        t0 = time.monotonic()
+        last = -10.0
+        while True:
+            if self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self.process.returncode} "
+                                  f"while loading; log {self.log_path}:\n{self.log_tail()}")
+            if self.is_ready():
+                if progress:
+                    print(f"serve: ready on {self.url} (gRPC) in "
+                          f"{time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+                return
+            waited = time.monotonic() - t0
+            if waited > timeout:
+                self.stop()
+                raise ServerError(f"tritonserver not ready after {timeout:.0f} s; log "
+                                  f"{self.log_path}:\n{self.log_tail()}")
+            if progress and waited - last >= 5.0:
+                last = waited
+                print(f"serve: waiting for the models to load ({waited:.0f} s; log "
+                      f"{self.log_path})", file=sys.stderr, flush=True)
+            time.sleep(0.5)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGINT (Triton unloads the models and exits), then SIGTERM, then SIGKILL."""
+        p = self.process
+        if p is None:
+            return None
+        if p.poll() is None:
+            for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 10.0),
+                              (signal.SIGKILL, 10.0)):
+                try:
+                    p.send_signal(sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    p.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        self.process = None
+        return p.returncode
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
