@@ -26,7 +26,8 @@ def in_process_latency(export_dir, index_dir, k: int, threads: int, repeats: int
     """The same request in process: tokenize, text encoder, retrieval, one step, uint8."""
     from imageragturbo.export import runtime
 
-    pipe = runtime.OnnxPipeline(export_dir, providers=["cpu"], threads=threads)
+    pipe = runtime.OnnxPipeline(export_dir, providers=runtime.choose_providers(["cpu"]),
+                                threads=threads)
     index = runtime.load_index(index_dir, int(pipe.manifest["text_dim"]), pipe.h_shape)
     times = []
     for i in range(warmup + repeats):

@@ -34,8 +34,8 @@ def draw_grid(rows: list[dict], path: Path, k: int) -> Path:
     texts = []
     for r in rows:
         t = textwrap.wrap(r["prompt"], wrap)[:3]
-        nb = [textwrap.shorten(f"{i + 1}. {c} ({s:.2f})", wrap, placeholder="...")
-              for i, (c, s) in enumerate(r["neighbours"])]
+        nb = [textwrap.shorten(f"{s:.2f}  {c}", wrap, placeholder="...")
+              for c, s in r["neighbours"]]
         texts.append((t, nb))
     text_h = max(len(t) * line + (len(nb) + 1) * (line - 2) for t, nb in texts) + pad
     cw, chh = 2 * iw + 3 * pad, ih + 2 * pad + 14 + text_h
