@@ -56,7 +56,7 @@ class RecipeConfig:
     vae_batch: int = 32
     vae_crop: int = 32
     vae_lr: float = 1e-3
-    teacher_steps: int = 6000
+    teacher_steps: int = 4000
     teacher_batch: int = 64
     teacher_lr: float = 4e-4
     teacher_channels: tuple = (48, 96, 96)
@@ -65,7 +65,7 @@ class RecipeConfig:
     synth_prompts: int = 4000
     synth_steps: int = 25
     guidance: float = 4.0         # teacher CFG scale for synthetic data and evaluation
-    student_steps: int = 1500
+    student_steps: int = 1000
     student_batch: int = 32
     student_lr: float = 5e-5
     disc_lr: float = 2e-4
