@@ -3,23 +3,16 @@ only, so the ONNX Runtime pipeline and the CLI can use it without torch."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
+
+from imageragturbo.checksums import sha256_file
 
 FORMAT = "imageragturbo-onnx"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STAGES = ("text_encoder", "unet_encoder", "h_adapter", "unet_decoder", "vae_decoder")
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def load_manifest(path: str | Path, verify: bool = False) -> dict:

@@ -21,7 +21,6 @@ the same seed gives the same bytes, whatever the number of worker processes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .checksums import sha256_file
 
 # --------------------------------------------------------------------------- vocabulary
 
@@ -509,14 +510,6 @@ def perturb(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
 def _render_to_png(args: tuple[dict, int, str]) -> None:
     scene_json, resolution, path = args
     render(Scene.from_json(scene_json), resolution).save(path, format="PNG", optimize=False)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def build_dataset(out: str | os.PathLike, counts: dict[str, int] | None = None, seed: int = 0,

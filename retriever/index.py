@@ -38,6 +38,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from imageragturbo.checksums import sha256_file
+
 FORMAT = "imageragturbo-retrieval-index"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -177,14 +179,6 @@ def load_image(path: str):
 
 
 # --------------------------------------------------------------------------- build
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fingerprint(pairs: Sequence[Pair], model_id: str, text_dim: int) -> str:

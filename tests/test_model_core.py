@@ -10,8 +10,8 @@ import torch
 from imageragturbo.model import family
 from imageragturbo.model.h_space import (
     HAdapter,
-    adapter_config_for,
     HAdapterConfig,
+    adapter_config_for,
     count_parameters,
     sd21_adapter_config,
     slerp_inject,
