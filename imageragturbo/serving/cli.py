@@ -60,14 +60,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     server = TritonServer(out, host=args.host, grpc_port=args.grpc_port,
                           http_port=args.http_port, log_path=Path(out).parent / "tritonserver.log",
                           log_verbose=args.log_verbose)
-    # SIGTERM (e.g. from a process manager) stops the server like Ctrl-C does.
+    # Ctrl-C, and SIGTERM from a process manager, stop the server cleanly (SIGINT is set
+    # explicitly: a shell starts background jobs with it ignored).
     signal.signal(signal.SIGTERM, _interrupt)
-    print(f"serve: starting tritonserver ({args.model}) on {args.host}: gRPC {server.grpc_port}, "
+    signal.signal(signal.SIGINT, _interrupt)
+    print(f"serve: starting tritonserver ({assets.model}) on {args.host}: gRPC {server.grpc_port}, "
           f"HTTP {server.http_port}", file=sys.stderr, flush=True)
     server.start()
     try:
         server.wait_ready(args.ready_timeout)
-        print(f"serving {args.model} at {server.url} (gRPC); try:\n"
+        print(f"serving {assets.model} at {server.url} (gRPC); try:\n"
               f"  imageragturbo generate --url {server.url} \"a red circle\" -o out.png\n"
               "Ctrl-C stops the server.", flush=True)
         while server.process.poll() is None:

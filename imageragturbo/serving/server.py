@@ -86,7 +86,7 @@ def find_tritonserver(cache: str | Path = "runs/serve") -> TritonBinary:
     if not exe.exists():
         raise ServerError(f"nvidia-pytriton is installed but {exe} is missing")
     libs = root.parent / "nvidia_pytriton.libs"
-    return TritonBinary(exe, python_backend_dir(root, Path(cache)), [libs] if libs.is_dir()
+    return TritonBinary(exe, python_backend_dir(root, Path(cache).resolve()), [libs] if libs.is_dir()
                         else [], "nvidia-pytriton")
 
 
