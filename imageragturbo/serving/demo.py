@@ -45,7 +45,7 @@ def draw_grid(rows: list[dict], path: Path, k: int) -> Path:
     grid = Image.new("RGB", (cols * cw, title_h + nrows * chh), "white")
     d = ImageDraw.Draw(grid)
     d.text((pad, 8), f"ImageRAGTurbo served by Triton: left without retrieval, right with k={k} "
-                     "neighbours (captions below)", fill="black", font=_font(14))
+                     "neighbours (similarity, caption)", fill="black", font=_font(14))
     for i, (r, (t, nb)) in enumerate(zip(rows, texts)):
         x0, y0 = (i % cols) * cw, title_h + (i // cols) * chh
         d.text((x0 + pad, y0 + 2), "no retrieval", fill="gray", font=_font(11))
