@@ -95,7 +95,8 @@ def test_ladd_step_lowers_distillation_loss_and_trains_only_the_heads():
     ehs, pooled = torch.randn(4, 77, 32), torch.randn(4, 32)
     s, eps = torch.randint(0, 750, (4,)), torch.randn(4, 4, 16, 16)
     before = [p.clone() for p in teacher.parameters()]
-    losses = [base.ladd_step(student, disc, opt_g, opt_d, z_t, z0, ehs, pooled, s, eps, ac)
+    one_step = base.OneStepStudent(student, ac)
+    losses = [base.ladd_step(one_step, disc, opt_g, opt_d, z_t, z0, ehs, pooled, s, eps, ac)
               for _ in range(10)]
     assert _decreases(losses, "distill")
     assert all(np.isfinite(x["d"]) and np.isfinite(x["g_adv"]) for x in losses)

@@ -97,12 +97,14 @@ class EMA:
             s.lerp_(p.detach(), 1 - self.decay)
 
 
-def _rng(cfg: RecipeConfig, stage: str, step: int) -> np.random.Generator:
-    return np.random.default_rng([cfg.seed, STAGES.index(stage), step])
+def _rng(cfg: RecipeConfig, stage: str, step: int, rank: int = 0) -> np.random.Generator:
+    """The batch generator of one step (and one process, under multi-GPU launch)."""
+    key = [cfg.seed, STAGES.index(stage), step] + ([rank] if rank else [])
+    return np.random.default_rng(key)
 
 
 def train_loop(name: str, ckpt: Path, state: dict[str, object], step_fn: Callable[[int], dict],
-               steps: int, every: int, progress: bool = True) -> list[dict]:
+               steps: int, every: int, progress: bool = True, is_main: bool = True) -> list[dict]:
     """Run ``step_fn(step)`` for steps [start, steps), checkpointing ``state`` (modules,
     optimisers, EMA shadows: anything with state_dict) and the loss history every ``every``
     steps; resumes from ``ckpt`` if it exists. Batches come from per-step generators, so a
@@ -116,7 +118,8 @@ def train_loop(name: str, ckpt: Path, state: dict[str, object], step_fn: Callabl
         for k, obj in state.items():
             obj.load_state_dict(blob["state"][k])
         history, start = blob["history"], blob["step"]
-    bar = tqdm(range(start, steps), desc=name, disable=not progress, initial=start, total=steps)
+    bar = tqdm(range(start, steps), desc=name, disable=not (progress and is_main), initial=start,
+               total=steps)
     t0 = time.perf_counter()
     for step in bar:
         losses = step_fn(step)
@@ -126,7 +129,7 @@ def train_loop(name: str, ckpt: Path, state: dict[str, object], step_fn: Callabl
         history.append({"step": step, **losses})
         if step % 10 == 0:
             bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()})
-        if (step + 1) % every == 0 or step + 1 == steps:
+        if is_main and ((step + 1) % every == 0 or step + 1 == steps):
             tmp = ckpt.with_suffix(".tmp")
             torch.save({"state": {k: o.state_dict() for k, o in state.items()},
                         "history": history, "step": step + 1}, tmp)
@@ -184,8 +187,12 @@ def augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
 # smoke tests call them on a fixed batch.
 
 
+def _backward(loss: torch.Tensor) -> None:
+    loss.backward()
+
+
 def clip_step(text_encoder, scorer: ClipScorer, opt, ids: torch.Tensor,
-              images: torch.Tensor) -> dict:
+              images: torch.Tensor, backward=_backward) -> dict:
     from open_clip.loss import ClipLoss
 
     pooled = text_encoder(ids).pooler_output                             # (B, D)
@@ -193,13 +200,13 @@ def clip_step(text_encoder, scorer: ClipScorer, opt, ids: torch.Tensor,
     i = scorer.encode_image(images)
     loss = ClipLoss()(i, t, scorer.logit_scale.exp().clamp(max=100))
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    backward(loss)
     nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
     opt.step()
     return {"loss": loss.item()}
 
 
-def vae_step(vae, opt, x: torch.Tensor, kl_weight: float = 1e-6) -> dict:
+def vae_step(vae, opt, x: torch.Tensor, kl_weight: float = 1e-6, backward=_backward) -> dict:
     post = vae.encode(x).latent_dist
     rec = vae.decode(post.sample()).sample
     l1 = (rec - x).abs().mean()
@@ -207,46 +214,58 @@ def vae_step(vae, opt, x: torch.Tensor, kl_weight: float = 1e-6) -> dict:
     kl = post.kl().mean()
     loss = l1 + mse + kl_weight * kl
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    backward(loss)
     nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
     opt.step()
     return {"loss": loss.item(), "mse": mse.item()}
 
 
 def teacher_step(unet, opt, z0: torch.Tensor, ehs: torch.Tensor, t: torch.Tensor,
-                 noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> dict:
+                 noise: torch.Tensor, alphas_cumprod: torch.Tensor, backward=_backward) -> dict:
     zt = ladd.add_noise(z0, noise, t, alphas_cumprod)
     loss = nn.functional.mse_loss(unet(zt, t, ehs).sample, noise)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    backward(loss)
     nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
     opt.step()
     return {"loss": loss.item()}
 
 
-def student_forward(student, z_t: torch.Tensor, ehs: torch.Tensor, alphas_cumprod,
-                    adapter_fn=None) -> torch.Tensor:
-    """One step at t=999 through the split UNet; ``adapter_fn(h)`` edits the H-space feature."""
-    t = torch.full((z_t.shape[0],), 999, dtype=torch.long)
-    enc, dec = split_unet(student)
-    h, temb, *skips = enc(z_t, t, ehs)
-    if adapter_fn is not None:
-        h = adapter_fn(h)
-    return one_step_z0(z_t, t, dec(h, temb, skips, ehs), alphas_cumprod)
+class OneStepStudent(nn.Module):
+    """z_T and text states -> z_0 in one step at t=999 through the split UNet (paper Fig. 2's
+    denoising branch); ``h_edit(h)`` may edit the H-space feature (the H-adapter in
+    ImageRAGTurbo fine-tuning). This module, not the bare UNet, is what a multi-GPU run
+    wraps in DDP, so gradients are synchronised over the split forward."""
+
+    def __init__(self, unet, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
+        super().__init__()
+        self.unet = unet
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float().clone(), persistent=False)
+        self.prediction_type = prediction_type
+
+    def forward(self, z_t: torch.Tensor, ehs: torch.Tensor, h_edit=None) -> torch.Tensor:
+        t = torch.full((z_t.shape[0],), 999, dtype=torch.long, device=z_t.device)
+        enc, dec = split_unet(self.unet)
+        h, temb, *skips = enc(z_t, t, ehs)
+        if h_edit is not None:
+            h = h_edit(h)
+        eps = dec(h, temb, skips, ehs)
+        return one_step_z0(z_t, t, eps, self.alphas_cumprod, self.prediction_type)
 
 
-def ladd_step(student, disc: ladd.LADDDiscriminator, opt_g, opt_d, z_t, z0_teacher, ehs,
-              pooled, s, eps_s, alphas_cumprod, distill_weight: float = 2.5,
-              adapter_fn=None) -> dict:
+def ladd_step(student: OneStepStudent, disc: ladd.LADDDiscriminator, opt_g, opt_d, z_t,
+              z0_teacher, ehs, pooled, s, eps_s, alphas_cumprod, distill_weight: float = 2.5,
+              h_edit=None, backward=_backward, sync_heads=None) -> dict:
     """One generator and one discriminator update (paper Eqs. 6-8, Eq. 10 without the
-    perceptual term)."""
-    z0_hat = student_forward(student, z_t, ehs, alphas_cumprod, adapter_fn)
+    perceptual term). ``sync_heads(params)`` averages the heads' gradients across processes
+    (the heads run three times per step, so they are not DDP-wrapped)."""
+    z0_hat = student(z_t, ehs, h_edit)
     fake = disc(ladd.add_noise(z0_hat, eps_s, s, alphas_cumprod), s, ehs, pooled)
     l_adv = ladd.g_adv_loss(fake)
     l_dist = ladd.distill_loss(z0_hat, z0_teacher)
     loss_g = l_adv + distill_weight * l_dist
     opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
+    backward(loss_g)
     nn.utils.clip_grad_norm_([p for g in opt_g.param_groups for p in g["params"]], 1.0)
     opt_g.step()
 
@@ -255,6 +274,8 @@ def ladd_step(student, disc: ladd.LADDDiscriminator, opt_g, opt_d, z_t, z0_teach
     loss_d = ladd.d_hinge_loss(real, fake)
     opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
+    if sync_heads is not None:
+        sync_heads(list(disc.trainable_parameters()))
     opt_d.step()
     return {"g_adv": l_adv.item(), "distill": l_dist.item(), "d": loss_d.item()}
 
@@ -281,6 +302,14 @@ class Recipe:
                              "and run the rest with the new one")
         saved.write_text(json.dumps(mine, indent=2) + "\n")
         torch.set_num_threads(self.cfg.threads)
+        from accelerate import Accelerator
+
+        # One process on a CPU here; `accelerate launch -m imageragturbo.cli train base` on
+        # several GPUs runs the same code data-parallel: each process draws its own batches and
+        # gradients are averaged across processes after every backward (``_backward_fn``). The
+        # models are not DDP-wrapped because the stages call their methods (vae.encode, the
+        # split UNet) rather than their forward.
+        self.acc = Accelerator(cpu=not torch.cuda.is_available())
         self._data = None
         self.tokenizer = family.clip_tokenizer()
         self.scheduler = self._scheduler()
@@ -294,6 +323,9 @@ class Recipe:
     @property
     def data(self):
         if self._data is None:
+            if self.acc.is_main_process:
+                training_data(self.cfg, self.dir / "data")  # renders and caches once
+            self.acc.wait_for_everyone()
             self._data = training_data(self.cfg, self.dir / "data")
         return self._data
 
@@ -302,8 +334,33 @@ class Recipe:
         return json.loads(p.read_text()) if p.exists() else None
 
     def _finish(self, stage: str, info: dict) -> dict:
-        (self.dir / stage / "done.json").write_text(json.dumps(info, indent=2) + "\n")
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            (self.dir / stage / "done.json").write_text(json.dumps(info, indent=2) + "\n")
         return info
+
+    def _loop(self, name: str, state: dict, step_fn, steps: int) -> list[dict]:
+        return train_loop(name, self.dir / name / "ckpt.pt", state, step_fn, steps,
+                          self.cfg.ckpt_every, self.progress, self.acc.is_main_process)
+
+    def _dev(self, *tensors: torch.Tensor):
+        return tuple(t.to(self.acc.device) for t in tensors)
+
+    def _sync_grads(self, params) -> None:
+        if self.acc.num_processes > 1:
+            for p in params:
+                if p.grad is not None:
+                    p.grad = self.acc.reduce(p.grad, reduction="mean")
+
+    def _backward_fn(self, params):
+        """loss.backward(), then the gradients averaged across processes."""
+        params = [p for p in params if p.requires_grad]
+
+        def backward(loss: torch.Tensor) -> None:
+            loss.backward()
+            self._sync_grads(params)
+
+        return backward
 
     def run(self, stages=STAGES) -> dict:
         out = {}
@@ -326,19 +383,24 @@ class Recipe:
                                 lr=cfg.clip_lr, weight_decay=0.01)
         imgs, caps = self.data
         ids_all = tokenize(self.tokenizer, caps)
+        state = {"text": text, "scorer": scorer, "opt": opt}
+        text.to(self.acc.device), scorer.to(self.acc.device)
+        backward = self._backward_fn(list(text.parameters()) + list(scorer.parameters()))
+        rank = self.acc.process_index
 
         def step(i):
-            rng = _rng(cfg, "clip", i)
+            rng = _rng(cfg, "clip", i, rank)
             idx = rng.choice(len(caps), cfg.clip_batch, replace=False)
             for g in opt.param_groups:
                 g["lr"] = cfg.clip_lr * min(1.0, (i + 1) / 100)
-            return clip_step(text, scorer, opt, ids_all[idx], augment(to_unit(imgs[idx]), rng))
+            ids, x = self._dev(ids_all[idx], augment(to_unit(imgs[idx]), rng))
+            return clip_step(text, scorer, opt, ids, x, backward)
 
         t0 = time.perf_counter()
-        hist = train_loop("clip", d / "ckpt.pt", {"text": text, "scorer": scorer, "opt": opt},
-                          step, cfg.clip_steps, cfg.ckpt_every, self.progress)
-        text.save_pretrained(d / "text_encoder")
-        scorer.save_pretrained(d / "clip_scorer")
+        hist = self._loop("clip", state, step, cfg.clip_steps)
+        if self.acc.is_main_process:
+            text.cpu().save_pretrained(d / "text_encoder")
+            scorer.cpu().save_pretrained(d / "clip_scorer")
         return self._finish("clip", {"final_loss": _mean_tail(hist, "loss"),
                                      "first_loss": hist[0]["loss"] if hist else None,
                                      "seconds": time.perf_counter() - t0})
@@ -359,27 +421,32 @@ class Recipe:
         opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
         imgs, _ = self.data
         c = cfg.vae_crop
+        state = {"vae": vae, "opt": opt}
+        vae.to(self.acc.device)
+        backward = self._backward_fn(vae.parameters())
+        rank = self.acc.process_index
 
         def step(i):
-            rng = _rng(cfg, "vae", i)
+            rng = _rng(cfg, "vae", i, rank)
             idx = rng.choice(len(imgs), cfg.vae_batch, replace=False)
             oy, ox = rng.integers(0, imgs.shape[1] - c + 1, 2)
             for g in opt.param_groups:
                 g["lr"] = cfg.vae_lr * min(1.0, (i + 1) / 100) * (
                     0.5 * (1 + math.cos(math.pi * i / cfg.vae_steps)))
-            return vae_step(vae, opt, to_unit(imgs[idx, oy:oy + c, ox:ox + c]))
+            (x,) = self._dev(to_unit(imgs[idx, oy:oy + c, ox:ox + c]))
+            return vae_step(vae, opt, x, backward=backward)
 
         t0 = time.perf_counter()
-        hist = train_loop("vae", d / "ckpt.pt", {"vae": vae, "opt": opt}, step,
-                          cfg.vae_steps, cfg.ckpt_every, self.progress)
-        vae.eval()
+        hist = self._loop("vae", state, step, cfg.vae_steps)
+        vae = vae.cpu().eval()
         with torch.no_grad():
             z = vae.encode(to_unit(imgs[:1024])).latent_dist.mode()
             rec = vae.decode(z).sample
             full_mse = float(((rec - to_unit(imgs[:1024])) ** 2).mean())
         # SD's convention: latents scaled to unit variance by config.scaling_factor
         vae.register_to_config(scaling_factor=float(1.0 / z.std()))
-        vae.save_pretrained(d / "model")
+        if self.acc.is_main_process:
+            vae.save_pretrained(d / "model")
         return self._finish("vae", {"final_loss": _mean_tail(hist, "loss"),
                                     "first_loss": hist[0]["loss"] if hist else None,
                                     "full_image_mse": full_mse,
@@ -393,21 +460,24 @@ class Recipe:
 
     @torch.no_grad()
     def _latents_and_text(self):
-        """Scaled latents (N, 4, 16, 16) of the training renders and frozen text states."""
+        """Scaled latents (N, 4, 16, 16) of the training renders and frozen text states,
+        computed once by the main process and cached in the run."""
         cache = self.dir / "data" / "latents.pt"
-        if cache.exists():
-            return torch.load(cache)
-        vae, text = self.vae(), self.text_encoder()
-        imgs, caps = self.data
-        lat, ehs = [], []
-        for i in range(0, len(imgs), 256):
-            lat.append(vae.encode(to_unit(imgs[i:i + 256])).latent_dist.mode()
-                       * vae.config.scaling_factor)
-            ehs.append(text(tokenize(self.tokenizer, caps[i:i + 256])).last_hidden_state.half())
-        unc = text(tokenize(self.tokenizer, [""])).last_hidden_state
-        out = {"latents": torch.cat(lat), "ehs": torch.cat(ehs), "uncond": unc}
-        torch.save(out, cache)
-        return out
+        if self.acc.is_main_process and not cache.exists():
+            vae, text = self.vae(), self.text_encoder()
+            imgs, caps = self.data
+            lat, ehs = [], []
+            for i in range(0, len(imgs), 256):
+                lat.append(vae.encode(to_unit(imgs[i:i + 256])).latent_dist.mode()
+                           * vae.config.scaling_factor)
+                ehs.append(text(tokenize(self.tokenizer, caps[i:i + 256])).last_hidden_state
+                           .half())
+            unc = text(tokenize(self.tokenizer, [""])).last_hidden_state
+            tmp = cache.with_suffix(".tmp")
+            torch.save({"latents": torch.cat(lat), "ehs": torch.cat(ehs), "uncond": unc}, tmp)
+            tmp.replace(cache)
+        self.acc.wait_for_everyone()
+        return torch.load(cache)
 
     # -- 3. teacher
     def _new_unet(self):
@@ -427,9 +497,13 @@ class Recipe:
         ema = EMA(unet, cfg.ema)
         opt = torch.optim.AdamW(unet.parameters(), lr=cfg.teacher_lr, weight_decay=0.0)
         ac = self.scheduler.alphas_cumprod
+        state = {"unet": unet, "ema": ema.shadow, "opt": opt}
+        unet.to(self.acc.device), ema.shadow.to(self.acc.device)
+        backward = self._backward_fn(unet.parameters())
+        rank = self.acc.process_index
 
         def step(i):
-            rng = _rng(cfg, "teacher", i)
+            rng = _rng(cfg, "teacher", i, rank)
             idx = rng.choice(len(lat), cfg.teacher_batch, replace=False)
             ehs = ehs_all[idx].float()
             drop = torch.from_numpy(rng.random(len(idx)) < cfg.cfg_drop)
@@ -439,14 +513,14 @@ class Recipe:
             for g in opt.param_groups:
                 g["lr"] = cfg.teacher_lr * min(1.0, (i + 1) / 200) * (
                     0.55 + 0.45 * math.cos(math.pi * i / cfg.teacher_steps))
-            out = teacher_step(unet, opt, lat[idx], ehs, t, noise, ac)
+            out = teacher_step(unet, opt, *self._dev(lat[idx], ehs, t, noise), ac, backward)
             ema.update(unet)
             return out
 
         t0 = time.perf_counter()
-        hist = train_loop("teacher", d / "ckpt.pt", {"unet": unet, "ema": ema.shadow, "opt": opt},
-                          step, cfg.teacher_steps, cfg.ckpt_every, self.progress)
-        ema.shadow.save_pretrained(d / "unet_ema")
+        hist = self._loop("teacher", state, step, cfg.teacher_steps)
+        if self.acc.is_main_process:
+            ema.shadow.cpu().save_pretrained(d / "unet_ema")
         return self._finish("teacher", {"final_loss": _mean_tail(hist, "loss", 200),
                                         "first_loss": _mean_tail(hist[:50], "loss"),
                                         "seconds": time.perf_counter() - t0})
@@ -459,11 +533,16 @@ class Recipe:
     # -- 4. synthetic data
     @torch.no_grad()
     def stage_synth(self) -> dict:
+        d = self.dir / "synth"
+        d.mkdir(exist_ok=True)
+        data = self._latents_and_text()
+        info = self._synthesise(data) if self.acc.is_main_process else {}
+        return self._finish("synth", info)
+
+    def _synthesise(self, data) -> dict:
         from tqdm import tqdm
 
         cfg, d = self.cfg, self.dir / "synth"
-        d.mkdir(exist_ok=True)
-        data = self._latents_and_text()
         unet = self.teacher().requires_grad_(False)
         comps = family.Components(tokenizer=self.tokenizer, text_encoder=None, vae=None,
                                   unet=unet, scheduler=self.scheduler)
@@ -479,9 +558,8 @@ class Recipe:
                                             data["uncond"], z_t[sl], cfg.synth_steps,
                                             cfg.guidance)
         torch.save({"idx": torch.from_numpy(idx), "z_t": z_t, "z0": z0}, d / "synth.pt")
-        return self._finish("synth", {"prompts": n, "steps": cfg.synth_steps,
-                                      "guidance": cfg.guidance,
-                                      "seconds": time.perf_counter() - t0})
+        return {"prompts": n, "steps": cfg.synth_steps, "guidance": cfg.guidance,
+                "seconds": time.perf_counter() - t0}
 
     # -- 5. student (LADD)
     def stage_student(self) -> dict:
@@ -505,22 +583,27 @@ class Recipe:
                                   betas=(0.0, 0.99), weight_decay=0.0)
         ac = self.scheduler.alphas_cumprod
         n = len(syn["idx"])
+        state = {"student": student, "heads": disc.heads, "opt_g": opt_g, "opt_d": opt_d}
+        one_step = OneStepStudent(student, ac).to(self.acc.device)
+        disc.to(self.acc.device)
+        backward = self._backward_fn(student.parameters())
+        rank = self.acc.process_index
 
         def step(i):
-            rng = _rng(cfg, "student", i)
+            rng = _rng(cfg, "student", i, rank)
             j = rng.choice(n, cfg.student_batch, replace=False)
             ehs = data["ehs"][syn["idx"][j]].float()
             s = torch.from_numpy(rng.integers(0, cfg.disc_s_max, len(j)))
             eps = torch.from_numpy(rng.standard_normal(syn["z0"][j].shape).astype(np.float32))
-            return ladd_step(student, disc, opt_g, opt_d, syn["z_t"][j], syn["z0"][j], ehs,
-                             pooled_all[j], s, eps, ac, cfg.distill_weight)
+            z_t, z0, ehs, pooled, s, eps = self._dev(syn["z_t"][j], syn["z0"][j], ehs,
+                                                     pooled_all[j], s, eps)
+            return ladd_step(one_step, disc, opt_g, opt_d, z_t, z0, ehs, pooled, s, eps, ac,
+                             cfg.distill_weight, backward=backward, sync_heads=self._sync_grads)
 
         t0 = time.perf_counter()
-        hist = train_loop("student", d / "ckpt.pt",
-                          {"student": student, "heads": disc.heads, "opt_g": opt_g,
-                           "opt_d": opt_d}, step, cfg.student_steps, cfg.ckpt_every,
-                          self.progress)
-        student.eval().save_pretrained(d / "unet")
+        hist = self._loop("student", state, step, cfg.student_steps)
+        if self.acc.is_main_process:
+            student.cpu().eval().save_pretrained(d / "unet")
         return self._finish("student", {
             "final_distill": _mean_tail(hist, "distill"), "final_g_adv": _mean_tail(hist, "g_adv"),
             "final_d": _mean_tail(hist, "d"),
