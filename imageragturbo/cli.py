@@ -110,6 +110,28 @@ def _cmd_eval_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_quality(args: argparse.Namespace) -> int:
+    """Teacher xN, teacher x1 and student x1 on the same prompts and seeds, in one run."""
+    from . import evaluate, tifa
+
+    runs = [("teacher", args.teacher_steps), ("teacher", 1), ("student", 1)]
+    results = {}
+    for pipeline, steps in runs:
+        r = evaluate.run(args.model, pipeline, steps, args.guidance, args.n, args.seed,
+                         progress=not args.json)
+        r.pop("per_prompt", None)
+        results[f"{pipeline} x{steps}"] = r
+    if args.plot:
+        tifa.plot_categories(results, args.plot, title=f"ShapesTIFA by category ({args.model})")
+    if args.json:
+        print(json.dumps(results))
+    else:
+        _print_table(results)
+        for name, r in results.items():
+            print(f"{name:12s} FD {r['fd']:.3f}  CLIP {r['clip']:.4f}")
+    return 0
+
+
 def _print_table(results: dict[str, dict]) -> None:
     from .tifa import CATEGORIES
 
@@ -262,6 +284,21 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Benchmarks. Each prints its figures; --json for one "
                                        "JSON object.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    q = bench_sub.add_parser(
+        "quality", help="ShapesTIFA / FD / CLIP of teacher xN, teacher x1 and student x1",
+        description="Generates the evaluation prompts with the teacher at N steps and at 1 "
+                    "step and with the one-step student (same prompts and seeds) and measures "
+                    "each: the README's quality table.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("--model", default="tiny-shapes", help="variant name or diffusers folder")
+    q.add_argument("--teacher-steps", type=int, default=50)
+    q.add_argument("--guidance", type=float, default=4.0, help="teacher CFG scale")
+    q.add_argument("--n", type=int, default=500, help="evaluation prompts")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.add_argument("--plot", type=Path, default=None, help="write a per-category histogram PNG")
+    q.set_defaults(func=_cmd_bench_quality)
+
     for name in PLUGINS:
         try:
             mod = importlib.import_module(name)
