@@ -66,9 +66,9 @@ class RecipeConfig:
     synth_prompts: int = 4000
     synth_steps: int = 25
     guidance: float = 4.0         # teacher CFG scale for synthetic data and evaluation
-    student_steps: int = 800
+    student_steps: int = 2000
     student_batch: int = 32
-    student_lr: float = 5e-5
+    student_lr: float = 2e-4
     disc_lr: float = 2e-4
     distill_weight: float = 2.5   # alpha of paper Eq. 10
     disc_s_max: int = 750         # discriminator noise level s ~ U{0..s_max-1}
