@@ -61,25 +61,63 @@ def _name(model: str) -> str:
     return Path(model).name or "model"
 
 
+def model_files_id(model: str) -> str | None:
+    """Identity of the weights whose outputs an export and an index hold (hash of the text
+    encoder, VAE and UNet files), or None for a name that is not a folder."""
+    from imageragturbo.model.encoder import model_identity
+    from imageragturbo.model.family import resolve
+
+    try:
+        return model_identity(resolve(model))
+    except FileNotFoundError:
+        return None
+
+
+def _stale(recorded: str | None, current: str | None, what: str, path: Path,
+           explicit: bool, quiet: bool) -> bool:
+    """True when ``path`` was made from other weights and should be rebuilt; a folder the
+    user named is never rebuilt behind their back."""
+    if current is None or recorded == current:
+        return False
+    if explicit and recorded is None:
+        return False  # made outside `serve` (e.g. `imageragturbo export`): nothing to compare
+    if explicit:
+        raise ValueError(f"{what} {path} was made from other weights ({recorded}) than "
+                         f"{current}; remove it or give another folder")
+    _say(f"the model's weights changed since {what} {path} was made; rebuilding it", quiet)
+    return True
+
+
 def ensure_export(model: str, export_dir: Path | None = None, fp16: bool = False,
                   quiet: bool = False) -> Path:
+    """The model's ONNX export, made when missing or when the weights changed since."""
     from imageragturbo.export.manifest import MANIFEST
 
     out = Path(export_dir) if export_dir else Path("runs/onnx") / _name(model)
-    if not (out / MANIFEST).exists():
-        _say(f"exporting {model} to ONNX in {out} (once)", quiet)
-        from imageragturbo.export.onnx_export import export_from_model
+    ident = model_files_id(model)
+    manifest = out / MANIFEST
+    if manifest.exists() and not _stale(json.loads(manifest.read_text()).get("model_files_id"),
+                                        ident, "export", out, export_dir is not None, quiet):
+        return out
+    _say(f"exporting {model} to ONNX in {out}", quiet)
+    from imageragturbo.export.onnx_export import export_from_model
 
-        export_from_model(model, out, fp16=fp16, progress=not quiet, overwrite=True)
+    export_from_model(model, out, fp16=fp16, progress=not quiet, overwrite=True)
+    m = json.loads(manifest.read_text())
+    m["model_files_id"] = ident  # checked by the next serve against the weights on disk
+    manifest.write_text(json.dumps(m, indent=2) + "\n")
     return out
 
 
 def ensure_index(model: str, index_dir: Path | None = None, data: Path = DEFAULT_DATA,
                  retrieval_items: int | None = None, quiet: bool = False) -> Path:
     """The model's retrieval index over the ShapesWorld retrieval split (built, with the split
-    when ``data`` lacks it, the first time)."""
+    when ``data`` lacks it, the first time, and again when the weights changed since)."""
     out = Path(index_dir) if index_dir else DEFAULT_INDEX_ROOT / f"shapesworld-{_name(model)}"
-    if (out / "manifest.json").exists():
+    manifest = out / "manifest.json"
+    if manifest.exists() and not _stale(json.loads(manifest.read_text()).get("model_id"),
+                                        model_files_id(model), "index", out,
+                                        index_dir is not None, quiet):
         return out
     from imageragturbo import shapesworld as sw
     from imageragturbo.model import load_retrieval_encoder
@@ -99,7 +137,7 @@ def ensure_index(model: str, index_dir: Path | None = None, data: Path = DEFAULT
     _say(f"building the retrieval index of {len(pairs)} items with {model}'s encoder in {out}",
          quiet)
     build_index(pairs, load_retrieval_encoder(model), out, progress=not quiet,
-                model_source=str(model))
+                model_source=str(model), overwrite=True)
     return out
 
 
