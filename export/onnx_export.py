@@ -474,6 +474,15 @@ def export_model(c: family.Components, out: str | Path, *, source: str | Path | 
 
 
 def export_from_model(model: str | Path, out: str | Path, **kw) -> Path:
-    """Load a variant name or a diffusers folder (``family.load_components``) and export it."""
+    """Load a variant name or a diffusers folder (``family.load_components``) and export it.
+    The manifest records ``model_files_id`` (the weight files' identity, as the retrieval
+    index records it), so a later ``serve`` can tell a stale export from a current one."""
+    from imageragturbo.model.encoder import model_identity
+
     c = family.load_components(model)
-    return export_model(c, out, source=model, **kw)
+    path = export_model(c, out, source=model, **kw)
+    manifest = path / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["model_files_id"] = model_identity(family.resolve(model))
+    manifest.write_text(json.dumps(m, indent=2) + "\n")
+    return path

@@ -287,3 +287,15 @@ def test_sdturbo_gpu_script_constructs_at_full_size_on_the_meta_device():
     assert res["shapes"]["h"] == [1, 1280, 8, 8]
     assert res["shapes"]["image"] == [1, 3, 512, 512]
     assert res["fp32_unet_over_2GB"]
+
+
+def test_export_from_a_folder_records_the_weight_files_identity(sd21):
+    """serve compares this with the weights on disk to tell a stale export from a current one,
+    the same identity a retrieval index built from that folder records."""
+    import json
+
+    from imageragturbo.model.encoder import model_identity
+
+    _, out, _, folder = sd21
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["model_files_id"] == model_identity(folder)

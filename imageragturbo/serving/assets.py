@@ -80,7 +80,7 @@ def _stale(recorded: str | None, current: str | None, what: str, path: Path,
     if current is None or recorded == current:
         return False
     if explicit and recorded is None:
-        return False  # made outside `serve` (e.g. `imageragturbo export`): nothing to compare
+        return False  # exported from in-memory components: nothing to compare
     if explicit:
         raise ValueError(f"{what} {path} was made from other weights ({recorded}) than "
                          f"{current}; remove it or give another folder")
@@ -103,9 +103,6 @@ def ensure_export(model: str, export_dir: Path | None = None, fp16: bool = False
     from imageragturbo.export.onnx_export import export_from_model
 
     export_from_model(model, out, fp16=fp16, progress=not quiet, overwrite=True)
-    m = json.loads(manifest.read_text())
-    m["model_files_id"] = ident  # checked by the next serve against the weights on disk
-    manifest.write_text(json.dumps(m, indent=2) + "\n")
     return out
 
 
