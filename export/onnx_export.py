@@ -450,6 +450,9 @@ def export_model(c: family.Components, out: str | Path, *, source: str | Path | 
         "io_dtype": "float32",
         "fp32_attention": bool(fp16 and fp32_attention),
         "source": model_identity(c, source),
+        # the weight files' identity, as a retrieval index records it: `serve` compares it
+        # with the weights on disk to tell a stale export from a current one
+        "model_files_id": model_files_id(source),
         "exporter": f"torch.onnx.export(dynamo=False), torch {torch.__version__}",
         "optimum": OPTIMUM_NOTE,
         "latent_shape": list(lat),
@@ -473,16 +476,17 @@ def export_model(c: family.Components, out: str | Path, *, source: str | Path | 
     return out
 
 
-def export_from_model(model: str | Path, out: str | Path, **kw) -> Path:
-    """Load a variant name or a diffusers folder (``family.load_components``) and export it.
-    The manifest records ``model_files_id`` (the weight files' identity, as the retrieval
-    index records it), so a later ``serve`` can tell a stale export from a current one."""
-    from imageragturbo.model.encoder import model_identity
+def model_files_id(source) -> str | None:
+    """The weight files' identity of a variant name or folder (None when not a folder)."""
+    from imageragturbo.model.encoder import model_identity as files_identity
 
+    try:
+        return files_identity(family.resolve(source)) if source is not None else None
+    except FileNotFoundError:
+        return None
+
+
+def export_from_model(model: str | Path, out: str | Path, **kw) -> Path:
+    """Load a variant name or a diffusers folder (``family.load_components``) and export it."""
     c = family.load_components(model)
-    path = export_model(c, out, source=model, **kw)
-    manifest = path / "manifest.json"
-    m = json.loads(manifest.read_text())
-    m["model_files_id"] = model_identity(family.resolve(model))
-    manifest.write_text(json.dumps(m, indent=2) + "\n")
-    return path
+    return export_model(c, out, source=model, **kw)

@@ -61,18 +61,6 @@ def _name(model: str) -> str:
     return Path(model).name or "model"
 
 
-def model_files_id(model: str) -> str | None:
-    """Identity of the weights whose outputs an export and an index hold (hash of the text
-    encoder, VAE and UNet files), or None for a name that is not a folder."""
-    from imageragturbo.model.encoder import model_identity
-    from imageragturbo.model.family import resolve
-
-    try:
-        return model_identity(resolve(model))
-    except FileNotFoundError:
-        return None
-
-
 def _stale(recorded: str | None, current: str | None, what: str, path: Path,
            explicit: bool, quiet: bool) -> bool:
     """True when ``path`` was made from other weights and should be rebuilt; a folder the
@@ -92,6 +80,7 @@ def ensure_export(model: str, export_dir: Path | None = None, fp16: bool = False
                   quiet: bool = False) -> Path:
     """The model's ONNX export, made when missing or when the weights changed since."""
     from imageragturbo.export.manifest import MANIFEST
+    from imageragturbo.export.onnx_export import model_files_id
 
     out = Path(export_dir) if export_dir else Path("runs/onnx") / _name(model)
     ident = model_files_id(model)
@@ -110,6 +99,8 @@ def ensure_index(model: str, index_dir: Path | None = None, data: Path = DEFAULT
                  retrieval_items: int | None = None, quiet: bool = False) -> Path:
     """The model's retrieval index over the ShapesWorld retrieval split (built, with the split
     when ``data`` lacks it, the first time, and again when the weights changed since)."""
+    from imageragturbo.export.onnx_export import model_files_id
+
     out = Path(index_dir) if index_dir else DEFAULT_INDEX_ROOT / f"shapesworld-{_name(model)}"
     manifest = out / "manifest.json"
     if manifest.exists() and not _stale(json.loads(manifest.read_text()).get("model_id"),
