@@ -80,6 +80,25 @@ def test_teacher_step_lowers_denoising_loss():
     assert _decreases(losses)
 
 
+
+def test_min_snr_weighting_is_min_snr_over_snr_per_sample():
+    """teacher_step's Min-SNR-gamma loss is each sample's plain error times min(SNR, g)/SNR:
+    1 at the noisy end (SNR < g), about g/1200 at t = 0 on SD's schedule."""
+    torch.manual_seed(0)
+    unet = _small_unet()
+    ac = base.Recipe._scheduler().alphas_cumprod
+    z0, ehs = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32)
+    t, noise = torch.tensor([0, 999]), torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        err = ((unet(ladd.add_noise(z0, noise, t, ac), t, ehs).sample - noise) ** 2).mean((1, 2, 3))
+    snr = ac[t] / (1 - ac[t])
+    assert snr[0] > 1000 and snr[1] < 5
+    opt = torch.optim.SGD(unet.parameters(), lr=0.0)  # the step must not move the weights
+    plain = base.teacher_step(unet, opt, z0, ehs, t, noise, ac)["loss"]
+    weighted = base.teacher_step(unet, opt, z0, ehs, t, noise, ac, min_snr=5.0)["loss"]
+    assert plain == pytest.approx(err.mean().item(), rel=1e-5)
+    assert weighted == pytest.approx((err[0] * 5.0 / snr[0] + err[1]).item() / 2, rel=1e-5)
+
 def test_ladd_step_lowers_distillation_loss_and_trains_only_the_heads():
     import copy
 

@@ -57,9 +57,10 @@ class RecipeConfig:
     vae_batch: int = 32
     vae_crop: int = 32
     vae_lr: float = 1e-3
-    teacher_steps: int = 3500
+    teacher_steps: int = 4000
     teacher_batch: int = 64
-    teacher_lr: float = 4e-4
+    teacher_lr: float = 1e-3
+    teacher_min_snr: float = 5.0  # Min-SNR-gamma loss weighting; 0 = plain epsilon MSE
     teacher_channels: tuple = (48, 96, 96)
     cfg_drop: float = 0.1         # caption dropout for classifier-free guidance
     ema: float = 0.999
@@ -222,9 +223,19 @@ def vae_step(vae, opt, x: torch.Tensor, kl_weight: float = 1e-6, backward=_backw
 
 
 def teacher_step(unet, opt, z0: torch.Tensor, ehs: torch.Tensor, t: torch.Tensor,
-                 noise: torch.Tensor, alphas_cumprod: torch.Tensor, backward=_backward) -> dict:
+                 noise: torch.Tensor, alphas_cumprod: torch.Tensor, backward=_backward,
+                 min_snr: float = 0.0) -> dict:
+    """One epsilon-prediction step. ``min_snr`` > 0: Min-SNR-gamma loss weighting (Hang et al.,
+    2023), w(t) = min(SNR(t), gamma) / SNR(t) for epsilon targets, which stops the nearly
+    clean timesteps (SNR up to ~1,200 here) from taking the gradient that the noisy ones, where
+    the layout and the text's objects are decided, need."""
     zt = ladd.add_noise(z0, noise, t, alphas_cumprod)
-    loss = nn.functional.mse_loss(unet(zt, t, ehs).sample, noise)
+    err = ((unet(zt, t, ehs).sample - noise) ** 2).mean((1, 2, 3))
+    if min_snr > 0:
+        ab = alphas_cumprod.to(err.device)[t]
+        snr = ab / (1 - ab)
+        err = err * torch.clamp(snr, max=min_snr) / snr
+    loss = err.mean()
     opt.zero_grad(set_to_none=True)
     backward(loss)
     nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -518,7 +529,8 @@ class Recipe:
             for g in opt.param_groups:
                 g["lr"] = cfg.teacher_lr * min(1.0, (i + 1) / 200) * (
                     0.55 + 0.45 * math.cos(math.pi * i / cfg.teacher_steps))
-            out = teacher_step(unet, opt, *self._dev(lat[idx], ehs, t, noise), ac, backward)
+            out = teacher_step(unet, opt, *self._dev(lat[idx], ehs, t, noise), ac, backward,
+                               cfg.teacher_min_snr)
             ema.update(unet)
             return out
 
