@@ -176,3 +176,35 @@ def test_frechet_distance_is_zero_for_one_distribution_and_sees_a_shift():
     a = rng.normal(size=(4000, 4))
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
     assert frechet_distance(a, a + np.array([2.0, 0, 0, 0])) == pytest.approx(4.0, rel=1e-3)
+
+
+def test_joint_text_training_moves_token_states_keeps_pooled_key_and_flows_downstream(tmp_path):
+    """teacher_text_lr > 0: the teacher stage fine-tunes the text encoder; its token states
+    change, its pooled output (the retrieval key) stays near the clip stage's, and the
+    later stages and the export use the fine-tuned encoder and its states."""
+    import dataclasses
+
+    from imageragturbo.model.pipeline import encode_prompt
+
+    run = tmp_path / "run"
+    cfg = dataclasses.replace(base.RecipeConfig.quick(), teacher_text_lr=1e-3)
+    recipe = base.Recipe(run, cfg, progress=False)
+    recipe.run(["clip", "vae"])
+    clip_text = recipe.text_encoder()
+    out = recipe.run(["teacher"])
+    assert (run / "teacher" / "text_encoder").is_dir() and "final_anchor" in out["teacher"]
+    tuned = recipe.text_encoder()
+    ids = tokenize(recipe.tokenizer, ["a red star left of a blue circle"])
+    with torch.no_grad():
+        a, b = clip_text(ids), tuned(ids)
+    assert not torch.equal(a.last_hidden_state, b.last_hidden_state)
+    cos = torch.nn.functional.cosine_similarity(a.pooler_output, b.pooler_output).item()
+    assert cos > 0.99
+    data = recipe._latents_and_text()   # now the tuned encoder's states
+    with torch.no_grad():
+        first = tuned(tokenize(recipe.tokenizer, recipe.data[1][:1])).last_hidden_state
+    assert torch.allclose(data["ehs"][:1].float(), first, atol=1e-2)
+    recipe.run()
+    c = family.load_components(run / "export" / "tiny-shapes")
+    ehs, _ = encode_prompt(c, ["a red star left of a blue circle"])
+    assert torch.allclose(ehs.float(), b.last_hidden_state, atol=1e-2)  # fp16 export

@@ -61,6 +61,8 @@ class RecipeConfig:
     teacher_batch: int = 64
     teacher_lr: float = 1e-3
     teacher_min_snr: float = 5.0  # Min-SNR-gamma loss weighting; 0 = plain epsilon MSE
+    teacher_text_lr: float = 0.0  # > 0: fine-tune the text encoder with the teacher
+    text_anchor: float = 1.0      # weight of MSE(pooled, the clip stage's pooled) when it does
     teacher_channels: tuple = (48, 96, 96)
     cfg_drop: float = 0.1         # caption dropout for classifier-free guidance
     ema: float = 0.999
@@ -132,14 +134,18 @@ def train_loop(name: str, ckpt: Path, state: dict[str, object], step_fn: Callabl
         if step % 10 == 0:
             bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()})
         if is_main and ((step + 1) % every == 0 or step + 1 == steps):
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save({"state": {k: o.state_dict() for k, o in state.items()},
-                        "history": history, "step": step + 1}, tmp)
-            tmp.replace(ckpt)
+            _save_atomic({"state": {k: o.state_dict() for k, o in state.items()},
+                          "history": history, "step": step + 1}, ckpt)
     bar.close()
     if history and start < steps:
         history[-1]["seconds"] = time.perf_counter() - t0
     return history
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
 
 
 def _mean_tail(history: list[dict], key: str, n: int = 50) -> float:
@@ -224,7 +230,7 @@ def vae_step(vae, opt, x: torch.Tensor, kl_weight: float = 1e-6, backward=_backw
 
 def teacher_step(unet, opt, z0: torch.Tensor, ehs: torch.Tensor, t: torch.Tensor,
                  noise: torch.Tensor, alphas_cumprod: torch.Tensor, backward=_backward,
-                 min_snr: float = 0.0) -> dict:
+                 min_snr: float = 0.0, extra_loss: torch.Tensor | None = None) -> dict:
     """One epsilon-prediction step. ``min_snr`` > 0: Min-SNR-gamma loss weighting (Hang et al.,
     2023), w(t) = min(SNR(t), gamma) / SNR(t) for epsilon targets, which stops the nearly
     clean timesteps (SNR up to ~1,200 here) from taking the gradient that the noisy ones, where
@@ -237,10 +243,13 @@ def teacher_step(unet, opt, z0: torch.Tensor, ehs: torch.Tensor, t: torch.Tensor
         err = err * torch.clamp(snr, max=min_snr) / snr
     loss = err.mean()
     opt.zero_grad(set_to_none=True)
-    backward(loss)
-    nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    backward(loss if extra_loss is None else loss + extra_loss)
+    nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
     opt.step()
-    return {"loss": loss.item()}
+    out = {"loss": loss.item()}
+    if extra_loss is not None:
+        out["anchor"] = extra_loss.item()
+    return out
 
 
 class OneStepStudent(nn.Module):
@@ -422,9 +431,13 @@ class Recipe:
                                      "seconds": time.perf_counter() - t0})
 
     def text_encoder(self):
+        """The clip stage's text encoder, or the teacher stage's fine-tuned one once it exists
+        (``teacher_text_lr`` > 0): what synth, student, export and the cached states use."""
         from transformers import CLIPTextModel
 
-        return CLIPTextModel.from_pretrained(self.dir / "clip" / "text_encoder").eval()
+        tuned = self.dir / "teacher" / "text_encoder"
+        path = tuned if tuned.is_dir() else self.dir / "clip" / "text_encoder"
+        return CLIPTextModel.from_pretrained(path).eval()
 
     # -- 2. VAE
     def stage_vae(self) -> dict:
@@ -475,25 +488,35 @@ class Recipe:
         return AutoencoderKL.from_pretrained(self.dir / "vae" / "model").eval()
 
     @torch.no_grad()
+    def _text_states(self, text, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text states (N, L, D) fp16 of ``captions`` and of the empty prompt (1, L, D)."""
+        ehs = [text(tokenize(self.tokenizer, captions[i:i + 256])).last_hidden_state.half()
+               for i in range(0, len(captions), 256)]
+        return torch.cat(ehs), text(tokenize(self.tokenizer, [""])).last_hidden_state
+
+    @torch.no_grad()
     def _latents_and_text(self):
         """Scaled latents (N, 4, 16, 16) of the training renders and frozen text states,
-        computed once by the main process and cached in the run."""
+        computed once by the main process and cached in the run. Once the teacher stage has
+        fine-tuned the text encoder, the states are its (cached beside it)."""
         cache = self.dir / "data" / "latents.pt"
+        tuned = self.dir / "teacher" / "text_encoder"
         if self.acc.is_main_process and not cache.exists():
             vae, text = self.vae(), self.text_encoder()
             imgs, caps = self.data
-            lat, ehs = [], []
-            for i in range(0, len(imgs), 256):
-                lat.append(vae.encode(to_unit(imgs[i:i + 256])).latent_dist.mode()
-                           * vae.config.scaling_factor)
-                ehs.append(text(tokenize(self.tokenizer, caps[i:i + 256])).last_hidden_state
-                           .half())
-            unc = text(tokenize(self.tokenizer, [""])).last_hidden_state
-            tmp = cache.with_suffix(".tmp")
-            torch.save({"latents": torch.cat(lat), "ehs": torch.cat(ehs), "uncond": unc}, tmp)
-            tmp.replace(cache)
+            lat = torch.cat([vae.encode(to_unit(imgs[i:i + 256])).latent_dist.mode()
+                             * vae.config.scaling_factor for i in range(0, len(imgs), 256)])
+            ehs, unc = self._text_states(text, caps)
+            _save_atomic({"latents": lat, "ehs": ehs, "uncond": unc}, cache)
+        states = tuned.parent / "text_states.pt"
+        if self.acc.is_main_process and tuned.is_dir() and not states.exists():
+            ehs, unc = self._text_states(self.text_encoder(), self.data[1])
+            _save_atomic({"ehs": ehs, "uncond": unc}, states)
         self.acc.wait_for_everyone()
-        return torch.load(cache)
+        data = torch.load(cache)
+        if tuned.is_dir():
+            data.update(torch.load(states))
+        return data
 
     # -- 3. teacher
     def _new_unet(self):
@@ -504,6 +527,11 @@ class Recipe:
         return UNet2DConditionModel(**ucfg)
 
     def stage_teacher(self) -> dict:
+        """Epsilon-prediction teacher on the cached latents. With ``teacher_text_lr`` > 0 the
+        text encoder trains with it (the diffusion loss shapes every token's state, which the
+        contrastive clip stage leaves untrained but the EOS), while ``text_anchor`` x MSE holds
+        the pooled output to the clip stage's, so the retrieval key and the CLIP-score
+        analogue keep their meaning."""
         cfg, d = self.cfg, self.dir / "teacher"
         d.mkdir(exist_ok=True)
         torch.manual_seed(cfg.seed)
@@ -511,26 +539,49 @@ class Recipe:
         lat, ehs_all, unc = data["latents"], data["ehs"], data["uncond"]
         unet = self._new_unet()
         ema = EMA(unet, cfg.ema)
-        opt = torch.optim.AdamW(unet.parameters(), lr=cfg.teacher_lr, weight_decay=0.0)
+        groups = [{"params": list(unet.parameters()), "lr": cfg.teacher_lr}]
+        joint = cfg.teacher_text_lr > 0
+        if joint:
+            text = self.text_encoder()
+            ids_all = tokenize(self.tokenizer, self.data[1])
+            ids_unc = tokenize(self.tokenizer, [""])
+            with torch.no_grad():
+                anchor = torch.cat([text(ids_all[a:a + 256]).pooler_output
+                                    for a in range(0, len(ids_all), 256)])
+                anchor_unc = text(ids_unc).pooler_output
+            text.train().requires_grad_(True).to(self.acc.device)
+            groups.append({"params": list(text.parameters()), "lr": cfg.teacher_text_lr})
+        opt = torch.optim.AdamW(groups, weight_decay=0.0)
+        base_lrs = [g["lr"] for g in opt.param_groups]
         ac = self.scheduler.alphas_cumprod
-        state = {"unet": unet, "ema": ema.shadow, "opt": opt}
+        state = {"unet": unet, "ema": ema.shadow, "opt": opt, **({"text": text} if joint else {})}
         unet.to(self.acc.device), ema.shadow.to(self.acc.device)
-        backward = self._backward_fn(unet.parameters())
+        backward = self._backward_fn([p for g in groups for p in g["params"]])
         rank = self.acc.process_index
 
         def step(i):
             rng = _rng(cfg, "teacher", i, rank)
             idx = rng.choice(len(lat), cfg.teacher_batch, replace=False)
-            ehs = ehs_all[idx].float()
             drop = torch.from_numpy(rng.random(len(idx)) < cfg.cfg_drop)
-            ehs = torch.where(drop.view(-1, 1, 1), unc.expand_as(ehs), ehs)
+            extra = None
+            if joint:
+                ids = torch.where(drop.view(-1, 1), ids_unc.expand(len(idx), -1), ids_all[idx])
+                out = text(*self._dev(ids))
+                ehs = out.last_hidden_state
+                target = torch.where(drop.view(-1, 1), anchor_unc, anchor[idx])
+                extra = cfg.text_anchor * nn.functional.mse_loss(
+                    out.pooler_output, *self._dev(target))
+            else:
+                ehs = ehs_all[idx].float()
+                ehs = torch.where(drop.view(-1, 1, 1), unc.expand_as(ehs), ehs)
             t = torch.from_numpy(rng.integers(0, 1000, len(idx)))
             noise = torch.from_numpy(rng.standard_normal(lat[idx].shape).astype(np.float32))
-            for g in opt.param_groups:
-                g["lr"] = cfg.teacher_lr * min(1.0, (i + 1) / 200) * (
+            for g, lr in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr * min(1.0, (i + 1) / 200) * (
                     0.55 + 0.45 * math.cos(math.pi * i / cfg.teacher_steps))
-            out = teacher_step(unet, opt, *self._dev(lat[idx], ehs, t, noise), ac, backward,
-                               cfg.teacher_min_snr)
+            z0, t, noise = self._dev(lat[idx], t, noise)
+            out = teacher_step(unet, opt, z0, ehs.to(z0.device), t, noise, ac, backward,
+                               cfg.teacher_min_snr, extra)
             ema.update(unet)
             return out
 
@@ -538,9 +589,14 @@ class Recipe:
         hist = self._loop("teacher", state, step, cfg.teacher_steps)
         if self.acc.is_main_process:
             ema.shadow.cpu().save_pretrained(d / "unet_ema")
-        return self._finish("teacher", {"final_loss": _mean_tail(hist, "loss", 200),
-                                        "first_loss": _mean_tail(hist[:50], "loss"),
-                                        "seconds": time.perf_counter() - t0})
+            if joint:  # saved last: its presence switches text_encoder() to it
+                text.cpu().eval().save_pretrained(d / "text_encoder")
+        info = {"final_loss": _mean_tail(hist, "loss", 200),
+                "first_loss": _mean_tail(hist[:50], "loss"),
+                "seconds": time.perf_counter() - t0}
+        if joint:
+            info["final_anchor"] = _mean_tail(hist, "anchor", 200)
+        return self._finish("teacher", info)
 
     def teacher(self):
         from diffusers import UNet2DConditionModel
