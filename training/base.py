@@ -76,7 +76,7 @@ class RecipeConfig:
     student_batch: int = 32
     student_lr: float = 2e-4
     disc_lr: float = 2e-4
-    distill_weight: float = 2.5   # alpha of paper Eq. 10
+    distill_weight: float = 5.0   # alpha of paper Eq. 10 (2.5: student 0.338 / FD 54.0; 5: 0.366 / 50.2)
     disc_s_max: int = 750         # discriminator noise level s ~ U{0..s_max-1}
     ckpt_every: int = 250
 
