@@ -233,7 +233,7 @@ def vae_step(vae, opt, x: torch.Tensor, kl_weight: float = 1e-6, backward=_backw
 
 def teacher_step(unet, opt, z0: torch.Tensor, ehs: torch.Tensor, t: torch.Tensor,
                  noise: torch.Tensor, alphas_cumprod: torch.Tensor, backward=_backward,
-                 min_snr: float = 0.0, extra_loss: torch.Tensor | None = None) -> dict:
+                 min_snr: float = 0.0, anchor_loss: torch.Tensor | None = None) -> dict:
     """One epsilon-prediction step. ``min_snr`` > 0: Min-SNR-gamma loss weighting (Hang et al.,
     2023), w(t) = min(SNR(t), gamma) / SNR(t) for epsilon targets, which stops the nearly
     clean timesteps (SNR up to ~1,200 here) from taking the gradient that the noisy ones, where
@@ -246,12 +246,12 @@ def teacher_step(unet, opt, z0: torch.Tensor, ehs: torch.Tensor, t: torch.Tensor
         err = err * torch.clamp(snr, max=min_snr) / snr
     loss = err.mean()
     opt.zero_grad(set_to_none=True)
-    backward(loss if extra_loss is None else loss + extra_loss)
+    backward(loss if anchor_loss is None else loss + anchor_loss)
     nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
     opt.step()
     out = {"loss": loss.item()}
-    if extra_loss is not None:
-        out["anchor"] = extra_loss.item()
+    if anchor_loss is not None:
+        out["anchor"] = anchor_loss.item()
     return out
 
 
@@ -433,13 +433,15 @@ class Recipe:
                                      "first_loss": hist[0]["loss"] if hist else None,
                                      "seconds": time.perf_counter() - t0})
 
-    def text_encoder(self):
-        """The clip stage's text encoder, or the teacher stage's fine-tuned one once it exists
-        (``teacher_text_lr`` > 0): what synth, student, export and the cached states use."""
+    def text_encoder(self, tuned: bool = True):
+        """The teacher stage's fine-tuned text encoder once it exists (``teacher_text_lr`` > 0),
+        else the clip stage's: what synth, student, export and the cached states use.
+        ``tuned=False``: always the clip stage's (the teacher stage starts from it)."""
         from transformers import CLIPTextModel
 
-        tuned = self.dir / "teacher" / "text_encoder"
-        path = tuned if tuned.is_dir() else self.dir / "clip" / "text_encoder"
+        path = self.dir / "teacher" / "text_encoder"
+        if not (tuned and path.is_dir()):
+            path = self.dir / "clip" / "text_encoder"
         return CLIPTextModel.from_pretrained(path).eval()
 
     # -- 2. VAE
@@ -491,11 +493,16 @@ class Recipe:
         return AutoencoderKL.from_pretrained(self.dir / "vae" / "model").eval()
 
     @torch.no_grad()
+    def _encode(self, text, captions: list[str], field: str) -> torch.Tensor:
+        """``text``'s output ``field`` (last_hidden_state or pooler_output) for ``captions``,
+        256 at a time."""
+        return torch.cat([getattr(text(tokenize(self.tokenizer, captions[i:i + 256])), field)
+                          for i in range(0, len(captions), 256)])
+
     def _text_states(self, text, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Text states (N, L, D) fp16 of ``captions`` and of the empty prompt (1, L, D)."""
-        ehs = [text(tokenize(self.tokenizer, captions[i:i + 256])).last_hidden_state.half()
-               for i in range(0, len(captions), 256)]
-        return torch.cat(ehs), text(tokenize(self.tokenizer, [""])).last_hidden_state
+        return (self._encode(text, captions, "last_hidden_state").half(),
+                self._encode(text, [""], "last_hidden_state"))
 
     @torch.no_grad()
     def _latents_and_text(self):
@@ -545,13 +552,11 @@ class Recipe:
         groups = [{"params": list(unet.parameters()), "lr": cfg.teacher_lr}]
         joint = cfg.teacher_text_lr > 0
         if joint:
-            text = self.text_encoder()
+            text = self.text_encoder(tuned=False)
             ids_all = tokenize(self.tokenizer, self.data[1])
             ids_unc = tokenize(self.tokenizer, [""])
-            with torch.no_grad():
-                anchor = torch.cat([text(ids_all[a:a + 256]).pooler_output
-                                    for a in range(0, len(ids_all), 256)])
-                anchor_unc = text(ids_unc).pooler_output
+            anchor = self._encode(text, self.data[1], "pooler_output")
+            anchor_unc = self._encode(text, [""], "pooler_output")
             text.train().requires_grad_(True).to(self.acc.device)
             groups.append({"params": list(text.parameters()), "lr": cfg.teacher_text_lr})
         opt = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -566,13 +571,13 @@ class Recipe:
             rng = _rng(cfg, "teacher", i, rank)
             idx = rng.choice(len(lat), cfg.teacher_batch, replace=False)
             drop = torch.from_numpy(rng.random(len(idx)) < cfg.cfg_drop)
-            extra = None
+            anchor_loss = None
             if joint:
                 ids = torch.where(drop.view(-1, 1), ids_unc.expand(len(idx), -1), ids_all[idx])
                 out = text(*self._dev(ids))
                 ehs = out.last_hidden_state
                 target = torch.where(drop.view(-1, 1), anchor_unc, anchor[idx])
-                extra = cfg.text_anchor * nn.functional.mse_loss(
+                anchor_loss = cfg.text_anchor * nn.functional.mse_loss(
                     out.pooler_output, *self._dev(target))
             else:
                 ehs = ehs_all[idx].float()
@@ -584,7 +589,7 @@ class Recipe:
                     0.55 + 0.45 * math.cos(math.pi * i / cfg.teacher_steps))
             z0, t, noise = self._dev(lat[idx], t, noise)
             out = teacher_step(unet, opt, z0, ehs.to(z0.device), t, noise, ac, backward,
-                               cfg.teacher_min_snr, extra)
+                               cfg.teacher_min_snr, anchor_loss)
             ema.update(unet)
             return out
 
@@ -648,10 +653,7 @@ class Recipe:
         student = copy.deepcopy(teacher).train().requires_grad_(True)
         text = self.text_encoder()
         _, caps = self.data
-        with torch.no_grad():
-            pooled_all = torch.cat([
-                text(tokenize(self.tokenizer, [caps[int(j)] for j in syn["idx"][a:a + 256]]))
-                .pooler_output for a in range(0, len(syn["idx"]), 256)])
+        pooled_all = self._encode(text, [caps[int(j)] for j in syn["idx"]], "pooler_output")
         disc = ladd.LADDDiscriminator(teacher, text_dim=pooled_all.shape[1])
         opt_g = torch.optim.AdamW(student.parameters(), lr=cfg.student_lr, betas=(0.0, 0.99),
                                   weight_decay=0.0)
