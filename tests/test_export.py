@@ -75,39 +75,18 @@ def _stage_diffs(c, pipe, batch: int, k: int = 3) -> dict[str, float]:
     return diffs
 
 
-def _fp64_errors(c, pipe, name: str, batch: int, k: int = 3) -> tuple[float, float]:
-    """(PyTorch fp32 vs fp64, ONNX Runtime vs fp64) max abs error of one stage's outputs."""
-    import copy
-
-    s = next(x for x in oe.stage_specs(c, c.h_adapter, batch=batch, k=k) if x.name == name)
-    with torch.no_grad():
-        ref = s.module(*s.args)
-        r64 = copy.deepcopy(s.module).double()(
-            *[a.double() if a.is_floating_point() else a for a in s.args])
-    ref = ref if isinstance(ref, tuple) else (ref,)
-    r64 = r64 if isinstance(r64, tuple) else (r64,)
-    got = pipe.sessions[name].run(None, {n: a.numpy() for n, a in zip(s.inputs, s.args)})
-    t_err = max(float((a.double() - b).abs().max()) for a, b in zip(ref, r64))
-    o_err = max(float(np.abs(g - b.numpy()).max()) for g, b in zip(got, r64))
-    return t_err, o_err
-
-
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("model", ["tiny", "sd21"])
-def test_every_stage_matches_pytorch_within_1e4_or_fp32_rounding(model, batch, request):
-    """Max abs difference per stage <= 1e-4. Where it is larger (the SD 2.1-layout tiny's
-    1x1 mid-block, whose GroupNorm(32) normalises 2 values per group: badly conditioned), both
-    are compared with a float64 PyTorch run: ONNX Runtime must be no further from it than
-    PyTorch's own float32 result (x1.5)."""
+def test_every_stage_matches_pytorch_within_1e4(model, batch, request):
+    """Max abs difference ONNX Runtime vs PyTorch, fp32, <= 1e-4 for every stage, on inputs
+    where every stage is well-conditioned (the SD 2.1-layout toy runs 128x128 images, so its
+    mid-block is 2x2, not the 1x1 at which GroupNorm normalised two values per group)."""
     c, _, pipe = request.getfixturevalue(model)[:3]
     diffs = _stage_diffs(c, pipe, batch)
     print(f"{model} batch {batch}: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
     assert set(diffs) == set(oe.STAGES)
-    for name, d in diffs.items():
-        if d > FP32_BOUND:
-            t_err, o_err = _fp64_errors(c, pipe, name, batch)
-            print(f"  {name}: vs float64, torch fp32 {t_err:.2e}, onnx {o_err:.2e}")
-            assert o_err <= 1.5 * t_err and d <= 1e-2, (name, d, t_err, o_err)
+    bad = {name: d for name, d in diffs.items() if not d <= FP32_BOUND}
+    assert not bad, f"stages over {FP32_BOUND}: {bad}"
 
 
 def test_h_adapter_graph_takes_any_number_of_neighbours(tiny):
@@ -200,7 +179,7 @@ def test_generate_cli_gives_the_same_png_on_both_backends(sd21, tmp_path):
                    "--model", str(folder), "--onnx", str(out), "--threads", "1", "-o", str(path)])
         assert rc == 0
         pngs[backend] = np.asarray(Image.open(path)).astype(int)
-    assert pngs["onnx"].shape == (64, 64, 3)
+    assert pngs["onnx"].shape == (128, 128, 3)  # the SD 2.1-layout toy draws 128x128
     assert np.abs(pngs["onnx"] - pngs["torch"]).max() <= 2
 
 

@@ -197,7 +197,7 @@ def test_student_and_teacher_pipelines_are_deterministic_per_seed(sd21_folder):
     p = ["a red star", "two blue circles"]
     a = student_generate(c, p, [7, 8])
     b = student_generate(c, p, [7, 8])
-    assert a.dtype == np.uint8 and a.shape == (2, 64, 64, 3)
+    assert a.dtype == np.uint8 and a.shape == (2, 128, 128, 3)
     assert np.array_equal(a, b)
     assert not np.array_equal(a, student_generate(c, p, [9, 8]))
     t1 = teacher_generate(c, p, [7, 8], steps=3, guidance=3.0)
