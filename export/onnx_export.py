@@ -476,12 +476,15 @@ def export_model(c: family.Components, out: str | Path, *, source: str | Path | 
     return out
 
 
-def model_files_id(source) -> str | None:
-    """The weight files' identity of a variant name or folder (None when not a folder)."""
+def model_files_id(source, index: bool = False) -> str | None:
+    """The weight files' identity of a variant name or folder (None when not a folder): of
+    everything an export is made of, or with ``index`` of the parts an index caches."""
+    from imageragturbo.model.encoder import INDEX_PARTS, SERVED_PARTS
     from imageragturbo.model.encoder import model_identity as files_identity
 
     try:
-        return files_identity(family.resolve(source)) if source is not None else None
+        parts = INDEX_PARTS if index else SERVED_PARTS
+        return files_identity(family.resolve(source), parts) if source is not None else None
     except FileNotFoundError:
         return None
 

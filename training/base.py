@@ -28,8 +28,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +42,7 @@ from imageragturbo.model.pipeline import initial_noise, teacher_sample_latents, 
 from imageragturbo.model.unet_split import one_step_z0, split_unet
 
 from . import ladd
+from .stages import StagedRun, mean_tail, save_atomic
 
 STAGES = ("clip", "vae", "teacher", "synth", "student", "export")
 
@@ -102,58 +102,6 @@ class EMA:
     def update(self, module: nn.Module) -> None:
         for s, p in zip(self.shadow.parameters(), module.parameters()):
             s.lerp_(p.detach(), 1 - self.decay)
-
-
-def _rng(cfg: RecipeConfig, stage: str, step: int, rank: int = 0) -> np.random.Generator:
-    """The batch generator of one step (and one process, under multi-GPU launch)."""
-    key = [cfg.seed, STAGES.index(stage), step] + ([rank] if rank else [])
-    return np.random.default_rng(key)
-
-
-def train_loop(name: str, ckpt: Path, state: dict[str, object], step_fn: Callable[[int], dict],
-               steps: int, every: int, progress: bool = True, is_main: bool = True) -> list[dict]:
-    """Run ``step_fn(step)`` for steps [start, steps), checkpointing ``state`` (modules,
-    optimisers, EMA shadows: anything with state_dict) and the loss history every ``every``
-    steps; resumes from ``ckpt`` if it exists. Batches come from per-step generators, so a
-    resumed run continues exactly as an uninterrupted one would."""
-    from tqdm import tqdm
-
-    history: list[dict] = []
-    start = 0
-    if ckpt.exists():
-        blob = torch.load(ckpt, weights_only=False)
-        for k, obj in state.items():
-            obj.load_state_dict(blob["state"][k])
-        history, start = blob["history"], blob["step"]
-    bar = tqdm(range(start, steps), desc=name, disable=not (progress and is_main), initial=start,
-               total=steps)
-    t0 = time.perf_counter()
-    for step in bar:
-        losses = step_fn(step)
-        for k, v in losses.items():
-            if not math.isfinite(v):
-                raise FloatingPointError(f"{name}: loss {k} is {v} at step {step}")
-        history.append({"step": step, **losses})
-        if step % 10 == 0:
-            bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()})
-        if is_main and ((step + 1) % every == 0 or step + 1 == steps):
-            _save_atomic({"state": {k: o.state_dict() for k, o in state.items()},
-                          "history": history, "step": step + 1}, ckpt)
-    bar.close()
-    if history and start < steps:
-        history[-1]["seconds"] = time.perf_counter() - t0
-    return history
-
-
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
-def _mean_tail(history: list[dict], key: str, n: int = 50) -> float:
-    vals = [h[key] for h in history[-n:] if key in h]
-    return float(np.mean(vals)) if vals else float("nan")
 
 
 # ----------------------------------------------------------------------------- data
@@ -307,33 +255,15 @@ def ladd_step(student: OneStepStudent, disc: ladd.LADDDiscriminator, opt_g, opt_
 # ----------------------------------------------------------------------------- stages
 
 
-class Recipe:
+class Recipe(StagedRun):
     """Runs the stages into ``run_dir``; every stage writes ``<stage>/done.json`` when it ends
     and is skipped on the next run."""
 
+    STAGES = STAGES
+
     def __init__(self, run_dir: str | Path, cfg: RecipeConfig | None = None,
                  progress: bool = True, reconfigure: bool = False):
-        self.dir = Path(run_dir)
-        self.cfg = cfg or RecipeConfig()
-        self.progress = progress
-        self.dir.mkdir(parents=True, exist_ok=True)
-        saved = self.dir / "recipe.json"
-        mine = json.loads(json.dumps(asdict(self.cfg)))
-        mine.pop("threads")  # speed only, not results
-        if saved.exists() and json.loads(saved.read_text()) != mine and not reconfigure:
-            raise ValueError(f"{saved} was written by a different recipe configuration; use "
-                             "a new run folder, or --reconfigure to keep finished stages "
-                             "and run the rest with the new one")
-        saved.write_text(json.dumps(mine, indent=2) + "\n")
-        torch.set_num_threads(self.cfg.threads)
-        from accelerate import Accelerator
-
-        # One process on a CPU here; `accelerate launch -m imageragturbo.cli train base` on
-        # several GPUs runs the same code data-parallel: each process draws its own batches and
-        # gradients are averaged across processes after every backward (``_backward_fn``). The
-        # models are not DDP-wrapped because the stages call their methods (vae.encode, the
-        # split UNet) rather than their forward.
-        self.acc = Accelerator(cpu=not torch.cuda.is_available())
+        super().__init__(run_dir, cfg or RecipeConfig(), progress, reconfigure)
         self._data = None
         # Context length 24, not SD's 77: with 77, ~65 padding states (never trained by the
         # contrastive loss) dilute every cross-attention; measured here, a teacher trained
@@ -357,47 +287,6 @@ class Recipe:
             self._data = training_data(self.cfg, self.dir / "data")
         return self._data
 
-    def done(self, stage: str) -> dict | None:
-        p = self.dir / stage / "done.json"
-        return json.loads(p.read_text()) if p.exists() else None
-
-    def _finish(self, stage: str, info: dict) -> dict:
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            (self.dir / stage / "done.json").write_text(json.dumps(info, indent=2) + "\n")
-        return info
-
-    def _loop(self, name: str, state: dict, step_fn, steps: int) -> list[dict]:
-        return train_loop(name, self.dir / name / "ckpt.pt", state, step_fn, steps,
-                          self.cfg.ckpt_every, self.progress, self.acc.is_main_process)
-
-    def _dev(self, *tensors: torch.Tensor):
-        return tuple(t.to(self.acc.device) for t in tensors)
-
-    def _sync_grads(self, params) -> None:
-        if self.acc.num_processes > 1:
-            for p in params:
-                if p.grad is not None:
-                    p.grad = self.acc.reduce(p.grad, reduction="mean")
-
-    def _backward_fn(self, params):
-        """loss.backward(), then the gradients averaged across processes."""
-        params = [p for p in params if p.requires_grad]
-
-        def backward(loss: torch.Tensor) -> None:
-            loss.backward()
-            self._sync_grads(params)
-
-        return backward
-
-    def run(self, stages=STAGES) -> dict:
-        out = {}
-        for st in stages:
-            if st not in STAGES:
-                raise ValueError(f"unknown stage {st!r}; stages: {', '.join(STAGES)}")
-            out[st] = self.done(st) or getattr(self, f"stage_{st}")()
-        return out
-
     # -- 1. CLIP
     def stage_clip(self) -> dict:
         from transformers import CLIPTextModel
@@ -414,10 +303,9 @@ class Recipe:
         state = {"text": text, "scorer": scorer, "opt": opt}
         text.to(self.acc.device), scorer.to(self.acc.device)
         backward = self._backward_fn(list(text.parameters()) + list(scorer.parameters()))
-        rank = self.acc.process_index
 
         def step(i):
-            rng = _rng(cfg, "clip", i, rank)
+            rng = self._rng("clip", i)
             idx = rng.choice(len(caps), cfg.clip_batch, replace=False)
             for g in opt.param_groups:
                 g["lr"] = cfg.clip_lr * min(1.0, (i + 1) / 100)
@@ -429,7 +317,7 @@ class Recipe:
         if self.acc.is_main_process:
             text.cpu().save_pretrained(d / "text_encoder")
             scorer.cpu().save_pretrained(d / "clip_scorer")
-        return self._finish("clip", {"final_loss": _mean_tail(hist, "loss"),
+        return self._finish("clip", {"final_loss": mean_tail(hist, "loss"),
                                      "first_loss": hist[0]["loss"] if hist else None,
                                      "seconds": time.perf_counter() - t0})
 
@@ -458,10 +346,9 @@ class Recipe:
         state = {"vae": vae, "opt": opt}
         vae.to(self.acc.device)
         backward = self._backward_fn(vae.parameters())
-        rank = self.acc.process_index
 
         def step(i):
-            rng = _rng(cfg, "vae", i, rank)
+            rng = self._rng("vae", i)
             idx = rng.choice(len(imgs), cfg.vae_batch, replace=False)
             oy, ox = rng.integers(0, imgs.shape[1] - c + 1, 2)
             for g in opt.param_groups:
@@ -481,7 +368,7 @@ class Recipe:
         vae.register_to_config(scaling_factor=float(1.0 / z.std()))
         if self.acc.is_main_process:
             vae.save_pretrained(d / "model")
-        return self._finish("vae", {"final_loss": _mean_tail(hist, "loss"),
+        return self._finish("vae", {"final_loss": mean_tail(hist, "loss"),
                                     "first_loss": hist[0]["loss"] if hist else None,
                                     "full_image_mse": full_mse,
                                     "scaling_factor": vae.config.scaling_factor,
@@ -517,11 +404,11 @@ class Recipe:
             lat = torch.cat([vae.encode(to_unit(imgs[i:i + 256])).latent_dist.mode()
                              * vae.config.scaling_factor for i in range(0, len(imgs), 256)])
             ehs, unc = self._text_states(text, caps)
-            _save_atomic({"latents": lat, "ehs": ehs, "uncond": unc}, cache)
+            save_atomic({"latents": lat, "ehs": ehs, "uncond": unc}, cache)
         states = tuned.parent / "text_states.pt"
         if self.acc.is_main_process and tuned.is_dir() and not states.exists():
             ehs, unc = self._text_states(self.text_encoder(), self.data[1])
-            _save_atomic({"ehs": ehs, "uncond": unc}, states)
+            save_atomic({"ehs": ehs, "uncond": unc}, states)
         self.acc.wait_for_everyone()
         data = torch.load(cache)
         if tuned.is_dir():
@@ -565,10 +452,9 @@ class Recipe:
         state = {"unet": unet, "ema": ema.shadow, "opt": opt, **({"text": text} if joint else {})}
         unet.to(self.acc.device), ema.shadow.to(self.acc.device)
         backward = self._backward_fn([p for g in groups for p in g["params"]])
-        rank = self.acc.process_index
 
         def step(i):
-            rng = _rng(cfg, "teacher", i, rank)
+            rng = self._rng("teacher", i)
             idx = rng.choice(len(lat), cfg.teacher_batch, replace=False)
             drop = torch.from_numpy(rng.random(len(idx)) < cfg.cfg_drop)
             anchor_loss = None
@@ -599,11 +485,11 @@ class Recipe:
             ema.shadow.cpu().save_pretrained(d / "unet_ema")
             if joint:  # saved last: its presence switches text_encoder() to it
                 text.cpu().eval().save_pretrained(d / "text_encoder")
-        info = {"final_loss": _mean_tail(hist, "loss", 200),
-                "first_loss": _mean_tail(hist[:50], "loss"),
+        info = {"final_loss": mean_tail(hist, "loss", 200),
+                "first_loss": mean_tail(hist[:50], "loss"),
                 "seconds": time.perf_counter() - t0}
         if joint:
-            info["final_anchor"] = _mean_tail(hist, "anchor", 200)
+            info["final_anchor"] = mean_tail(hist, "anchor", 200)
         return self._finish("teacher", info)
 
     def teacher(self):
@@ -665,10 +551,9 @@ class Recipe:
         one_step = OneStepStudent(student, ac).to(self.acc.device)
         disc.to(self.acc.device)
         backward = self._backward_fn(student.parameters())
-        rank = self.acc.process_index
 
         def step(i):
-            rng = _rng(cfg, "student", i, rank)
+            rng = self._rng("student", i)
             j = rng.choice(n, cfg.student_batch, replace=False)
             ehs = data["ehs"][syn["idx"][j]].float()
             s = torch.from_numpy(rng.integers(0, cfg.disc_s_max, len(j)))
@@ -683,9 +568,9 @@ class Recipe:
         if self.acc.is_main_process:
             student.cpu().eval().save_pretrained(d / "unet")
         return self._finish("student", {
-            "final_distill": _mean_tail(hist, "distill"), "final_g_adv": _mean_tail(hist, "g_adv"),
-            "final_d": _mean_tail(hist, "d"),
-            "first_distill": _mean_tail(hist[:20], "distill"),
+            "final_distill": mean_tail(hist, "distill"), "final_g_adv": mean_tail(hist, "g_adv"),
+            "final_d": mean_tail(hist, "d"),
+            "first_distill": mean_tail(hist[:20], "distill"),
             "seconds": time.perf_counter() - t0})
 
     # -- 6. export

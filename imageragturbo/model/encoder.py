@@ -18,11 +18,18 @@ from .pipeline import encode_prompt
 from .unet_split import UNetEncoder
 
 
-def model_identity(path: Path) -> str:
-    """'<folder name>:<12 hex>' from the weights and configs of the text encoder, VAE and UNet
-    (the parts whose outputs an index caches)."""
+INDEX_PARTS = ("text_encoder", "vae", "unet")  # whose outputs an index caches
+SERVED_PARTS = INDEX_PARTS + ("h_adapter", "unet_lora")  # what an export is made of
+
+
+def model_identity(path: Path, parts: tuple[str, ...] = INDEX_PARTS) -> str:
+    """'<folder name>:<12 hex>' from the weights and configs of the subfolders ``parts``: by
+    default the text encoder, VAE and UNet, the parts whose outputs an index caches (the
+    decoder LoRA leaves the UNet encoder's outputs unchanged, so it is not one of them);
+    ``SERVED_PARTS`` adds the H-adapter and the decoder LoRA, for exports. Missing subfolders
+    add nothing, so a folder without them keeps its identity."""
     h = hashlib.sha256()
-    for sub in ("text_encoder", "vae", "unet"):
+    for sub in parts:
         for f in sorted((path / sub).glob("*")):
             if f.suffix in (".safetensors", ".json", ".bin"):
                 h.update(f.name.encode())

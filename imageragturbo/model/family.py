@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+LORA_DIR = "unet_lora"  # the decoder LoRA of ImageRAGTurbo fine-tuning (see lora.py)
 VARIANTS = {"tiny-shapes": WEIGHTS_DIR / "tiny-shapes"}
 
 
@@ -184,9 +185,13 @@ class Components:
 
 
 def load_components(model: str | Path = "tiny-shapes", dtype: torch.dtype = torch.float32,
-                    with_teacher: bool = False) -> Components:
+                    with_teacher: bool = False, retrieval_tuned: bool = True) -> Components:
     """Load tokenizer, text encoder, VAE, UNet and scheduler from a variant name or a local
-    diffusers folder (SD-Turbo / SD 2.1 layout), plus our optional subfolders."""
+    diffusers folder (SD-Turbo / SD 2.1 layout), plus our optional subfolders.
+
+    ImageRAGTurbo's fine-tuning (``imageragturbo train adapter``) adds ``h_adapter/`` and
+    ``unet_lora/`` (the decoder LoRA, merged into the UNet here). ``retrieval_tuned=False``
+    loads the one-step student as it was before that fine-tuning: no adapter, no LoRA."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -211,8 +216,12 @@ def load_components(model: str | Path = "tiny-shapes", dtype: torch.dtype = torc
             raise FileNotFoundError(f"{path} has no teacher_unet subfolder")
         c.teacher_unet = UNet2DConditionModel.from_pretrained(path / "teacher_unet",
                                                               torch_dtype=dtype)
-    if (path / "h_adapter").is_dir():
+    if retrieval_tuned and (path / "h_adapter").is_dir():
         from .h_space import HAdapter
 
         c.h_adapter = HAdapter.from_pretrained(path / "h_adapter").to(dtype)
+    if retrieval_tuned and (path / LORA_DIR).is_dir():
+        from .lora import merge_decoder_lora
+
+        merge_decoder_lora(c.unet, path / LORA_DIR)
     return c.eval()

@@ -30,3 +30,61 @@ def add_decoder_lora(unet, rank: int = 8, alpha: int | None = None,
 
 def lora_parameters(unet):
     return [p for n, p in unet.named_parameters() if "lora_" in n]
+
+
+# ----------------------------------------------------------------------------- persistence
+# The decoder LoRA is stored on its own (``unet_lora/``: safetensors with each adapted
+# projection's A and B, and a config with the scaling), beside the untouched student ``unet/``,
+# and merged into the weights at load: W <- W + scaling * B @ A. The folder then keeps both the
+# student as distilled (the baseline every comparison needs) and ImageRAGTurbo's decoder, for
+# 0.1 MB instead of a second 7 MB UNet.
+
+
+
+def save_decoder_lora(unet, path, adapter_name: str = "decoder_lora", dtype=None) -> int:
+    """Write the LoRA factors of ``unet`` (peft, ``add_decoder_lora``) to ``path``; returns the
+    number of adapted projections."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors, scaling = {}, {}
+    for name, module in unet.named_modules():
+        if hasattr(module, "lora_A") and adapter_name in getattr(module, "lora_A", {}):
+            a = module.lora_A[adapter_name].weight.detach()
+            b = module.lora_B[adapter_name].weight.detach()
+            tensors[f"{name}.lora_A"] = (a.to(dtype) if dtype else a).contiguous().cpu()
+            tensors[f"{name}.lora_B"] = (b.to(dtype) if dtype else b).contiguous().cpu()
+            scaling[name] = float(module.scaling[adapter_name])
+    if not tensors:
+        raise ValueError(f"the UNet has no LoRA adapter named {adapter_name!r}")
+    save_file(tensors, str(path / "lora.safetensors"))
+    (path / "config.json").write_text(json.dumps({"scaling": scaling}, indent=2) + "\n")
+    return len(scaling)
+
+
+def merge_decoder_lora(unet, path) -> int:
+    """Merge a saved decoder LoRA into ``unet``'s weights in place (W += scaling * B @ A, in
+    fp32); returns the number of merged projections. Refuses a LoRA for other modules or
+    shapes with the path named."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    scaling = json.loads((path / "config.json").read_text())["scaling"]
+    tensors = load_file(str(path / "lora.safetensors"))
+    modules = dict(unet.named_modules())
+    with torch.no_grad():
+        for name, s in scaling.items():
+            lin = modules.get(name)
+            a, b = tensors[f"{name}.lora_A"].float(), tensors[f"{name}.lora_B"].float()
+            if lin is None or tuple(lin.weight.shape) != (b.shape[0], a.shape[1]):
+                raise ValueError(f"{path}: LoRA for {name!r} does not fit this UNet")
+            lin.weight.copy_((lin.weight.float() + s * (b @ a)).to(lin.weight.dtype))
+    return len(scaling)

@@ -104,7 +104,7 @@ def ensure_index(model: str, index_dir: Path | None = None, data: Path = DEFAULT
     out = Path(index_dir) if index_dir else DEFAULT_INDEX_ROOT / f"shapesworld-{_name(model)}"
     manifest = out / "manifest.json"
     if manifest.exists() and not _stale(json.loads(manifest.read_text()).get("model_id"),
-                                        model_files_id(model), "index", out,
+                                        model_files_id(model, index=True), "index", out,
                                         index_dir is not None, quiet):
         return out
     from imageragturbo import shapesworld as sw
