@@ -111,24 +111,26 @@ def _cmd_eval_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_quality(args: argparse.Namespace) -> int:
-    """Teacher xN, teacher x1 and student x1 on the same prompts and seeds, in one run."""
-    from . import evaluate, tifa
+    """The paper's Table 2 rows on ShapesWorld, same prompts and seeds, in one run."""
+    from . import quality, tifa
 
-    runs = [("teacher", args.teacher_steps), ("teacher", 1), ("student", 1)]
-    results = {}
-    for pipeline, steps in runs:
-        r = evaluate.run(args.model, pipeline, steps, args.guidance, args.n, args.seed,
-                         progress=not args.json)
-        r.pop("per_prompt", None)
-        results[f"{pipeline} x{steps}"] = r
+    runs = dict(r.split("=", 1) for r in args.run)
+    if args.control:
+        runs["control (no retrieval)"] = args.control
+    results = quality.run(args.model, args.n, args.seed, args.teacher_steps, args.guidance,
+                          index=args.index, runs=runs, grid=args.grid,
+                          latency=not args.no_latency, progress=not args.json)
+    rows = {k: v for k, v in results.items() if not k.startswith("_")}
     if args.plot:
-        tifa.plot_categories(results, args.plot, title=f"ShapesTIFA by category ({args.model})")
+        tifa.plot_categories(rows, args.plot, title=f"ShapesTIFA by category ({args.model})")
     if args.json:
         print(json.dumps(results))
     else:
-        _print_table(results)
-        for name, r in results.items():
-            print(f"{name:12s} FD {r['fd']:.3f}  CLIP {r['clip']:.4f}")
+        _print_table(rows)
+        for name, r in rows.items():
+            lat = f"  {r['latency_ms']:.1f} ms" if "latency_ms" in r else ""
+            print(f"{name:28s} tail {r['tail']:.3f} rest {r['rest']:.3f}  FD {r['fd']:.2f}  "
+                  f"CLIP {r['clip']:.4f}  NFE {r['nfe']}{lat}")
     return 0
 
 
@@ -136,11 +138,12 @@ def _print_table(results: dict[str, dict]) -> None:
     from .tifa import CATEGORIES
 
     cats = [c for c in CATEGORIES if any(c in r["categories"] for r in results.values())]
-    head = f"{'':12s} {'TIFA':>6s} " + " ".join(f"{c[:8]:>8s}" for c in cats)
+    w = max(12, *(len(n) for n in results))
+    head = f"{'':{w}s} {'TIFA':>6s} " + " ".join(f"{c[:8]:>8s}" for c in cats)
     print(head)
     for name, r in results.items():
         row = " ".join(f"{r['categories'].get(c, float('nan')):8.3f}" for c in cats)
-        print(f"{name:12s} {r['tifa']:6.3f} {row}")
+        print(f"{name:{w}s} {r['tifa']:6.3f} {row}")
 
 
 # ----------------------------------------------------------------------------- demo
@@ -285,16 +288,33 @@ def build_parser() -> argparse.ArgumentParser:
                                        "JSON object.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
     q = bench_sub.add_parser(
-        "quality", help="ShapesTIFA / FD / CLIP of teacher xN, teacher x1 and student x1",
-        description="Generates the evaluation prompts with the teacher at N steps and at 1 "
-                    "step and with the one-step student (same prompts and seeds) and measures "
-                    "each: the README's quality table.",
+        "quality", help="the paper's Table 2 on ShapesWorld: teacher, student, slerp, "
+                        "ImageRAGTurbo, control",
+        description="Generates the evaluation prompts (same prompts and seeds for every row) "
+                    "with the teacher at N steps and at 1 step, the one-step student, the "
+                    "student with slerp injection at w = 0.8 and with the per-prompt oracle w*, "
+                    "ImageRAGTurbo (the installed adapter and decoder LoRA) at k = 1 and k = 4, "
+                    "and any --control / --run folders; measures ShapesTIFA (overall, per "
+                    "category, tail prompts vs the rest), FD, the CLIP-score analogue, NFE, and "
+                    "the one-step ONNX Runtime CPU latency with and without retrieval.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     q.add_argument("--model", default="tiny-shapes", help="variant name or diffusers folder")
     q.add_argument("--teacher-steps", type=int, default=50)
     q.add_argument("--guidance", type=float, default=4.0, help="teacher CFG scale")
     q.add_argument("--n", type=int, default=500, help="evaluation prompts")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--index", type=Path, default=None,
+                   help="retrieval index (default: data/index/shapesworld-<model>, built when "
+                        "missing)")
+    q.add_argument("--control", type=Path, default=None,
+                   help="the no-retrieval control run's export folder (train adapter --control)")
+    q.add_argument("--run", action="append", default=[], metavar="NAME=FOLDER",
+                   help="an extra row: another adapter run's export folder (ablations), "
+                        "served with retrieval at k = 4; repeatable")
+    q.add_argument("--grid", type=Path, default=None,
+                   help="write a PNG: student | slerp | ImageRAGTurbo | the 4 neighbours | "
+                        "render, per prompt")
+    q.add_argument("--no-latency", action="store_true", help="skip the ONNX latency columns")
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.add_argument("--plot", type=Path, default=None, help="write a per-category histogram PNG")
     q.set_defaults(func=_cmd_bench_quality)

@@ -88,7 +88,8 @@ def run(model: str = "tiny-shapes", pipeline: str = "student", steps: int = 1,
     from .model.clip_scorer import ClipScorer
     from .model.family import load_components, resolve
 
-    comps = load_components(model, with_teacher=(pipeline == "teacher"))
+    comps = load_components(model, with_teacher=(pipeline == "teacher"),
+                            retrieval_tuned=False)
     scorer_dir = resolve(model) / "clip_scorer"
     if not scorer_dir.is_dir():
         raise FileNotFoundError(f"{scorer_dir} missing: FD and CLIP score need the model's "
@@ -115,11 +116,9 @@ def compare_grid(model: str = "tiny-shapes", n: int = 8, seed: int = 0,
                  guidance: float = 4.0, tile: int = 128) -> Path:
     """A PNG: one column per evaluation prompt, rows teacher x``teacher_steps``, teacher x1,
     student x1 (same seeds), the real render last; the prompt under each column."""
-    from PIL import Image, ImageDraw, ImageFont
-
     from .model.family import load_components
 
-    comps = load_components(model, with_teacher=True)
+    comps = load_components(model, with_teacher=True, retrieval_tuned=False)
     items = sw.make_split("eval", n, seed)
     prompts = [it.caption for it in items]
     seeds = [seed * 1_000_000 + i for i in range(n)]
@@ -130,23 +129,4 @@ def compare_grid(model: str = "tiny-shapes", n: int = 8, seed: int = 0,
         "student x1": generate(comps, prompts, seeds, "student", 1, progress=False),
         "render": np.stack([np.asarray(sw.render(it.scene)) for it in items]),
     }
-    font = ImageFont.load_default()
-    label_w, text_h, pad = 90, 40, 4
-    sheet = Image.new("RGB", (label_w + n * (tile + pad), len(rows) * (tile + pad) + text_h),
-                      (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for r, (name, imgs) in enumerate(rows.items()):
-        y = r * (tile + pad)
-        draw.text((4, y + tile // 2 - 6), name, fill=(0, 0, 0), font=font)
-        for c, img in enumerate(imgs):
-            pic = Image.fromarray(img).resize((tile, tile), Image.Resampling.NEAREST)
-            sheet.paste(pic, (label_w + c * (tile + pad), y))
-    y = len(rows) * (tile + pad)
-    for c, p in enumerate(prompts):
-        for j, line in enumerate(sw.wrap(p, 22)[:3]):
-            draw.text((label_w + c * (tile + pad) + 2, y + 12 * j), line, fill=(0, 0, 0),
-                      font=font)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
-    return path
+    return sw.row_grid(rows, prompts, path, tile=tile, label_w=90)

@@ -647,6 +647,36 @@ def caption_grid(images: Sequence[np.ndarray], captions: Sequence[str],
     return path
 
 
+def row_grid(rows: dict[str, Sequence[np.ndarray]], captions: Sequence[str],
+             path: str | os.PathLike, tile: int = 128, label_w: int = 110) -> Path:
+    """A PNG comparison sheet: one labelled row per method (uint8 images, one per column),
+    one column per prompt, the prompt under each column."""
+    from PIL import ImageFont
+
+    font = ImageFont.load_default()
+    n = len(captions)
+    text_h, pad = 40, 4
+    sheet = Image.new("RGB", (label_w + n * (tile + pad), len(rows) * (tile + pad) + text_h),
+                      (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for r, (name, imgs) in enumerate(rows.items()):
+        y = r * (tile + pad)
+        draw.text((4, y + tile // 2 - 6), name, fill=(0, 0, 0), font=font)
+        for c, img in enumerate(imgs):
+            pic = Image.fromarray(np.asarray(img, dtype=np.uint8))
+            sheet.paste(pic.resize((tile, tile), Image.Resampling.NEAREST),
+                        (label_w + c * (tile + pad), y))
+    y = len(rows) * (tile + pad)
+    for c, p in enumerate(captions):
+        for j, line in enumerate(wrap(p, 22)[:3]):
+            draw.text((label_w + c * (tile + pad) + 2, y + 12 * j), line, fill=(0, 0, 0),
+                      font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
 def wrap(text: str, width: int) -> list[str]:
     lines, cur = [], ""
     for word in text.split():

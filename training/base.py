@@ -227,15 +227,22 @@ class OneStepStudent(nn.Module):
 
 def ladd_step(student: OneStepStudent, disc: ladd.LADDDiscriminator, opt_g, opt_d, z_t,
               z0_teacher, ehs, pooled, s, eps_s, alphas_cumprod, distill_weight: float = 2.5,
-              h_edit=None, backward=_backward, sync_heads=None) -> dict:
-    """One generator and one discriminator update (paper Eqs. 6-8, Eq. 10 without the
-    perceptual term). ``sync_heads(params)`` averages the heads' gradients across processes
-    (the heads run three times per step, so they are not DDP-wrapped)."""
+              h_edit=None, backward=_backward, sync_heads=None, perceptual=None,
+              perceptual_weight: float = 0.0) -> dict:
+    """One generator and one discriminator update, paper Eq. 10: L_adv (Eqs. 6-7) + alpha
+    L_distill (Eq. 8) + beta L_latentLPIPS (Eq. 9, when ``perceptual(z0_hat, z0)`` is given).
+    ``sync_heads(params)`` averages the heads' gradients across processes (the heads run three
+    times per step, so they are not DDP-wrapped)."""
     z0_hat = student(z_t, ehs, h_edit)
     fake = disc(ladd.add_noise(z0_hat, eps_s, s, alphas_cumprod), s, ehs, pooled)
     l_adv = ladd.g_adv_loss(fake)
     l_dist = ladd.distill_loss(z0_hat, z0_teacher)
     loss_g = l_adv + distill_weight * l_dist
+    out = {}
+    if perceptual is not None and perceptual_weight > 0:
+        l_lp = perceptual(z0_hat, z0_teacher)
+        loss_g = loss_g + perceptual_weight * l_lp
+        out["lpips"] = l_lp.item()
     opt_g.zero_grad(set_to_none=True)
     backward(loss_g)
     nn.utils.clip_grad_norm_([p for g in opt_g.param_groups for p in g["params"]], 1.0)
@@ -249,7 +256,7 @@ def ladd_step(student: OneStepStudent, disc: ladd.LADDDiscriminator, opt_g, opt_
     if sync_heads is not None:
         sync_heads(list(disc.trainable_parameters()))
     opt_d.step()
-    return {"g_adv": l_adv.item(), "distill": l_dist.item(), "d": loss_d.item()}
+    return {"g_adv": l_adv.item(), "distill": l_dist.item(), **out, "d": loss_d.item()}
 
 
 # ----------------------------------------------------------------------------- stages

@@ -32,9 +32,38 @@ def _cmd_train_base(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_adapter(args: argparse.Namespace) -> int:
+    from .adapter import AdapterConfig, AdapterRun, install
+
+    kw = {"model": args.model}
+    for key in ("steps", "batch", "k_max", "lora_rank", "synth_prompts", "n_train", "seed"):
+        if getattr(args, key) is not None:
+            kw[key] = getattr(args, key)
+    if args.control:
+        kw["retrieval"] = "none"
+    if args.lam_one:
+        kw["lam"] = "one"
+    if args.no_lora:
+        kw["lora"] = False
+    if args.no_perceptual:
+        kw["perceptual_weight"] = 0.0
+    if args.threads:
+        kw["threads"] = args.threads
+    cfg = AdapterConfig.quick(**kw) if args.quick else AdapterConfig(**kw)
+    run = AdapterRun(args.run_dir, cfg, index=args.index, data=args.data,
+                     progress=not args.quiet, reconfigure=args.reconfigure)
+    out = run.run(args.stages.split(",") if args.stages else None)
+    print(json.dumps(out, indent=2))
+    if args.install:
+        dst = install(args.run_dir, args.model)
+        print(f"installed {args.run_dir}/export (h_adapter, unet_lora) -> {dst}")
+    return 0
+
+
 def add_parsers(sub, bench) -> None:
     tr = sub.add_parser("train", help="train models",
-                        description="Training: the tiny ShapesWorld family (`base`).")
+                        description="Training: the tiny ShapesWorld family (`base`) and ImageRAGTurbo's "
+                                    "retrieval fine-tuning (`adapter`).")
     tsub = tr.add_subparsers(dest="train_command", required=True, metavar="WHAT")
     b = tsub.add_parser(
         "base", help="train the tiny family: CLIP, VAE, teacher, synthetic data, LADD student",
@@ -58,3 +87,58 @@ def add_parsers(sub, bench) -> None:
                         "are kept)")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=_cmd_train_base)
+
+    a = tsub.add_parser(
+        "adapter", help="ImageRAGTurbo fine-tuning: H-adapter + decoder LoRA with retrieval",
+        description="Fine-tune the one-step student with retrieval (paper Secs. 3.3-3.4): an "
+                    "H-space adapter (cross-attention from the target's mid-block feature to "
+                    "the retrieved items' cached ones, Eqs. 4-5) and LoRA on the UNet decoder, "
+                    "trained with latent adversarial distillation, smooth-L1 distillation and "
+                    "a latent perceptual loss (Eq. 10), on ShapesWorld training renders and "
+                    "the teacher's samples, retrieving from the index of the retrieval split "
+                    "(built when missing). Stages: data, synth, neighbours, train, export; "
+                    "every stage resumes after an interruption (rerun the same command). "
+                    "--control trains the same thing without retrieval.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a.add_argument("--run-dir", type=Path, default=Path("runs/adapter"),
+                   help="folder for checkpoints, caches and outputs")
+    a.add_argument("--model", default="tiny-shapes",
+                   help="the one-step student to fine-tune (variant name or diffusers folder "
+                        "with teacher_unet/)")
+    a.add_argument("--index", type=Path, default=None,
+                   help="retrieval index built with this model (default: "
+                        "data/index/shapesworld-<model>, built when missing)")
+    a.add_argument("--data", type=Path, default=Path("data/shapesworld"),
+                   help="ShapesWorld folder whose retrieval split the default index is built "
+                        "from (rendered when missing)")
+    a.add_argument("--stages", default=None,
+                   help="comma-separated subset of data,synth,neighbours,train,export")
+    a.add_argument("--steps", type=int, default=None, help="training steps (default 1500)")
+    a.add_argument("--batch", type=int, default=None, help="batch size (default 32)")
+    a.add_argument("--k-max", type=int, default=None,
+                   help="neighbours per target; each step draws k in 1..k-max (default 4)")
+    a.add_argument("--lora-rank", type=int, default=None, help="decoder LoRA rank (default 8)")
+    a.add_argument("--synth-prompts", type=int, default=None,
+                   help="teacher samples for training prompts (default 1500)")
+    a.add_argument("--n-train", type=int, default=None,
+                   help="ShapesWorld training items used (default 10000)")
+    a.add_argument("--seed", type=int, default=None, help="data and initialisation seed")
+    a.add_argument("--control", action="store_true",
+                   help="the no-retrieval control: the target's own H feature in place of the "
+                        "retrieved ones (same parameters, data, losses and steps)")
+    a.add_argument("--lam-one", action="store_true",
+                   help="ablation: lambda = 1 instead of the retrieval similarity (Eq. 5)")
+    a.add_argument("--no-lora", action="store_true", help="ablation: the adapter only")
+    a.add_argument("--no-perceptual", action="store_true",
+                   help="ablation: without the latent perceptual loss (Eq. 9)")
+    a.add_argument("--quick", action="store_true",
+                   help="a few steps of every stage on 64 items: checks the recipe end to end")
+    a.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    a.add_argument("--install", action="store_true",
+                   help="copy the adapter and the decoder LoRA into the model folder, which "
+                        "then serves as ImageRAGTurbo")
+    a.add_argument("--reconfigure", action="store_true",
+                   help="accept a changed configuration for a run folder (finished stages "
+                        "are kept)")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
+    a.set_defaults(func=_cmd_train_adapter)

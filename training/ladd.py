@@ -86,3 +86,61 @@ def g_adv_loss(fake: list[torch.Tensor]) -> torch.Tensor:
 def distill_loss(z0_hat: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
     """Eq. 8: smooth L1 (Huber with delta 1) between the student's and the teacher's z_0."""
     return nn.functional.smooth_l1_loss(z0_hat, z0, beta=1.0)
+
+
+# ----------------------------------------------------------------------------- Eq. 9
+
+
+def paired_augment(a: torch.Tensor, b: torch.Tensor, gen: torch.Generator,
+                   shift: int = 2, cutout: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
+    """T of paper Eq. 9: one random differentiable augmentation applied to both latents alike:
+    a horizontal flip (half the time), a translation by up to ``shift`` latent pixels
+    (replicate padding, then a crop), and a cutout that zeroes one square of side
+    ``cutout`` x the latent's side. a, b: (B, C, h, w)."""
+    _, _, hh, ww = a.shape
+    x = torch.stack([a, b])                                                  # (2, B, C, h, w)
+    if torch.rand((), generator=gen) < 0.5:
+        x = x.flip(-1)
+    if shift:
+        pad = nn.functional.pad(x.flatten(0, 1), (shift,) * 4, mode="replicate")
+        dy, dx = (int(v) for v in torch.randint(0, 2 * shift + 1, (2,), generator=gen))
+        x = pad[..., dy:dy + hh, dx:dx + ww].reshape(x.shape)
+    side = max(1, int(round(cutout * min(hh, ww))))
+    if cutout > 0:
+        y0 = int(torch.randint(0, hh - side + 1, (), generator=gen))
+        x0 = int(torch.randint(0, ww - side + 1, (), generator=gen))
+        mask = torch.ones(hh, ww, device=x.device, dtype=x.dtype)
+        mask[y0:y0 + side, x0:x0 + side] = 0
+        x = x * mask
+    return x[0], x[1]
+
+
+class LatentPerceptual(nn.Module):
+    """F of paper Eq. 9, the latent perceptual distance, built from what this project trains:
+    the frozen teacher UNet encoder at t = 0 with the empty prompt, read at every stage (each
+    down block's output and the mid-block h), each feature unit-normalised over channels as
+    LPIPS does, squared differences summed over channels, averaged over positions and over
+    stages. E-LatentLPIPS (the paper's F) cannot be downloaded here and is non-commercial; the
+    teacher's encoder is the network that has learnt these latents best, and the same one the
+    discriminator reads, so the two losses look at the same features (here without noise)."""
+
+    def __init__(self, encoder: UNetEncoder, empty_text: torch.Tensor):
+        super().__init__()
+        self.encoder = encoder
+        self.encoder.requires_grad_(False)
+        self.register_buffer("empty_text", empty_text.detach().float().clone(), persistent=False)
+
+    def forward(self, z_hat: torch.Tensor, z: torch.Tensor,
+                gen: torch.Generator | None = None) -> torch.Tensor:
+        if gen is not None:
+            z_hat, z = paired_augment(z_hat, z, gen)
+        b = z.shape[0]
+        t = torch.zeros(2 * b, dtype=torch.long, device=z.device)
+        ehs = self.empty_text.to(z.dtype).expand(2 * b, -1, -1)
+        feats = stage_features(self.encoder, torch.cat([z_hat, z]), t, ehs)
+        loss = z.new_zeros(())
+        for f in feats:
+            f = f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-8)
+            fa, fb = f[:b], f[b:]
+            loss = loss + (fa - fb.detach()).pow(2).sum(1).mean()
+        return loss / len(feats)

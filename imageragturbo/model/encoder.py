@@ -17,7 +17,6 @@ from .family import Components, load_components, resolve
 from .pipeline import encode_prompt
 from .unet_split import UNetEncoder
 
-
 INDEX_PARTS = ("text_encoder", "vae", "unet")  # whose outputs an index caches
 SERVED_PARTS = INDEX_PARTS + ("h_adapter", "unet_lora")  # what an export is made of
 

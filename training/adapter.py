@@ -1,0 +1,411 @@
+"""ImageRAGTurbo fine-tuning (paper Secs. 3.3-3.4): the one-step student learns to use
+retrieval through an H-space adapter and LoRA on its UNet decoder.
+
+Trainable: the H-adapter g_phi (Eqs. 4-5; zero-initialised output, so training starts from
+the student exactly; lambda = cosine similarity of the target's and the top retrieved item's
+text embeddings, Eq. 5) and LoRA (peft) on the decoder's attention projections. Frozen: the
+student's encoder (so the retrieved items' H features cached in the index stay valid), the
+text encoder, the VAE and the teacher, whose encoder is the discriminator's backbone (Fig. 4)
+and the latent perceptual network F of Eq. 9.
+
+Objective, Eq. 10: L = L_adv (hinge, Eqs. 6-7, spectrally normalised heads) + alpha L_distill
+(smooth L1, Eq. 8) + beta L_latentLPIPS (Eq. 9; ``ladd.LatentPerceptual``).
+
+Data (paper Sec. 4.1: real and synthetic pairs): ShapesWorld training renders (their VAE
+latents are z_0; the student sees them noised to t = 999) and the teacher's samples for
+training prompts (z_T -> z_0 with DDIM and CFG). Retrieval: each target's k neighbours come
+from the retrieval index (ShapesWorld's retrieval split, encoded by this model: h = f_enc at
+t = 0, cached at build time, paper Sec. 3.2), found by the target's pooled text key. The
+training, retrieval and evaluation splits are disjoint and only the training split is trained
+on, so a gain on combinations absent from training can come only through retrieval.
+
+Stages (``imageragturbo train adapter``), each resumable and skipped once done:
+``data`` (renders -> latents and text states), ``synth`` (teacher pairs), ``neighbours`` (k
+neighbours of every target, with the checks that no target retrieves itself), ``train``,
+``export`` (``h_adapter/`` and ``unet_lora/``, which ``--install`` copies into the model).
+
+``retrieval="none"`` is the control: the same adapter, LoRA, data, losses and steps, with the
+target's own H feature in place of the retrieved ones (lambda = 1), so whatever it gains comes
+from more fine-tuning, not from retrieval.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imageragturbo.model import family
+from imageragturbo.model.h_space import HAdapter, adapter_config_for, count_parameters
+from imageragturbo.model.lora import add_decoder_lora, lora_parameters, save_decoder_lora
+from imageragturbo.model.noise import initial_noise
+from imageragturbo.model.pipeline import STUDENT_TIMESTEP, teacher_sample_latents, tokenize
+from imageragturbo.model.unet_split import UNetEncoder
+
+from . import ladd
+from .base import OneStepStudent, ladd_step, to_unit, training_data
+from .stages import StagedRun, load_checkpoint, mean_tail, save_atomic
+
+STAGES = ("data", "synth", "neighbours", "train", "export")
+
+
+@dataclass
+class AdapterConfig:
+    model: str = "tiny-shapes"    # the one-step student to fine-tune (a variant or a folder)
+    seed: int = 0
+    n_train: int = 10000          # ShapesWorld training items: real pairs and target prompts
+    threads: int = 2
+    synth_prompts: int = 1500     # teacher samples (synthetic pairs) for training prompts
+    synth_steps: int = 25
+    guidance: float = 4.0
+    real_fraction: float = 0.5    # of each batch: real renders; the rest synthetic pairs
+    retrieval: str = "index"      # "index": k neighbours from the index; "none": the control
+    k_max: int = 4                # neighbours cached per target; each step draws k in 1..k_max
+    lam: str = "similarity"       # lambda of Eq. 5: "similarity" (top-1 cosine) or "one"
+    lora: bool = True             # LoRA on the decoder's attention projections
+    lora_rank: int = 8
+    steps: int = 1500             # 45 min on 2 CPU cores (1.3 s a step), ~2 min on a GPU
+    batch: int = 32
+    adapter_lr: float = 1e-3
+    lora_lr: float = 5e-4
+    disc_lr: float = 2e-4
+    distill_weight: float = 2.5   # alpha of Eq. 10 (the paper's)
+    perceptual_weight: float = 1.0  # beta of Eq. 10 (the paper's); 0 drops Eq. 9
+    disc_s_max: int = 750         # discriminator noise level s ~ U{0..s_max-1}
+    ckpt_every: int = 100
+
+    def __post_init__(self) -> None:
+        if self.retrieval not in ("index", "none"):
+            raise ValueError(f"retrieval must be 'index' or 'none', got {self.retrieval!r}")
+        if self.lam not in ("similarity", "one"):
+            raise ValueError(f"lam must be 'similarity' or 'one', got {self.lam!r}")
+        if self.k_max < 1:
+            raise ValueError(f"k_max must be >= 1, got {self.k_max}")
+        if not 0.0 <= self.real_fraction <= 1.0:
+            raise ValueError(f"real_fraction must be in [0, 1], got {self.real_fraction}")
+
+    @classmethod
+    def quick(cls, **kw) -> AdapterConfig:
+        """A few steps of everything on a small data set: checks the recipe end to end."""
+        base = dict(n_train=64, synth_prompts=16, synth_steps=2, steps=4, batch=8,
+                    ckpt_every=2)
+        base.update(kw)
+        return cls(**base)
+
+
+class AdapterRun(StagedRun):
+    """ImageRAGTurbo fine-tuning of ``cfg.model`` into ``run_dir``, retrieving from the index
+    at ``index`` (built over ``data``'s retrieval split with the model's encoder when missing:
+    ``serving.assets.ensure_index``)."""
+
+    STAGES = STAGES
+    config_file = "adapter.json"
+
+    def __init__(self, run_dir: str | Path, cfg: AdapterConfig | None = None,
+                 index: str | Path | None = None, data: str | Path = "data/shapesworld",
+                 progress: bool = True, reconfigure: bool = False):
+        super().__init__(run_dir, cfg or AdapterConfig(), progress, reconfigure)
+        self.model_dir = family.resolve(self.cfg.model)
+        self.index_dir = Path(index) if index else None
+        self.data_dir = Path(data)
+        self.c = family.load_components(self.model_dir, with_teacher=True,
+                                        retrieval_tuned=False)
+        if self.c.teacher_unet is None:
+            raise ValueError(f"{self.model_dir} has no teacher_unet: the discriminator and the "
+                             "synthetic pairs need the teacher")
+        self._index = None
+        self._cache = None
+
+    def _say(self, msg: str) -> None:
+        if self.progress and self.acc.is_main_process:
+            print(f"train adapter: {msg}", file=sys.stderr, flush=True)
+
+    # -- 1. data: real pairs, text states and keys
+    @torch.no_grad()
+    def stage_data(self) -> dict:
+        d = self.dir / "data"
+        d.mkdir(exist_ok=True)
+        t0 = time.perf_counter()
+        if self.acc.is_main_process:
+            imgs, caps = training_data(self.cfg, d)
+            c, dev = self.c, self.acc.device
+            vae, text = c.vae.to(dev), c.text_encoder.to(dev)
+            lat = torch.cat([(vae.encode(to_unit(imgs[i:i + 256]).to(dev)).latent_dist.mode()
+                              * vae.config.scaling_factor).cpu()
+                             for i in range(0, len(imgs), 256)])
+            ehs, pooled = [], []
+            for i in range(0, len(caps), 256):
+                out = text(tokenize(c.tokenizer, caps[i:i + 256]).to(dev))
+                ehs.append(out.last_hidden_state.half().cpu())
+                pooled.append(out.pooler_output.float().cpu())
+            unc = text(tokenize(c.tokenizer, [""]).to(dev)).last_hidden_state.cpu()
+            vae.cpu(), text.cpu()
+            save_atomic({"latents": lat.half(), "ehs": torch.cat(ehs), "pooled": torch.cat(pooled),
+                         "uncond": unc.float()}, d / "cache.pt")
+        return self._finish("data", {"items": self.cfg.n_train,
+                                     "seconds": time.perf_counter() - t0})
+
+    @property
+    def cache(self) -> dict:
+        if self._cache is None:
+            self._cache = load_checkpoint(self.dir / "data" / "cache.pt")
+        return self._cache
+
+    # -- 2. synthetic pairs from the teacher
+    @torch.no_grad()
+    def stage_synth(self) -> dict:
+        """The teacher's samples for ``synth_prompts`` training prompts from stored z_T, 200
+        at a time, each chunk saved as it ends (a rerun continues after the last)."""
+        from tqdm import tqdm
+
+        cfg, d = self.cfg, self.dir / "synth"
+        d.mkdir(exist_ok=True)
+        t0 = time.perf_counter()
+        if self.acc.is_main_process:
+            data = self.cache
+            n = min(cfg.synth_prompts, len(data["ehs"]))
+            idx = np.random.default_rng([cfg.seed, 2]).choice(len(data["ehs"]), n, replace=False)
+            z_t = torch.from_numpy(initial_noise([20_000_000 + int(i) for i in idx],
+                                                 tuple(data["latents"].shape[1:])))
+            part = d / "partial.pt"
+            z0 = load_checkpoint(part)["z0"] if part.exists() else torch.full_like(z_t, np.nan)
+            teacher = self.c.teacher_unet.to(self.acc.device)
+            todo = [a for a in range(0, n, 200) if torch.isnan(z0[a]).any()]
+            for a in tqdm(todo, desc="synth", disable=not self.progress):
+                sl = slice(a, a + 200)
+                ehs = data["ehs"][idx[sl]].float().to(self.acc.device)
+                z0[sl] = teacher_sample_latents(
+                    self.c, teacher, ehs, data["uncond"].to(self.acc.device),
+                    z_t[sl].to(self.acc.device), cfg.synth_steps, cfg.guidance).cpu()
+                save_atomic({"z0": z0}, part)
+            teacher.cpu()
+            save_atomic({"idx": torch.from_numpy(idx), "z_t": z_t, "z0": z0}, d / "synth.pt")
+            part.unlink(missing_ok=True)
+        return self._finish("synth", {"prompts": min(cfg.synth_prompts, cfg.n_train),
+                                      "steps": cfg.synth_steps, "guidance": cfg.guidance,
+                                      "seconds": time.perf_counter() - t0})
+
+    # -- 3. neighbours
+    def h_shape(self) -> tuple[int, ...]:
+        """The student encoder's H-space feature shape (C, h, w) for this model's latents."""
+        from imageragturbo.model.pipeline import latent_shape
+
+        z = torch.zeros(1, *latent_shape(self.c))
+        ehs = self.cache["ehs"][:1].float()
+        with torch.no_grad():
+            h = UNetEncoder(self.c.unet)(z, torch.zeros(1, dtype=torch.long), ehs)[0]
+        return tuple(h.shape[1:])
+
+    @property
+    def index(self):
+        """The retrieval index, checked against this model before anything trains: its keys
+        must come from this text encoder and its cached H features from this UNet encoder."""
+        if self._index is None:
+            from imageragturbo.export.onnx_export import model_files_id
+            from imageragturbo.retriever import IndexFormatError, RetrievalIndex
+            from imageragturbo.serving.assets import ensure_index
+
+            path = ensure_index(str(self.model_dir), self.index_dir, self.data_dir,
+                                quiet=not self.progress)
+            want = model_files_id(str(self.model_dir), index=True)
+            idx = RetrievalIndex.load(path, model_id=want,
+                                      text_dim=int(self.c.text_encoder.config.hidden_size))
+            cached = tuple(idx.manifest["shapes"]["h"][1:])
+            if cached != self.h_shape():
+                raise IndexFormatError(f"index {path} caches H features of shape {cached}; "
+                                       f"{self.cfg.model}'s UNet encoder gives "
+                                       f"{self.h_shape()}: rebuild the index for this model")
+            self._index = idx
+        return self._index
+
+    def stage_neighbours(self) -> dict:
+        """The k_max neighbours of every training target by its pooled text key, with the
+        proof that retrieval never hands a target back to itself: no retrieved item is a
+        training item (ids), and none has the target's very latent (content)."""
+        cfg, d = self.cfg, self.dir / "neighbours"
+        d.mkdir(exist_ok=True)
+        info: dict = {"retrieval": cfg.retrieval}
+        if cfg.retrieval == "index":
+            index = self.index
+            k = min(cfg.k_max, len(index))
+            if k < cfg.k_max:
+                self._say(f"k_max {cfg.k_max} is larger than the index ({len(index)} items); "
+                          f"using k = {k}")
+            pooled = self.cache["pooled"].numpy()
+            from imageragturbo import shapesworld as sw
+
+            train_ids = {it.id for it in sw.make_split("train", cfg.n_train, cfg.seed)}
+            shared = train_ids & set(index.item_ids)
+            if shared:
+                raise ValueError(f"the index at {index.path} holds {len(shared)} training items "
+                                 f"(e.g. {sorted(shared)[:3]}): the retrieval database must be "
+                                 "disjoint from the training split")
+            # A scene drawn in both splits renders to the same image: such a neighbour would
+            # be the target itself. Search a few extra and drop them (counted in done.json).
+            extra = min(4, len(index) - k)
+            cand, cand_scores = index.search(pooled, k + extra)          # [N, k + extra]
+            lat = self.cache["latents"].numpy()                          # [N, C, h, w] fp16
+            ids = np.empty((len(cand), k), np.int64)
+            scores = np.empty((len(cand), k), np.float32)
+            dropped = 0
+            for a in range(0, len(cand), 1024):
+                nb = index.latents(cand[a:a + 1024]).astype(np.float16)  # [n, k+e, C, h, w]
+                same = (nb == lat[a:a + 1024, None]).reshape(*nb.shape[:2], -1).all(-1)
+                for j, row in enumerate(same):
+                    keep = np.flatnonzero(~row)[:k]
+                    if len(keep) < k:
+                        raise ValueError(f"training target {a + j} has fewer than {k} "
+                                         "neighbours that are not its own image")
+                    dropped += int(row[:k + int(row.sum())].sum())
+                    ids[a + j], scores[a + j] = cand[a + j, keep], cand_scores[a + j, keep]
+            check = index.latents(ids).astype(np.float16)
+            assert not (check == lat[:, None]).reshape(*ids.shape, -1).all(-1).any()
+            if self.acc.is_main_process:
+                save_atomic({"ids": torch.from_numpy(ids), "scores": torch.from_numpy(scores)},
+                            d / "neighbours.pt")
+            info.update({"index": str(index.path), "index_items": len(index), "k": k,
+                         "targets": len(ids), "training_items_in_index": 0,
+                         "dropped_neighbours_with_the_targets_image": dropped,
+                         "neighbours_with_the_targets_image": 0,
+                         "top1_similarity_mean": float(scores[:, 0].mean()),
+                         "top1_similarity_p10": float(np.percentile(scores[:, 0], 10))})
+        return self._finish("neighbours", info)
+
+    # -- 4. train
+    def stage_train(self) -> dict:
+        cfg, d = self.cfg, self.dir / "train"
+        d.mkdir(exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        data = self.cache
+        syn = load_checkpoint(self.dir / "synth" / "synth.pt")
+        student = self.c.unet.train()
+        if cfg.lora:
+            add_decoder_lora(student, rank=cfg.lora_rank)
+        else:
+            student.requires_grad_(False)
+        adapter = HAdapter(adapter_config_for(student)).train()
+        teacher = self.c.teacher_unet.requires_grad_(False)
+        disc = ladd.LADDDiscriminator(teacher, text_dim=data["pooled"].shape[1])
+        perc = (ladd.LatentPerceptual(UNetEncoder(teacher), data["uncond"])
+                if cfg.perceptual_weight > 0 else None)
+        groups = [{"params": list(adapter.parameters()), "lr": cfg.adapter_lr}]
+        if cfg.lora:
+            groups.append({"params": lora_parameters(student), "lr": cfg.lora_lr})
+        opt_g = torch.optim.AdamW(groups, betas=(0.0, 0.99), weight_decay=0.0)
+        opt_d = torch.optim.AdamW(disc.trainable_parameters(), lr=cfg.disc_lr,
+                                  betas=(0.0, 0.99), weight_decay=0.0)
+        base_lrs = [g["lr"] for g in opt_g.param_groups]
+        ac = self.c.alphas_cumprod
+        if cfg.retrieval == "index":
+            index = self.index
+            nb = load_checkpoint(self.dir / "neighbours" / "neighbours.pt")
+            nb_ids, nb_scores = nb["ids"].numpy(), nb["scores"].numpy()
+        state = {"adapter": adapter, "student": student, "heads": disc.heads, "opt_g": opt_g,
+                 "opt_d": opt_d}
+        one_step = OneStepStudent(student, ac).to(self.acc.device)
+        adapter.to(self.acc.device), disc.to(self.acc.device)
+        if perc is not None:
+            perc.to(self.acc.device)
+        backward = self._backward_fn([p for g in groups for p in g["params"]])
+        n_real = int(round(cfg.batch * cfg.real_fraction))
+        n_syn = len(syn["idx"])
+        t999 = torch.full((n_real,), STUDENT_TIMESTEP, dtype=torch.long)
+
+        def step(i):
+            rng = self._rng("train", i)
+            ri = rng.choice(cfg.n_train, n_real, replace=False)
+            si = rng.choice(n_syn, cfg.batch - n_real, replace=False)
+            tgt = np.concatenate([ri, syn["idx"].numpy()[si]])           # training item rows
+            z0_real = data["latents"][ri].float()
+            eps_t = torch.from_numpy(rng.standard_normal(z0_real.shape).astype(np.float32))
+            z_t = torch.cat([ladd.add_noise(z0_real, eps_t, t999, ac), syn["z_t"][si]])
+            z0 = torch.cat([z0_real, syn["z0"][si]])
+            ehs, pooled = data["ehs"][tgt].float(), data["pooled"][tgt]
+            s = torch.from_numpy(rng.integers(0, cfg.disc_s_max, cfg.batch))
+            eps_s = torch.from_numpy(rng.standard_normal(z0.shape).astype(np.float32))
+            gen = torch.Generator().manual_seed(int(rng.integers(2 ** 31)))
+            for g, lr in zip(opt_g.param_groups, base_lrs):
+                g["lr"] = lr * min(1.0, (i + 1) / 100)
+            z_t, z0, ehs, pooled, s, eps_s = self._dev(z_t, z0, ehs, pooled, s, eps_s)
+            if cfg.retrieval == "index":
+                k = int(rng.integers(1, nb_ids.shape[1] + 1))
+                (h_retr,) = self._dev(torch.from_numpy(index.h(nb_ids[tgt, :k])))
+                lam = (torch.from_numpy(nb_scores[tgt, 0]) if cfg.lam == "similarity"
+                       else torch.ones(cfg.batch))
+                (lam,) = self._dev(lam.float())
+
+                def h_edit(h):
+                    return adapter(h, h_retr, lam)
+            else:
+                def h_edit(h):  # the control: the target's own feature, nothing retrieved
+                    return adapter(h, h.unsqueeze(1), torch.ones_like(h[:, 0, 0, 0]))
+
+            def perceptual(a, b):
+                return perc(a, b, gen)
+
+            return ladd_step(one_step, disc, opt_g, opt_d, z_t, z0, ehs, pooled, s, eps_s, ac,
+                             cfg.distill_weight, h_edit=h_edit, backward=backward,
+                             sync_heads=self._sync_grads,
+                             perceptual=perceptual if perc is not None else None,
+                             perceptual_weight=cfg.perceptual_weight)
+
+        t0 = time.perf_counter()
+        hist = self._loop("train", state, step, cfg.steps)
+        if self.acc.is_main_process:
+            adapter.cpu().eval().save_pretrained(d / "h_adapter")
+            if cfg.lora:
+                save_decoder_lora(student.cpu(), d / "unet_lora")
+        info = {"steps": cfg.steps, "seconds": time.perf_counter() - t0,
+                "adapter_parameters": count_parameters(adapter),
+                "lora_parameters": sum(p.numel() for p in lora_parameters(student)),
+                "retrieval": cfg.retrieval, "device": str(self.acc.device),
+                "processes": self.acc.num_processes}
+        for key in ("distill", "lpips", "g_adv", "d"):
+            info[f"first_{key}"] = mean_tail(hist[:50], key)
+            info[f"final_{key}"] = mean_tail(hist, key, 200)
+        (d / "history.json").write_text(json.dumps(hist) + "\n")
+        return self._finish("train", info)
+
+    # -- 5. export
+    def stage_export(self) -> dict:
+        """``export/h_adapter`` and ``export/unet_lora`` (fp32 safetensors + config), and
+        ``export/adapter_training.json`` (the configuration and what each stage measured)."""
+        d = self.dir / "export"
+        if self.acc.is_main_process:
+            if d.exists():
+                shutil.rmtree(d)
+            d.mkdir(parents=True)
+            shutil.copytree(self.dir / "train" / "h_adapter", d / "h_adapter")
+            if (self.dir / "train" / "unet_lora").is_dir():
+                shutil.copytree(self.dir / "train" / "unet_lora", d / family.LORA_DIR)
+            record = {"config": json.loads((self.dir / self.config_file).read_text()),
+                      **{st: self.done(st) for st in STAGES[:-1]}}
+            (d / "adapter_training.json").write_text(json.dumps(record, indent=2) + "\n")
+        size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+        return self._finish("export", {"path": str(d), "bytes": size})
+
+
+def install(run_dir: str | Path, model: str | Path = "tiny-shapes") -> Path:
+    """Copy a finished run's adapter and decoder LoRA into the model folder (replacing what
+    was there); the model then loads and serves as ImageRAGTurbo."""
+    src = Path(run_dir) / "export"
+    if not (src / "h_adapter").is_dir():
+        raise FileNotFoundError(f"{src}/h_adapter missing: run the export stage first")
+    dst = family.resolve(model)
+    for sub in ("h_adapter", family.LORA_DIR, "adapter_training.json"):
+        target = dst / sub
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        if (src / sub).is_dir():
+            shutil.copytree(src / sub, target)
+        elif (src / sub).exists():
+            shutil.copy2(src / sub, target)
+    return dst
