@@ -33,6 +33,7 @@ flags() {
         no-lora) echo "--no-lora" ;;
         no-perceptual) echo "--no-perceptual" ;;
         k1) echo "--k-max 1" ;;
+        long) echo "--steps 6000" ;;
         *) echo "unknown variant $1" >&2; return 1 ;;
     esac
 }
@@ -40,7 +41,7 @@ pids=()
 for v in "${variants[@]}"; do
     f=$(flags "$v") || exit 2
     # shellcheck disable=SC2086
-    (python3 -m imageragturbo.cli train adapter --run-dir "/tmp/adapter-runs/$v" \
+    (timeout "${IRT_RUN_TIMEOUT:-3000}" python3 -m imageragturbo.cli train adapter --run-dir "/tmp/adapter-runs/$v" \
         --threads 2 --quiet $f > "$out/$v.log" 2>&1; echo "exit $?" >> "$out/$v.log") &
     pids+=($!)
 done
