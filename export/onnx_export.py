@@ -261,19 +261,82 @@ def _load_with_data(graph: Path, data_dir_graph: Path):
     return m
 
 
+def _is_float_constant(node) -> bool:
+    from onnx import TensorProto
+
+    return any(a.name == "value" and a.t.data_type == TensorProto.FLOAT for a in node.attribute)
+
+
+def fp32_only_inputs(model) -> dict[str, list[int]]:
+    """{op type: input indices} of the ops in ``model`` whose schema (at the model's opset)
+    accepts float32 but not float16 there, e.g. Resize's ``scales`` (tensor(float) only) or
+    all three inputs of Range: the inputs an fp16 conversion must leave in float32."""
+    from onnx import defs
+
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                default=DEFAULT_OPSET)
+    out = {}
+    for op in sorted({n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")}):
+        schema = defs.get_schema(op, opset, "")
+        allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+        idx = [i for i, inp in enumerate(schema.inputs)
+               if "tensor(float)" in allowed.get(inp.type_str, {inp.type_str})
+               and "tensor(float16)" not in allowed.get(inp.type_str, {inp.type_str})]
+        if idx:
+            out[op] = idx
+    return out
+
+
 def to_fp16(model, fp32_attention: bool):
     """fp32 graph -> fp16 weights and compute, float32 inputs and outputs (casts inserted at
-    the edges); the attention core kept in fp32 when ``fp32_attention``."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    the edges); the attention core kept in fp32 when ``fp32_attention``.
 
-    block = None
-    if fp32_attention:
-        # The converter inserts the fp16<->fp32 casts around blocked nodes from value_info:
-        # without inferred types it inserts none and the "blocked" nodes run in fp16.
-        model = _infer_shapes(model)
-        block = attention_core_nodes(model)
-    return convert_float_to_float16(model, keep_io_types=True, node_block_list=block,
-                                    disable_shape_infer=True)
+    onnxruntime's converter turns every float tensor it meets into fp16, Constant nodes
+    included, and only keeps an input in float32 when it is an initializer or has an inferred
+    type. torch writes Resize's ``scales`` as a Constant node, so without types the converted
+    Resize got fp16 scales, which the ONNX spec forbids (ORT: INVALID_GRAPH, "Type
+    'tensor(float16)' of input parameter ... of operator (Resize)"). Here every input whose
+    schema forbids fp16 (``fp32_only_inputs``) stays float32: a Constant that feeds only such
+    inputs is put on the converter's ``node_block_list`` (so its value is never rounded), an op
+    with such inputs that the converter does not handle itself goes on ``op_block_list``, and
+    types are inferred first so the converter casts whatever else feeds them. The converter
+    appends its casts at the end of the node list; the result is sorted topologically, as the
+    ONNX spec (and ``onnx.checker``) requires."""
+    from onnxruntime.transformers.float16 import (
+        ALWAYS_FLOAT_INPUTS,
+        DEFAULT_OP_BLOCK_LIST,
+        convert_float_to_float16,
+    )
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    # The converter places its fp16<->fp32 casts (around blocked nodes, before Resize's scales)
+    # from value_info: without inferred types it inserts none.
+    model = _infer_shapes(model)
+    fixed = fp32_only_inputs(model)
+    op_block = set(DEFAULT_OP_BLOCK_LIST) | {
+        op for op, idx in fixed.items() if not set(idx) <= set(ALWAYS_FLOAT_INPUTS.get(op, []))}
+    block = set(attention_core_nodes(model)) if fp32_attention else set()
+    fp32_uses = {(op, i) for op, idx in fixed.items() for i in idx}
+    consumers: dict[str, list[tuple[str, int]]] = {}
+    for node in model.graph.node:
+        blocked = node.op_type in op_block or node.name in block
+        for i, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node.op_type, -1 if blocked else i))
+    keep = {n.name: n.output[0] for n in model.graph.node
+            if n.name and n.op_type == "Constant" and _is_float_constant(n)
+            and consumers.get(n.output[0])
+            and all(i < 0 or (op, i) in fp32_uses for op, i in consumers[n.output[0]])}
+    # A blocked node's typed output would get a cast back to fp16 after it: drop the inferred
+    # types of the kept constants (they carry their own).
+    kept = set(keep.values())
+    vi = [v for v in model.graph.value_info if v.name not in kept]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(vi)
+    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=sorted(op_block),
+                                     node_block_list=sorted(block | set(keep)),
+                                     disable_shape_infer=True)
+    OnnxModel.graph_topological_sort(model.graph)
+    return model
 
 
 def _save(model, path: Path, threshold: int) -> list[str]:
