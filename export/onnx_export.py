@@ -220,6 +220,17 @@ def attention_core_nodes(model) -> list[str]:
     return names
 
 
+_TIME_PROJ_OPS = {"Cast", "Mul", "Sin", "Cos"}
+
+
+def time_projection_nodes(model) -> list[str]:
+    """Names of the nodes of the sinusoidal timestep projection (``time_proj``: timestep x
+    frequencies, sin, cos). At t = 999 the product's fp16 spacing is 0.5 rad, so fp16 would
+    scramble the high frequencies; diffusers computes this part in fp32 in fp16 models too."""
+    return [n.name for n in model.graph.node
+            if n.op_type in _TIME_PROJ_OPS and "/time_proj/" in n.name]
+
+
 def _set_output_shapes(model, example: Sequence[torch.Tensor],
                        dynamic_axes: dict[str, dict[int, str]]) -> None:
     """Replace the exporter's generated dim names on the outputs (``Addh_dim_1``) by the
@@ -315,7 +326,9 @@ def to_fp16(model, fp32_attention: bool):
     fixed = fp32_only_inputs(model)
     op_block = set(DEFAULT_OP_BLOCK_LIST) | {
         op for op, idx in fixed.items() if not set(idx) <= set(ALWAYS_FLOAT_INPUTS.get(op, []))}
-    block = set(attention_core_nodes(model)) if fp32_attention else set()
+    block = set(time_projection_nodes(model))
+    if fp32_attention:
+        block |= set(attention_core_nodes(model))
     fp32_uses = {(op, i) for op, idx in fixed.items() for i in idx}
     consumers: dict[str, list[tuple[str, int]]] = {}
     for node in model.graph.node:
