@@ -26,7 +26,9 @@ optimum-onnx 0.1.0 pins transformers<4.58 and fails to import under transformers
 ``fp16=True`` converts each graph with onnxruntime's ``convert_float_to_float16`` (inputs and
 outputs stay float32, so every profile is fed the same arrays), keeping the attention scores,
 softmax and attention-weighted sum in fp32 when the UNet config has ``upcast_attention`` (SD 2.x
-768-px models overflow in fp16 there) or when ``fp32_attention=True``.
+768-px models overflow in fp16 there) or when ``fp32_attention=True``. Inputs the ONNX spec
+allows only in float32 (Resize's scales) and the sinusoidal timestep projection always stay
+fp32 (see ``to_fp16``).
 
 A graph whose weights exceed ``external_data_threshold`` bytes (default 2 GB, protobuf's limit;
 the SD 2.1 UNet decoder in fp32) is written with its tensors in one ``<stage>.onnx.data`` file
@@ -300,7 +302,9 @@ def fp32_only_inputs(model) -> dict[str, list[int]]:
 
 def to_fp16(model, fp32_attention: bool):
     """fp32 graph -> fp16 weights and compute, float32 inputs and outputs (casts inserted at
-    the edges); the attention core kept in fp32 when ``fp32_attention``.
+    the edges); the timestep projection (``time_projection_nodes``) always, and the attention
+    core when ``fp32_attention``, kept in fp32 (blocked nodes pass fp32 values to each other
+    directly: ``_drop_fp16_round_trips``).
 
     onnxruntime's converter turns every float tensor it meets into fp16, Constant nodes
     included, and only keeps an input in float32 when it is an initializer or has an inferred
