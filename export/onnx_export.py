@@ -26,7 +26,9 @@ optimum-onnx 0.1.0 pins transformers<4.58 and fails to import under transformers
 ``fp16=True`` converts each graph with onnxruntime's ``convert_float_to_float16`` (inputs and
 outputs stay float32, so every profile is fed the same arrays), keeping the attention scores,
 softmax and attention-weighted sum in fp32 when the UNet config has ``upcast_attention`` (SD 2.x
-768-px models overflow in fp16 there) or when ``fp32_attention=True``.
+768-px models overflow in fp16 there) or when ``fp32_attention=True``. Inputs the ONNX spec
+allows only in float32 (Resize's scales) and the sinusoidal timestep projection always stay
+fp32 (see ``to_fp16``).
 
 A graph whose weights exceed ``external_data_threshold`` bytes (default 2 GB, protobuf's limit;
 the SD 2.1 UNet decoder in fp32) is written with its tensors in one ``<stage>.onnx.data`` file
@@ -220,6 +222,17 @@ def attention_core_nodes(model) -> list[str]:
     return names
 
 
+_TIME_PROJ_OPS = {"Cast", "Mul", "Sin", "Cos"}
+
+
+def time_projection_nodes(model) -> list[str]:
+    """Names of the nodes of the sinusoidal timestep projection (``time_proj``: timestep x
+    frequencies, sin, cos). At t = 999 the product's fp16 spacing is 0.5 rad, so fp16 would
+    scramble the high frequencies; diffusers computes this part in fp32 in fp16 models too."""
+    return [n.name for n in model.graph.node
+            if n.op_type in _TIME_PROJ_OPS and "/time_proj/" in n.name]
+
+
 def _set_output_shapes(model, example: Sequence[torch.Tensor],
                        dynamic_axes: dict[str, dict[int, str]]) -> None:
     """Replace the exporter's generated dim names on the outputs (``Addh_dim_1``) by the
@@ -261,19 +274,133 @@ def _load_with_data(graph: Path, data_dir_graph: Path):
     return m
 
 
+def _is_float_constant(node) -> bool:
+    from onnx import TensorProto
+
+    return any(a.name == "value" and a.t.data_type == TensorProto.FLOAT for a in node.attribute)
+
+
+def fp32_only_inputs(model) -> dict[str, list[int]]:
+    """{op type: input indices} of the ops in ``model`` whose schema (at the model's opset)
+    accepts float32 but not float16 there, e.g. Resize's ``scales`` (tensor(float) only) or
+    all three inputs of Range: the inputs an fp16 conversion must leave in float32."""
+    from onnx import defs
+
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                default=DEFAULT_OPSET)
+    out = {}
+    for op in sorted({n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")}):
+        schema = defs.get_schema(op, opset, "")
+        allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+        idx = [i for i, inp in enumerate(schema.inputs)
+               if "tensor(float)" in allowed.get(inp.type_str, {inp.type_str})
+               and "tensor(float16)" not in allowed.get(inp.type_str, {inp.type_str})]
+        if idx:
+            out[op] = idx
+    return out
+
+
 def to_fp16(model, fp32_attention: bool):
     """fp32 graph -> fp16 weights and compute, float32 inputs and outputs (casts inserted at
-    the edges); the attention core kept in fp32 when ``fp32_attention``."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    the edges); the timestep projection (``time_projection_nodes``) always, and the attention
+    core when ``fp32_attention``, kept in fp32 (blocked nodes pass fp32 values to each other
+    directly: ``_drop_fp16_round_trips``).
 
-    block = None
+    onnxruntime's converter turns every float tensor it meets into fp16, Constant nodes
+    included, and only keeps an input in float32 when it is an initializer or has an inferred
+    type. torch writes Resize's ``scales`` as a Constant node, so without types the converted
+    Resize got fp16 scales, which the ONNX spec forbids (ORT: INVALID_GRAPH, "Type
+    'tensor(float16)' of input parameter ... of operator (Resize)"). Here every input whose
+    schema forbids fp16 (``fp32_only_inputs``) stays float32: a Constant that feeds only such
+    inputs is put on the converter's ``node_block_list`` (so its value is never rounded), an op
+    with such inputs that the converter does not handle itself goes on ``op_block_list``, and
+    types are inferred first so the converter casts whatever else feeds them. The converter
+    appends its casts at the end of the node list; the result is sorted topologically, as the
+    ONNX spec (and ``onnx.checker``) requires."""
+    from onnxruntime.transformers.float16 import (
+        ALWAYS_FLOAT_INPUTS,
+        DEFAULT_OP_BLOCK_LIST,
+        convert_float_to_float16,
+    )
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    # The converter places its fp16<->fp32 casts (around blocked nodes, before Resize's scales)
+    # from value_info: without inferred types it inserts none.
+    model = _infer_shapes(model)
+    fixed = fp32_only_inputs(model)
+    op_block = set(DEFAULT_OP_BLOCK_LIST) | {
+        op for op, idx in fixed.items() if not set(idx) <= set(ALWAYS_FLOAT_INPUTS.get(op, []))}
+    block = set(time_projection_nodes(model))
     if fp32_attention:
-        # The converter inserts the fp16<->fp32 casts around blocked nodes from value_info:
-        # without inferred types it inserts none and the "blocked" nodes run in fp16.
-        model = _infer_shapes(model)
-        block = attention_core_nodes(model)
-    return convert_float_to_float16(model, keep_io_types=True, node_block_list=block,
-                                    disable_shape_infer=True)
+        block |= set(attention_core_nodes(model))
+    fp32_uses = {(op, i) for op, idx in fixed.items() for i in idx}
+    consumers: dict[str, list[tuple[str, int]]] = {}
+    for node in model.graph.node:
+        blocked = node.op_type in op_block or node.name in block
+        for i, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node.op_type, -1 if blocked else i))
+    keep = {n.name: n.output[0] for n in model.graph.node
+            if n.name and n.op_type == "Constant" and _is_float_constant(n)
+            and consumers.get(n.output[0])
+            and all(i < 0 or (op, i) in fp32_uses for op, i in consumers[n.output[0]])}
+    # A blocked node's typed output would get a cast back to fp16 after it: drop the inferred
+    # types of the kept constants (they carry their own).
+    kept = set(keep.values())
+    vi = [v for v in model.graph.value_info if v.name not in kept]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(vi)
+    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=sorted(op_block),
+                                     node_block_list=sorted(block | set(keep)),
+                                     disable_shape_infer=True)
+    _drop_fp16_round_trips(model)
+    OnnxModel.graph_topological_sort(model.graph)
+    return model
+
+
+def _drop_fp16_round_trips(model) -> int:
+    """The converter casts every blocked node's output to fp16 and back to fp32 before the
+    next blocked node, so a chain of fp32 nodes (the attention core: scores -> softmax) still
+    rounds, and overflows, in fp16 between them. Rewire each Cast(to=float32) whose input is a
+    Cast(to=float16) of a float32 value to read that value, then drop the casts left unused.
+    Only precision is gained. Returns the number of round trips removed."""
+    from onnx import TensorProto
+
+    g = model.graph
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*g.input, *g.value_info, *g.output)}
+    types.update({t.name: t.data_type for t in g.initializer})
+    producer = {o: n for n in g.node for o in n.output}
+
+    def cast_to(node):
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
+    rename = {}
+    for n in g.node:
+        if n.op_type != "Cast" or cast_to(n) != TensorProto.FLOAT:
+            continue
+        p = producer.get(n.input[0])
+        if (p is not None and p.op_type == "Cast" and cast_to(p) == TensorProto.FLOAT16
+                and types.get(p.input[0]) == TensorProto.FLOAT):
+            rename[n.output[0]] = p.input[0]
+    outputs = {o.name for o in g.output}
+    rename = {k: v for k, v in rename.items() if k not in outputs}
+    for n in g.node:
+        for i, name in enumerate(n.input):
+            if name in rename:
+                n.input[i] = rename[name]
+    # drop casts whose outputs nobody reads any more (the round trips' both halves)
+    while True:
+        used = {i for n in g.node for i in n.input} | outputs
+        dead = [n for n in g.node if n.op_type == "Cast" and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    produced = {o for n in g.node for o in n.output}
+    vi = [v for v in g.value_info if v.name in produced]
+    del g.value_info[:]
+    g.value_info.extend(vi)
+    return len(rename)
 
 
 def _save(model, path: Path, threshold: int) -> list[str]:
