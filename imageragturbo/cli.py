@@ -114,7 +114,7 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
     """The paper's Table 2 rows on ShapesWorld, same prompts and seeds, in one run."""
     from . import quality, tifa
 
-    runs = dict(r.split("=", 1) for r in args.run)
+    runs = dict(r.rsplit("=", 1) for r in args.run)
     if args.control:
         runs["control (no retrieval)"] = args.control
     results = quality.run(args.model, args.n, args.seed, args.teacher_steps, args.guidance,

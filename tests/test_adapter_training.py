@@ -1,0 +1,191 @@
+"""ImageRAGTurbo fine-tuning (``imageragturbo train adapter``, training/adapter.py): the losses
+of Eq. 10 fall on a fixed batch, the run retrieves from the index and never hands a target
+back to itself, refuses another model's index and a corrupted checkpoint with the path named,
+clamps k to the index, resumes to the same losses after an interruption, and installs an
+adapter + decoder LoRA that the model then loads (and without which it is the student)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from imageragturbo.model import family
+from imageragturbo.model.h_space import HAdapter, adapter_config_for
+from imageragturbo.model.lora import add_decoder_lora, lora_parameters
+from imageragturbo.training import base, ladd
+from imageragturbo.training.adapter import AdapterConfig, AdapterRun, install
+from imageragturbo.training.stages import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def model_and_index(tmp_path_factory):
+    """A copy of the shipped tiny-shapes without its adapter (the student to fine-tune), and a
+    48-item index of ShapesWorld's retrieval split built with its encoder."""
+    import shutil
+
+    from imageragturbo import shapesworld as sw
+    from imageragturbo.model import load_retrieval_encoder
+    from imageragturbo.retriever import build_index, shapesworld_pairs
+
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("adapter")
+    model = root / "tiny-shapes"
+    shutil.copytree(family.resolve("tiny-shapes"), model,
+                    ignore=shutil.ignore_patterns("h_adapter", "unet_lora", "*.json.bak"))
+    for sub in ("h_adapter", family.LORA_DIR):
+        if (model / sub).exists():
+            shutil.rmtree(model / sub)
+    sw.build_dataset(root / "data", {"retrieval": 48}, progress=False)
+    build_index(shapesworld_pairs(root / "data", "retrieval"), load_retrieval_encoder(model),
+                root / "index", progress=False, model_source=str(model))
+    return model, root / "index", root / "data"
+
+
+def _run(path, model_and_index, **kw):
+    model, index, data = model_and_index
+    reconfigure = kw.pop("reconfigure", False)
+    cfg = AdapterConfig.quick(model=str(model), **kw)
+    return AdapterRun(path, cfg, index=index, data=data, progress=False,
+                      reconfigure=reconfigure)
+
+
+def test_losses_of_eq10_fall_on_a_fixed_batch_and_only_adapter_and_lora_train():
+    torch.manual_seed(0)
+    c = family.load_components("tiny-shapes", with_teacher=True, retrieval_tuned=False)
+    student, teacher = c.unet.train(), c.teacher_unet.requires_grad_(False)
+    add_decoder_lora(student, rank=4)
+    frozen = {n: p.clone() for n, p in student.named_parameters() if "lora_" not in n}
+    adapter = HAdapter(adapter_config_for(student))
+    disc = ladd.LADDDiscriminator(teacher, text_dim=64)
+    perc = ladd.LatentPerceptual(ladd.UNetEncoder(teacher), torch.zeros(1, 24, 64))
+    opt_g = torch.optim.AdamW([*adapter.parameters(), *lora_parameters(student)], 2e-3,
+                              betas=(0.0, 0.99))
+    opt_d = torch.optim.AdamW(disc.trainable_parameters(), 1e-3, betas=(0.0, 0.99))
+    ac = c.alphas_cumprod
+    g = torch.Generator().manual_seed(1)
+    z_t, z0 = torch.randn(4, 4, 16, 16, generator=g), torch.randn(4, 4, 16, 16, generator=g)
+    ehs, pooled = torch.randn(4, 24, 64, generator=g), torch.randn(4, 64, generator=g)
+    s, eps = torch.randint(0, 750, (4,), generator=g), torch.randn(4, 4, 16, 16, generator=g)
+    h_retr, lam = torch.randn(4, 2, 96, 4, 4, generator=g), torch.full((4,), 0.9)
+    one_step = base.OneStepStudent(student, ac)
+    losses = [base.ladd_step(one_step, disc, opt_g, opt_d, z_t, z0, ehs, pooled, s, eps, ac,
+                             h_edit=lambda h: adapter(h, h_retr, lam),
+                             perceptual=lambda a, b: perc(a, b),
+                             perceptual_weight=1.0) for _ in range(12)]
+    assert np.mean([x["distill"] for x in losses[-3:]]) < losses[0]["distill"]
+    assert np.mean([x["lpips"] for x in losses[-3:]]) < losses[0]["lpips"]
+    assert all(torch.equal(p, frozen[n]) for n, p in student.named_parameters()
+               if "lora_" not in n)
+    assert adapter.proj_out.weight.abs().sum() > 0  # the zero-initialised output moved
+
+
+def test_latent_perceptual_distance_is_zero_for_equal_latents_and_augments_both_alike():
+    c = family.load_components("tiny-shapes", with_teacher=True, retrieval_tuned=False)
+    perc = ladd.LatentPerceptual(ladd.UNetEncoder(c.teacher_unet), torch.zeros(1, 24, 64))
+    z = torch.randn(3, 4, 16, 16)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        assert perc(z, z.clone(), gen).item() == pytest.approx(0.0, abs=1e-6)
+        assert perc(z, z + 0.5 * torch.randn_like(z)).item() > 0.01
+    a, b = ladd.paired_augment(z, z.clone(), torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and not torch.equal(a, z)
+
+
+def test_run_retrieves_from_the_index_never_itself_and_installs_a_loadable_model(
+        tmp_path, model_and_index):
+    model = model_and_index[0]
+    run = _run(tmp_path / "run", model_and_index)
+    out = run.run()
+    nb = out["neighbours"]
+    assert nb["k"] == 4 and nb["targets"] == 64 and nb["index_items"] == 48
+    assert nb["training_items_in_index"] == 0 and nb["neighbours_with_the_targets_image"] == 0
+    ids = torch.load(tmp_path / "run" / "neighbours" / "neighbours.pt")["ids"]
+    assert ids.shape == (64, 4) and int(ids.max()) < 48
+    assert out["train"]["lora_parameters"] > 0 and out["train"]["adapter_parameters"] > 0
+    export = tmp_path / "run" / "export"
+    assert (export / "h_adapter" / "model.safetensors").is_file()
+    assert (export / family.LORA_DIR / "lora.safetensors").is_file()
+    rec = json.loads((export / "adapter_training.json").read_text())
+    assert rec["config"]["retrieval"] == "index" and rec["train"]["steps"] == 4
+
+    student = family.load_components(model)
+    assert student.h_adapter is None
+    install(tmp_path / "run", model)
+    tuned = family.load_components(model)
+    plain = family.load_components(model, retrieval_tuned=False)
+    assert tuned.h_adapter is not None and plain.h_adapter is None
+    # LoRA merged into the decoder only: the encoder (whose h the index caches) is unchanged
+    enc_t = {n: p for n, p in tuned.unet.named_parameters() if not n.startswith("up_blocks")}
+    assert all(torch.equal(p, dict(plain.unet.named_parameters())[n]) for n, p in enc_t.items())
+    assert any(not torch.equal(p, dict(plain.unet.named_parameters())[n])
+               for n, p in tuned.unet.named_parameters() if n.startswith("up_blocks"))
+
+
+def test_an_index_of_another_model_is_refused_before_training(tmp_path, model_and_index):
+    import shutil
+
+    from imageragturbo.retriever import IndexFormatError
+
+    model, index, data = model_and_index
+    other = tmp_path / "index"
+    shutil.copytree(index, other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["model_id"] = "some-other-model:0123456789ab"
+    (other / "manifest.json").write_text(json.dumps(m))
+    run = AdapterRun(tmp_path / "run", AdapterConfig.quick(model=str(model)), index=other,
+                     data=data, progress=False)
+    with pytest.raises((IndexFormatError, ValueError), match="some-other-model"):
+        run.run()
+    assert not (tmp_path / "run" / "train").exists()
+
+
+def test_k_larger_than_the_index_is_clamped(tmp_path, model_and_index, capsys):
+    model, index, data = model_and_index
+    run = AdapterRun(tmp_path / "run", AdapterConfig.quick(model=str(model), k_max=60),
+                     index=index, data=data, progress=True)
+    out = run.run(["data", "neighbours"])
+    assert out["neighbours"]["k"] == 48
+    assert capsys.readouterr().err.count("larger than the index") == 1
+
+
+def test_an_interrupted_run_resumes_to_the_same_losses(tmp_path, model_and_index):
+    whole = _run(tmp_path / "whole", model_and_index).run()
+    hist_whole = json.loads((tmp_path / "whole" / "train" / "history.json").read_text())
+    # the same run stopped after the checkpoint at step 2: no done marker, a checkpoint
+    part = tmp_path / "part"
+    _run(part, model_and_index, steps=2).run()
+    (part / "train" / "done.json").unlink()
+    ckpt = torch.load(part / "train" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2
+    resumed = _run(part, model_and_index, reconfigure=True).run()
+    hist_part = json.loads((part / "train" / "history.json").read_text())
+    assert [h["step"] for h in hist_part] == [0, 1, 2, 3]
+    for a, b in zip(hist_whole, hist_part):
+        for key in ("distill", "lpips", "g_adv", "d"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    assert resumed["train"]["steps"] == whole["train"]["steps"]
+
+
+def test_a_corrupted_checkpoint_is_refused_with_its_path(tmp_path, model_and_index):
+    run_dir = tmp_path / "run"
+    _run(run_dir, model_and_index, steps=2).run(["data", "synth", "neighbours"])
+    (run_dir / "train").mkdir()
+    (run_dir / "train" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=str(run_dir / "train" / "ckpt.pt")):
+        _run(run_dir, model_and_index, steps=2, reconfigure=True).run(["train"])
+
+
+def test_control_and_ablation_switches_reach_the_configuration():
+    assert AdapterConfig(retrieval="none").retrieval == "none"
+    with pytest.raises(ValueError, match="retrieval"):
+        AdapterConfig(retrieval="sometimes")
+    with pytest.raises(ValueError, match="lam"):
+        AdapterConfig(lam="half")
+    cfg = dataclasses.replace(AdapterConfig(), lora=False, perceptual_weight=0.0)
+    assert not cfg.lora and cfg.perceptual_weight == 0.0
+    assert copy.deepcopy(cfg) == cfg
