@@ -194,6 +194,24 @@ def test_cpu_and_gpu_profiles_have_identical_wiring(assets, tmp_path):
     assert load_configs(cpu)["text_encoder"].backend == "python"
 
 
+def test_slerp_injection_option_serves_an_adapter_export_training_free(assets, tmp_path):
+    """``serve --injection slerp``: the h_adapter step of an export that has a trained adapter
+    becomes the python slerp step (paper Eq. 3); the wiring stays the adapter rendering's."""
+    from imageragturbo.serving.repository import RenderOptions
+
+    adapter = render_repository(assets["adapter"], assets["index"], tmp_path / "a", "cpu")
+    slerp = render_repository(assets["adapter"], assets["index"], tmp_path / "s", "cpu",
+                              RenderOptions(injection="slerp"))
+    assert "onnx" in (adapter / "h_adapter" / "config.pbtxt").read_text().lower() or (
+        adapter / "h_adapter" / "1" / "model.onnx").exists()
+    assert not (slerp / "h_adapter" / "1" / "model.onnx").exists()
+    assert "slerp" in (slerp / "h_adapter" / "1" / "model.py").read_text()
+    assert 'string_value: "false"' in (slerp / "retriever" / "config.pbtxt").read_text()
+    assert wiring(adapter)["imageragturbo"] == wiring(slerp)["imageragturbo"]
+    with pytest.raises(ValueError, match="injection"):
+        RenderOptions(injection="sometimes")
+
+
 def test_render_refuses_to_overwrite_a_folder_that_is_not_a_rendering(assets, tmp_path):
     (tmp_path / "mine.txt").write_text("keep")
     with pytest.raises(FileExistsError, match="not a rendered model repository"):

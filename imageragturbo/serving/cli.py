@@ -22,7 +22,7 @@ def _options(args: argparse.Namespace):
         max_batch_size=args.max_batch_size, queue_delay_us=args.queue_delay_us,
         queue_timeout_us=int(args.queue_timeout * 1e6), max_queue_size=args.max_queue_size,
         default_k=args.default_k, max_k=args.max_k, threads=args.threads,
-        instances=args.instances, trt_cache=args.trt_cache)
+        instances=args.instances, trt_cache=args.trt_cache, injection=args.injection)
 
 
 def _assets(args: argparse.Namespace):
@@ -146,6 +146,10 @@ def _render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-k", type=int, default=1,
                    help="neighbours retrieved when a request sends no K")
     p.add_argument("--max-k", type=int, default=16, help="largest K a request may ask for")
+    p.add_argument("--injection", choices=["adapter", "slerp"], default="adapter",
+                   help="how retrieved H features enter: the trained H-adapter (ImageRAGTurbo; "
+                        "a model without one falls back to slerp) or training-free slerp of the "
+                        "top-1 neighbour (paper Eq. 3; STRENGTH = 1 - w, default 0.2)")
     p.add_argument("--threads", type=int, default=1,
                    help="cpu profile: ONNX Runtime intra-op threads per stage")
     p.add_argument("--instances", type=int, default=1, help="instances of each ONNX stage")

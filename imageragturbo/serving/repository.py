@@ -51,10 +51,14 @@ class RenderOptions:
     verify_index: bool = True          # sha256 of the index files at load
     trt_cache: str = "/tmp/imageragturbo-trt-cache"  # gpu: TensorRT engine cache root
     trt_workspace_bytes: int = 4 << 30  # gpu: TensorRT builder workspace
+    injection: str = "adapter"         # "adapter" (the export's trained H-adapter, when it has
+    #                                    one) or "slerp" (training-free, paper Eq. 3)
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch_size <= 1024:
             raise ValueError(f"max batch size must be in [1, 1024], got {self.max_batch_size}")
+        if self.injection not in ("adapter", "slerp"):
+            raise ValueError(f"injection must be 'adapter' or 'slerp', got {self.injection!r}")
         if not 0 <= self.default_k <= self.max_k:
             raise ValueError(f"default k must be in [0, max k={self.max_k}], got "
                              f"{self.default_k}")
@@ -149,7 +153,7 @@ def render_repository(export_dir: str | Path, index_dir: str | Path, out: str | 
     h_shape = stages["unet_encoder"]["outputs"][0]["shape"][1:]               # (C, h', w')
     img = stages["vae_decoder"]["outputs"][0]["shape"]                        # (B, 3, H, W)
     skips = [f"skip_{i}" for i in range(int(m["num_skips"]))]
-    has_adapter = "h_adapter" in stages
+    has_adapter = "h_adapter" in stages and opt.injection == "adapter"
     batching = _template("dynamic_batching.pbtxt.in").substitute(
         queue_delay_us=opt.queue_delay_us, queue_timeout_us=opt.queue_timeout_us,
         max_queue_size=opt.max_queue_size)
