@@ -272,15 +272,20 @@ def test_sdturbo_gpu_script_constructs_at_full_size_on_the_meta_device():
 
 
 def test_export_from_a_folder_records_the_weight_files_identity(sd21):
-    """serve compares this with the weights on disk to tell a stale export from a current one,
-    the same identity a retrieval index built from that folder records."""
+    """serve compares this with the weights on disk to tell a stale export from a current one.
+    An export is made of the adapter and the decoder LoRA too, so its identity covers them; a
+    retrieval index caches only what the text encoder, VAE and UNet encoder give, so its
+    identity leaves them out (retraining the adapter does not invalidate the index)."""
     import json
 
-    from imageragturbo.model.encoder import model_identity
+    from imageragturbo.model.encoder import INDEX_PARTS, SERVED_PARTS, model_identity
 
     _, out, _, folder = sd21
     m = json.loads((out / "manifest.json").read_text())
-    assert m["model_files_id"] == model_identity(folder)
+    assert (folder / "h_adapter").is_dir()
+    assert m["model_files_id"] == model_identity(folder, SERVED_PARTS)
+    assert oe.model_files_id(folder, index=True) == model_identity(folder, INDEX_PARTS)
+    assert m["model_files_id"] != model_identity(folder, INDEX_PARTS)
 
 
 # ----------------------------------------------------------------------------- fp16 graphs
