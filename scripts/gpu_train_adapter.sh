@@ -7,8 +7,9 @@
 #   bash scripts/gpu_train_adapter.sh OUT [VARIANT ...]
 #
 # Needs: gpu_wheels/ (scripts/gpu_wheels.sh) carried with the checkout; PyTorch with CUDA
-# preinstalled. Writes OUT/<variant>/{export,done,*.log}: the export folder (h_adapter/,
-# unet_lora/, adapter_training.json) and each stage's done.json; caches stay in /tmp.
+# preinstalled. Writes OUT/<variant>.log and OUT/<variant>.tgz (export/ with h_adapter/,
+# unet_lora/, adapter_training.json; each stage's done.json; the loss history); caches stay
+# in /tmp. IRT_TRAIN_FLAGS adds flags to every run; IRT_RUN_TIMEOUT bounds each run (s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: gpu_train_adapter.sh OUT [VARIANT ...]}
@@ -37,23 +38,25 @@ flags() {
         *) echo "unknown variant $1" >&2; return 1 ;;
     esac
 }
+# Each run packs what it made into OUT/<variant>.tgz as soon as it ends (the export folder,
+# each stage's done.json, the loss history), so a run cut short loses only itself.
+pack() {
+    local v=$1 d=/tmp/adapter-runs/$1
+    (cd "$d" 2>/dev/null && tar czf "$out/$v.tgz" --ignore-failed-read export \
+        ./*/done.json train/history.json 2>/dev/null)
+}
 pids=()
 for v in "${variants[@]}"; do
     f=$(flags "$v") || exit 2
     # shellcheck disable=SC2086
-    (timeout "${IRT_RUN_TIMEOUT:-3000}" python3 -m imageragturbo.cli train adapter --run-dir "/tmp/adapter-runs/$v" \
-        --threads 2 --quiet $f > "$out/$v.log" 2>&1; echo "exit $?" >> "$out/$v.log") &
+    (timeout "${IRT_RUN_TIMEOUT:-3000}" python3 -m imageragturbo.cli train adapter \
+        --run-dir "/tmp/adapter-runs/$v" --threads 2 --quiet $f ${IRT_TRAIN_FLAGS:-} \
+        > "$out/$v.log" 2>&1; echo "exit $?" >> "$out/$v.log"; pack "$v") &
     pids+=($!)
 done
 t0=$(date +%s)
 for p in "${pids[@]}"; do wait "$p"; done
 echo "all runs ended in $(( $(date +%s) - t0 )) s"
 for v in "${variants[@]}"; do
-    mkdir -p "$out/$v/done"
-    cp -r "/tmp/adapter-runs/$v/export" "$out/$v/" 2>/dev/null
-    for st in data synth neighbours train export; do
-        cp "/tmp/adapter-runs/$v/$st/done.json" "$out/$v/done/$st.json" 2>/dev/null
-    done
-    cp "/tmp/adapter-runs/$v/train/history.json" "$out/$v/" 2>/dev/null
-    tail -n 3 "$out/$v.log"
+    echo "== $v: $(tail -n 1 "$out/$v.log")"
 done

@@ -228,17 +228,20 @@ class OneStepStudent(nn.Module):
 def ladd_step(student: OneStepStudent, disc: ladd.LADDDiscriminator, opt_g, opt_d, z_t,
               z0_teacher, ehs, pooled, s, eps_s, alphas_cumprod, distill_weight: float = 2.5,
               h_edit=None, backward=_backward, sync_heads=None, perceptual=None,
-              perceptual_weight: float = 0.0) -> dict:
+              perceptual_weight: float = 0.0, adv_weight: float = 1.0) -> dict:
     """One generator and one discriminator update, paper Eq. 10: L_adv (Eqs. 6-7) + alpha
     L_distill (Eq. 8) + beta L_latentLPIPS (Eq. 9, when ``perceptual(z0_hat, z0)`` is given).
     ``sync_heads(params)`` averages the heads' gradients across processes (the heads run three
-    times per step, so they are not DDP-wrapped)."""
+    times per step, so they are not DDP-wrapped). ``adv_weight`` scales L_adv (1 in Eq. 10)."""
     z0_hat = student(z_t, ehs, h_edit)
-    fake = disc(ladd.add_noise(z0_hat, eps_s, s, alphas_cumprod), s, ehs, pooled)
-    l_adv = ladd.g_adv_loss(fake)
     l_dist = ladd.distill_loss(z0_hat, z0_teacher)
-    loss_g = l_adv + distill_weight * l_dist
+    loss_g = distill_weight * l_dist
     out = {}
+    if adv_weight > 0:
+        fake = disc(ladd.add_noise(z0_hat, eps_s, s, alphas_cumprod), s, ehs, pooled)
+        l_adv = ladd.g_adv_loss(fake)
+        loss_g = loss_g + adv_weight * l_adv
+        out["g_adv"] = l_adv.item()
     if perceptual is not None and perceptual_weight > 0:
         l_lp = perceptual(z0_hat, z0_teacher)
         loss_g = loss_g + perceptual_weight * l_lp
@@ -248,6 +251,9 @@ def ladd_step(student: OneStepStudent, disc: ladd.LADDDiscriminator, opt_g, opt_
     nn.utils.clip_grad_norm_([p for g in opt_g.param_groups for p in g["params"]], 1.0)
     opt_g.step()
 
+    out["distill"] = l_dist.item()
+    if adv_weight <= 0:
+        return out  # no adversarial term: the discriminator has nothing to teach
     real = disc(ladd.add_noise(z0_teacher, eps_s, s, alphas_cumprod), s, ehs, pooled)
     fake = disc(ladd.add_noise(z0_hat.detach(), eps_s, s, alphas_cumprod), s, ehs, pooled)
     loss_d = ladd.d_hinge_loss(real, fake)
@@ -256,7 +262,7 @@ def ladd_step(student: OneStepStudent, disc: ladd.LADDDiscriminator, opt_g, opt_
     if sync_heads is not None:
         sync_heads(list(disc.trainable_parameters()))
     opt_d.step()
-    return {"g_adv": l_adv.item(), "distill": l_dist.item(), **out, "d": loss_d.item()}
+    return {**out, "d": loss_d.item()}
 
 
 # ----------------------------------------------------------------------------- stages

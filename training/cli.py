@@ -36,7 +36,8 @@ def _cmd_train_adapter(args: argparse.Namespace) -> int:
     from .adapter import AdapterConfig, AdapterRun, install
 
     kw = {"model": args.model}
-    for key in ("steps", "batch", "k_max", "lora_rank", "synth_prompts", "n_train", "seed"):
+    for key in ("steps", "batch", "k_max", "lora_rank", "synth_prompts", "n_train", "seed",
+                "adv_weight", "distill_weight", "real_fraction", "text_drop"):
         if getattr(args, key) is not None:
             kw[key] = getattr(args, key)
     if args.control:
@@ -123,6 +124,17 @@ def add_parsers(sub, bench) -> None:
     a.add_argument("--n-train", type=int, default=None,
                    help="ShapesWorld training items used (default 10000)")
     a.add_argument("--seed", type=int, default=None, help="data and initialisation seed")
+    a.add_argument("--adv-weight", type=float, default=None,
+                   help="weight of the LADD term in Eq. 10 (default 0: measured worse here; the "
+                        "paper's is 1)")
+    a.add_argument("--distill-weight", type=float, default=None,
+                   help="alpha of Eq. 10 (default 5; the paper's is 2.5)")
+    a.add_argument("--real-fraction", type=float, default=None,
+                   help="share of real ShapesWorld renders per batch (default 0: measured worse "
+                        "here; the rest are the teacher's synthetic pairs)")
+    a.add_argument("--text-drop", type=float, default=None,
+                   help="share of each batch for which the student sees the empty prompt, so "
+                        "the neighbours are its only source of the content (default 0.5)")
     a.add_argument("--control", action="store_true",
                    help="the no-retrieval control: the target's own H feature in place of the "
                         "retrieved ones (same parameters, data, losses and steps)")

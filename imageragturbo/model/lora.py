@@ -9,16 +9,23 @@ from __future__ import annotations
 
 DECODER_TARGETS = (r".*up_blocks\.\d+\.attentions\.\d+\.transformer_blocks\.\d+\."
                    r"attn\d\.(to_q|to_k|to_v|to_out\.0)")
+# ``targets="decoder"``: the up blocks' resnet convolutions too (still nothing of the encoder)
+DECODER_WIDE_TARGETS = (r".*up_blocks\.\d+\.(attentions\.\d+\.transformer_blocks\.\d+\."
+                        r"attn\d\.(to_q|to_k|to_v|to_out\.0)|resnets\.\d+\.(conv1|conv2))")
 
 
 def add_decoder_lora(unet, rank: int = 8, alpha: int | None = None,
-                     adapter_name: str = "decoder_lora"):
-    """Attach LoRA adapters (peft) to the decoder's attention projections; returns the names
-    of the adapted modules. The base weights are frozen; only LoRA parameters train."""
+                     adapter_name: str = "decoder_lora", targets: str = "attention"):
+    """Attach LoRA adapters (peft) to the decoder's attention projections (``targets=
+    "attention"``) or also its resnet convolutions (``"decoder"``); returns the names of the
+    adapted modules. The base weights are frozen; only LoRA parameters train."""
     from peft import LoraConfig
 
+    if targets not in ("attention", "decoder"):
+        raise ValueError(f"targets must be 'attention' or 'decoder', got {targets!r}")
     cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                     target_modules=DECODER_TARGETS)
+                     target_modules=DECODER_TARGETS if targets == "attention"
+                     else DECODER_WIDE_TARGETS)
     unet.requires_grad_(False)
     unet.add_adapter(cfg, adapter_name=adapter_name)
     names = [n for n, _ in unet.named_modules() if n.endswith("lora_A")]
@@ -84,7 +91,9 @@ def merge_decoder_lora(unet, path) -> int:
         for name, s in scaling.items():
             lin = modules.get(name)
             a, b = tensors[f"{name}.lora_A"].float(), tensors[f"{name}.lora_B"].float()
-            if lin is None or tuple(lin.weight.shape) != (b.shape[0], a.shape[1]):
+            # linear: A (r, in), B (out, r); conv: A (r, in, kh, kw), B (out, r, 1, 1)
+            delta = torch.einsum("or,r...->o...", b.flatten(1), a)
+            if lin is None or tuple(lin.weight.shape) != tuple(delta.shape):
                 raise ValueError(f"{path}: LoRA for {name!r} does not fit this UNet")
-            lin.weight.copy_((lin.weight.float() + s * (b @ a)).to(lin.weight.dtype))
+            lin.weight.copy_((lin.weight.float() + s * delta).to(lin.weight.dtype))
     return len(scaling)
