@@ -89,7 +89,8 @@ def _cmd_eval_run(args: argparse.Namespace) -> int:
     from . import evaluate, tifa
 
     res = evaluate.run(args.model, args.pipeline, args.steps, args.guidance, args.n, args.seed,
-                       grid=args.grid, progress=not args.json)
+                       grid=args.grid, progress=not args.json, k=args.k,
+                       strength=args.strength, index=args.index)
     name = f"{args.pipeline} x{args.steps}"
     if args.plot:
         tifa.plot_categories({name: res}, args.plot)
@@ -256,12 +257,21 @@ def build_parser() -> argparse.ArgumentParser:
     r = esub.add_parser(
         "run", help="generate the evaluation prompts with a pipeline and score them",
         description="Generates the ShapesWorld evaluation prompts with the teacher (N DDIM "
-                    "steps, classifier-free guidance) or the one-step student and measures "
+                    "steps, classifier-free guidance), the one-step student, ImageRAGTurbo "
+                    "(--pipeline adapter) or the student with slerp injection, and measures "
                     "ShapesTIFA, the Frechet distance to real renders (FID's analogue) and the "
                     "CLIP-score analogue. --json prints {tifa, categories, fd, clip, ...}.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     r.add_argument("--model", default="tiny-shapes", help="variant name or diffusers folder")
-    r.add_argument("--pipeline", choices=["teacher", "student"], default="student")
+    r.add_argument("--pipeline", choices=["teacher", "student", "adapter", "slerp"],
+                   default="student",
+                   help="adapter: ImageRAGTurbo (trained H-adapter + decoder LoRA); slerp: the "
+                        "student with training-free slerp injection of the top-1 neighbour")
+    r.add_argument("--k", type=int, default=4, help="neighbours (adapter; slerp uses the top 1)")
+    r.add_argument("--strength", type=float, default=None,
+                   help="adapter: scales lambda (default 1); slerp: 1 - w (default 0.2)")
+    r.add_argument("--index", type=Path, default=None,
+                   help="retrieval index (default: data/index/shapesworld-<model>)")
     r.add_argument("--steps", type=int, default=1, help="denoising steps (student: 1)")
     r.add_argument("--guidance", type=float, default=4.0, help="teacher CFG scale")
     r.add_argument("--n", type=int, default=500, help="evaluation prompts")

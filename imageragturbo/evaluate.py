@@ -84,12 +84,23 @@ def measure(components, scorer, items: Sequence[sw.Item], images: np.ndarray,
 
 def run(model: str = "tiny-shapes", pipeline: str = "student", steps: int = 1,
         guidance: float = 4.0, n: int = 500, seed: int = 0, grid: str | Path | None = None,
-        progress: bool = True) -> dict:
+        progress: bool = True, k: int = 4, strength: float | None = None,
+        index: str | Path | None = None) -> dict:
+    """Generate the first ``n`` evaluation prompts with ``pipeline`` and measure them:
+    ``teacher`` (``steps`` DDIM steps, CFG), ``student`` (one step, as distilled), ``adapter``
+    (ImageRAGTurbo: the trained H-adapter and decoder LoRA, k neighbours, lambda = strength x
+    the top-1 similarity, strength 1 by default) or ``slerp`` (the student with training-free
+    slerp of the top-1 neighbour, target weight w = 1 - strength, strength 0.2 by default)."""
     from .model.clip_scorer import ClipScorer
     from .model.family import load_components, resolve
 
+    if pipeline not in ("teacher", "student", "adapter", "slerp"):
+        raise ValueError(f"unknown pipeline {pipeline!r}: teacher, student, adapter or slerp")
     comps = load_components(model, with_teacher=(pipeline == "teacher"),
-                            retrieval_tuned=False)
+                            retrieval_tuned=(pipeline == "adapter"))
+    if pipeline == "adapter" and comps.h_adapter is None:
+        raise FileNotFoundError(f"{model} has no trained h_adapter: run `imageragturbo train "
+                                "adapter --install` first")
     scorer_dir = resolve(model) / "clip_scorer"
     if not scorer_dir.is_dir():
         raise FileNotFoundError(f"{scorer_dir} missing: FD and CLIP score need the model's "
@@ -97,8 +108,25 @@ def run(model: str = "tiny-shapes", pipeline: str = "student", steps: int = 1,
     scorer = ClipScorer.from_pretrained(scorer_dir)
     items = sw.make_split("eval", n, seed)
     seeds = [seed * 1_000_000 + i for i in range(len(items))]
-    images = generate(comps, [it.caption for it in items], seeds, pipeline, steps, guidance,
-                      progress=progress)
+    prompts = [it.caption for it in items]
+    if pipeline in ("adapter", "slerp"):
+        from .quality import neighbours, student_images
+
+        if k < 1:
+            raise ValueError(f"k must be >= 1 for the {pipeline} pipeline, got {k}")
+        _, _, h, scores = neighbours(model, comps, prompts, k, index, progress)
+        if pipeline == "adapter":
+            lam = (1.0 if strength is None else float(strength)) * scores[:, 0]
+            images = student_images(comps, prompts, seeds, h, lam, desc="adapter",
+                                    progress=progress)
+        else:
+            w = 1.0 - (0.2 if strength is None else float(strength))
+            if not 0.0 <= w <= 1.0:
+                raise ValueError(f"slerp strength must be in [0, 1], got {strength}")
+            images = student_images(comps, prompts, seeds, h[:, :1], slerp_w=w, desc="slerp",
+                                    progress=progress)
+    else:
+        images = generate(comps, prompts, seeds, pipeline, steps, guidance, progress=progress)
     # Real renders of other scenes of the same prompt distribution (the retrieval split's
     # first 2n), so FD compares distributions, not paired images.
     ref_items = sw.make_split("retrieval", max(2 * n, 200), seed)
@@ -106,6 +134,8 @@ def run(model: str = "tiny-shapes", pipeline: str = "student", steps: int = 1,
     out = measure(comps, scorer, items, images, reference)
     out.update({"pipeline": pipeline, "steps": steps,
                 "guidance": guidance if pipeline == "teacher" else None, "model": model})
+    if pipeline in ("adapter", "slerp"):
+        out.update({"k": k if pipeline == "adapter" else 1, "strength": strength})
     if grid:
         sw.caption_grid(images[:24], [it.caption for it in items[:24]], grid)
     return out

@@ -75,6 +75,24 @@ def split_scores(per_prompt: Sequence[dict], items: Sequence[sw.Item]) -> dict:
             "n_tail": int(tail.sum()), "n_rest": int((~tail).sum())}
 
 
+def neighbours(model: str, c, prompts: Sequence[str], k: int, index=None, progress=True):
+    """The index (``index`` or the model's default, built when missing), and each prompt's k
+    neighbours: their cached H features (N, k, C, h, w) float32 and scores (N, k)."""
+    import torch
+
+    from .model.pipeline import encode_prompt
+    from .retriever import RetrievalIndex
+    from .serving.assets import ensure_index
+
+    idx = RetrievalIndex.load(ensure_index(model, Path(index) if index else None,
+                                           quiet=not progress))
+    with torch.no_grad():
+        pooled = np.concatenate([encode_prompt(c, list(prompts[a:a + 256]))[1].numpy()
+                                 for a in range(0, len(prompts), 256)])
+    ids, scores = idx.search(pooled, k)
+    return idx, ids, idx.h(ids).astype(np.float32), scores.astype(np.float32)
+
+
 def onnx_latency(c, index, prompts: Sequence[str], k_values=(0, 1, 4), repeats: int = 30,
                  threads: int = 1) -> dict:
     """Median ms of one batch-1 request through the in-process ONNX Runtime pipeline (the
@@ -115,8 +133,7 @@ def run(model: str = "tiny-shapes", n: int = 500, seed: int = 0, teacher_steps: 
 
     from .model.clip_scorer import ClipScorer
     from .model.family import load_components, resolve
-    from .model.pipeline import decode_latents, encode_prompt
-    from .serving.assets import ensure_index
+    from .model.pipeline import decode_latents
 
     items = sw.make_split("eval", n, seed)
     prompts = [it.caption for it in items]
@@ -130,16 +147,8 @@ def run(model: str = "tiny-shapes", n: int = 500, seed: int = 0, teacher_steps: 
     ref_items = sw.make_split("retrieval", max(2 * n, 200), seed)
     reference = np.stack([np.asarray(sw.render(it.scene)) for it in ref_items])
 
-    from .retriever import RetrievalIndex
-
-    idx = RetrievalIndex.load(ensure_index(model, Path(index) if index else None,
-                                           quiet=not progress))
-    with torch.no_grad():
-        pooled = np.concatenate([encode_prompt(base, prompts[a:a + 256])[1].numpy()
-                                 for a in range(0, n, 256)])
-    ids, scores = idx.search(pooled, 4)
-    h4 = idx.h(ids).astype(np.float32)                                 # (N, 4, C, h, w)
-    lam = scores[:, 0].astype(np.float32)
+    idx, ids, h4, scores = neighbours(model, base, prompts, 4, index, progress)
+    lam = scores[:, 0].copy()
 
     images: dict[str, np.ndarray] = {}
     nfe: dict[str, int] = {}

@@ -126,6 +126,13 @@ def test_run_retrieves_from_the_index_never_itself_and_installs_a_loadable_model
     assert all(torch.equal(p, dict(plain.unet.named_parameters())[n]) for n, p in enc_t.items())
     assert any(not torch.equal(p, dict(plain.unet.named_parameters())[n])
                for n, p in tuned.unet.named_parameters() if n.startswith("up_blocks"))
+    # `eval run --pipeline adapter|slerp`: the installed model through retrieval, scored
+    from imageragturbo import evaluate
+
+    index = model_and_index[1]
+    for pipeline in ("adapter", "slerp"):
+        res = evaluate.run(str(model), pipeline, n=4, k=2, index=index, progress=False)
+        assert 0.0 <= res["tifa"] <= 1.0 and np.isfinite(res["fd"]) and res["n_prompts"] == 4
 
 
 def test_an_index_of_another_model_is_refused_before_training(tmp_path, model_and_index):
