@@ -216,7 +216,7 @@ class AdapterRun(StagedRun):
             from imageragturbo.retriever import IndexFormatError, RetrievalIndex
             from imageragturbo.serving.assets import ensure_index
 
-            path = ensure_index(str(self.model_dir), self.index_dir, self.data_dir,
+            path = ensure_index(str(self.cfg.model), self.index_dir, self.data_dir,
                                 quiet=not self.progress)
             want = model_files_id(str(self.model_dir), index=True)
             idx = RetrievalIndex.load(path, model_id=want,

@@ -57,6 +57,13 @@ def model_folder(model: str, random_weights: bool = False, runs: Path = DEFAULT_
     return model
 
 
+def _folder(model) -> Path:
+    """A variant name or a folder, as the folder it names (for comparing the two spellings)."""
+    from imageragturbo.model.family import VARIANTS
+
+    return Path(VARIANTS.get(str(model), Path(str(model)))).resolve()
+
+
 def _name(model: str) -> str:
     return Path(model).name or "model"
 
@@ -139,8 +146,7 @@ def prepare(model: str = DEFAULT_MODEL, export_dir: Path | None = None,
     exp = ensure_export(model, export_dir, fp16=fp16, quiet=quiet)
     idx = ensure_index(model, index_dir, data, retrieval_items, quiet=quiet)
     src = json.loads((idx / "manifest.json").read_text()).get("model_source")
-    if src is not None and Path(str(src)).resolve() != Path(str(model)).resolve() \
-            and str(src) != str(model):
+    if src is not None and _folder(src) != _folder(model):
         raise ValueError(f"index {idx} was built for model {src!r}, not {model!r}; give the "
                          "matching --index or remove it to rebuild")
     return Assets(model, exp, idx)
