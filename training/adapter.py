@@ -393,14 +393,26 @@ class AdapterRun(StagedRun):
             if d.exists():
                 shutil.rmtree(d)
             d.mkdir(parents=True)
-            shutil.copytree(self.dir / "train" / "h_adapter", d / "h_adapter")
+            # fp16 on disk, like the rest of the shipped model (loaded back as fp32)
+            HAdapter.from_pretrained(self.dir / "train" / "h_adapter").save_pretrained(
+                d / "h_adapter", dtype=torch.float16)
             if (self.dir / "train" / "unet_lora").is_dir():
-                shutil.copytree(self.dir / "train" / "unet_lora", d / family.LORA_DIR)
+                _copy_lora_fp16(self.dir / "train" / "unet_lora", d / family.LORA_DIR)
             record = {"config": json.loads((self.dir / self.config_file).read_text()),
                       **{st: self.done(st) for st in STAGES[:-1]}}
             (d / "adapter_training.json").write_text(json.dumps(record, indent=2) + "\n")
         size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
         return self._finish("export", {"path": str(d), "bytes": size})
+
+
+def _copy_lora_fp16(src: Path, dst: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src / "config.json", dst / "config.json")
+    tensors = load_file(str(src / "lora.safetensors"))
+    save_file({k: v.half().contiguous() for k, v in tensors.items()},
+              str(dst / "lora.safetensors"))
 
 
 def install(run_dir: str | Path, model: str | Path = "tiny-shapes") -> Path:
