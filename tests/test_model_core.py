@@ -204,3 +204,17 @@ def test_student_and_teacher_pipelines_are_deterministic_per_seed(sd21_folder):
     assert np.array_equal(t1, teacher_generate(c, p, [7, 8], steps=3, guidance=3.0))
     with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
         student_generate(c, p, [1])
+
+
+def test_a_model_folder_with_pickled_weights_is_refused_with_the_path(sd21_folder, tmp_path):
+    """Weights load from safetensors only: a planted pickle (.bin) is refused, path named."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(sd21_folder, folder)
+    planted = folder / "unet" / "diffusion_pytorch_model.bin"
+    torch.save({"x": torch.zeros(1)}, planted)
+    with pytest.raises(ValueError, match=str(planted)):
+        family.load_components(folder)
+    planted.unlink()
+    assert family.load_components(folder).unet is not None

@@ -74,6 +74,7 @@ class AdapterConfig:
     lora_targets: str = "decoder"  # "attention" projections, or the whole "decoder" (+convs)
     real_input: str = "noised"    # real pairs' z_T: q(z_999 | z_0) ("noised") or pure "noise"
     text_drop: float = 0.5        # the student sees the empty prompt for this share of a batch
+    positional: bool = False      # the adapter's tokens carry their 2-D position (h_space)
     steps: int = 1500             # 45 min on 2 CPU cores (1.3 s a step), ~2 min on a GPU
     batch: int = 32
     adapter_lr: float = 1e-3
@@ -294,7 +295,9 @@ class AdapterRun(StagedRun):
             add_decoder_lora(student, rank=cfg.lora_rank, targets=cfg.lora_targets)
         else:
             student.requires_grad_(False)
-        adapter = HAdapter(adapter_config_for(student)).train()
+        acfg = adapter_config_for(student)
+        acfg.positional = cfg.positional
+        adapter = HAdapter(acfg).train()
         teacher = self.c.teacher_unet.requires_grad_(False)
         disc = ladd.LADDDiscriminator(teacher, text_dim=data["pooled"].shape[1])
         perc = (ladd.LatentPerceptual(UNetEncoder(teacher), data["uncond"])

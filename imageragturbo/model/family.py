@@ -161,6 +161,19 @@ def save_sd_folder(c: Components, path: str | Path) -> Path:
 # ----------------------------------------------------------------------------- loading
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_pickled_weights(path: Path) -> None:
+    """Weights load from safetensors only: a pickled file (which can run code when loaded)
+    anywhere in a model folder is refused with its path named, not merely warned about."""
+    pickled = sorted(p for p in Path(path).rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickled:
+        raise ValueError(f"refusing to load {path}: pickled weights {pickled[0]}"
+                         f"{f' (and {len(pickled) - 1} more)' if len(pickled) > 1 else ''}; "
+                         "models load from safetensors only: convert or remove the file")
+
+
 @dataclass
 class Components:
     tokenizer: object
@@ -201,13 +214,16 @@ def load_components(model: str | Path = "tiny-shapes", dtype: torch.dtype = torc
     if missing:
         raise FileNotFoundError(f"{path} is not a diffusers text-to-image folder: missing "
                                 f"subfolder(s) {', '.join(missing)}")
+    refuse_pickled_weights(path)
     sched_cfg = EulerDiscreteScheduler.load_config(path / "scheduler")
     scheduler = EulerDiscreteScheduler.from_config(sched_cfg)
     c = Components(
         tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
-        text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype),
-        vae=AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype),
-        unet=UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype),
+        text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype,
+                                                   use_safetensors=True),
+        vae=AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, use_safetensors=True),
+        unet=UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype,
+                                                  use_safetensors=True),
         scheduler=scheduler,
         name=str(model),
     )
@@ -215,7 +231,8 @@ def load_components(model: str | Path = "tiny-shapes", dtype: torch.dtype = torc
         if not (path / "teacher_unet").is_dir():
             raise FileNotFoundError(f"{path} has no teacher_unet subfolder")
         c.teacher_unet = UNet2DConditionModel.from_pretrained(path / "teacher_unet",
-                                                              torch_dtype=dtype)
+                                                              torch_dtype=dtype,
+                                                              use_safetensors=True)
     if retrieval_tuned and (path / "h_adapter").is_dir():
         from .h_space import HAdapter
 

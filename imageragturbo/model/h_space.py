@@ -50,6 +50,7 @@ class HAdapterConfig:
     head_dim: int = 64       # width of one head
     ff_mult: int = 4         # GEGLU feed-forward expansion
     norm_groups: int = 32    # GroupNorm groups on h before the block
+    positional: bool = False  # add a learnt projection of 2-D sin-cos positions to the tokens
 
     @property
     def inner_dim(self) -> int:
@@ -86,11 +87,20 @@ class HAdapter(nn.Module):
         self.proj_out = nn.Linear(d, c)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
+        # Cross-attention sees the neighbours' tokens as a set; with ``positional`` every token
+        # (target and retrieved alike) also carries where it sits, so layout can be copied.
+        self.pos_proj = nn.Linear(4 * POS_FREQS, d) if config.positional else None
+        if self.pos_proj is not None:
+            nn.init.zeros_(self.pos_proj.weight)
+            nn.init.zeros_(self.pos_proj.bias)
 
     def _tokens(self, h: torch.Tensor) -> torch.Tensor:
         b, c, hh, ww = h.shape
         x = self.norm(h).permute(0, 2, 3, 1).reshape(b, hh * ww, c)   # (B, HW, C)
-        return self.proj_in(x)                                        # (B, HW, D)
+        x = self.proj_in(x)                                           # (B, HW, D)
+        if self.pos_proj is not None:
+            x = x + self.pos_proj(sincos_2d(hh, ww, x.device, x.dtype))  # (HW, D) broadcast
+        return x
 
     def delta(self, h_tgt: torch.Tensor, h_retr: torch.Tensor) -> torch.Tensor:
         """g(h_tgt, h_retr): (B, C, H, W), (B, k, C, H, W) -> (B, C, H, W)."""
@@ -133,6 +143,20 @@ class HAdapter(nn.Module):
         sd = {k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()}
         m.load_state_dict(sd)
         return m
+
+
+POS_FREQS = 4  # sin-cos frequencies per axis of the adapter's positional code
+
+
+def sincos_2d(hh: int, ww: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(H*W, 4 * POS_FREQS): sin and cos of each token's row and column in [0, 1] at
+    POS_FREQS octaves (resolution-free, so one adapter serves any latent size)."""
+    ys = torch.linspace(0, 1, hh, device=device, dtype=torch.float32)
+    xs = torch.linspace(0, 1, ww, device=device, dtype=torch.float32)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    f = (2.0 ** torch.arange(POS_FREQS, device=device, dtype=torch.float32)) * torch.pi
+    arg = torch.cat([yy.reshape(-1, 1) * f, xx.reshape(-1, 1) * f], dim=1)  # (HW, 2F)
+    return torch.cat([arg.sin(), arg.cos()], dim=1).to(dtype)
 
 
 def sd21_adapter_config() -> HAdapterConfig:
