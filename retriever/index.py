@@ -357,16 +357,38 @@ def build_index(pairs: Sequence[Pair], encoder: RetrievalEncoder, out: str | os.
     }
     (tmp / PROGRESS).unlink()
     _write_json(tmp / MANIFEST, manifest)
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
+    publish(tmp, out)
     return out
+
+
+def publish(built: Path, out: Path) -> None:
+    """Make the finished folder ``built`` the index at ``out``, atomically for readers.
+
+    ``out`` is a symlink to a versioned sibling (``<out>.v<time>-<pid>``) and is replaced by
+    one rename (``os.replace`` of a new link), so a reader opening ``out`` finds the old index
+    or the new one, never none and never a mix (:meth:`RetrievalIndex.load` resolves the link
+    once). The previous version is kept until the next publish, for readers that resolved it a
+    moment ago; older ones are removed. A real folder at ``out`` (an index built before
+    versioning) is moved aside first: only then is there an instant with no index.
+    """
+    version = out.with_name(f"{out.name}.v{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}-"
+                            f"{time.monotonic_ns() % 10**6}")
+    built.rename(version)
+    link = out.with_name(out.name + ".link")
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(version.name, target_is_directory=True)
+    previous = out.resolve() if out.is_symlink() else None
+    if out.exists() and not out.is_symlink():
+        legacy = out.with_name(out.name + ".v0-legacy")
+        if legacy.exists():
+            shutil.rmtree(legacy)
+        out.rename(legacy)
+        previous = legacy
+    os.replace(link, out)
+    for old in out.parent.glob(f"{out.name}.v*"):
+        if old.is_dir() and old.resolve() not in (version.resolve(), previous):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- serving
@@ -420,13 +442,14 @@ class RetrievalIndex:
         """
         import hnswlib
 
-        path = Path(path)
+        given = Path(path)
+        path = given.resolve()  # one version of the index, even if it is republished meanwhile
         if not path.is_dir():
             hint = ""
-            if path.with_name(path.name + ".partial").exists():
+            if given.with_name(given.name + ".partial").exists():
                 hint = (f" ({path.name}.partial is an interrupted build: run `imageragturbo "
                         "index build` again to resume it)")
-            raise FileNotFoundError(f"no retrieval index at {path}{hint}")
+            raise FileNotFoundError(f"no retrieval index at {given}{hint}")
         mpath = path / MANIFEST
         if not mpath.exists():
             raise FileNotFoundError(f"{path} is not a complete retrieval index: no {MANIFEST} "
@@ -493,7 +516,7 @@ class RetrievalIndex:
                                    f"the manifest says {n}")
         graph.set_ef(int(ef if ef is not None else manifest["hnsw"]["ef"]))
         graph.set_num_threads(threads)
-        return cls(path, manifest, graph, arrays, items, threads)
+        return cls(given, manifest, graph, arrays, items, threads)
 
     # ------------------------------------------------------------------ properties
 

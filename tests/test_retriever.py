@@ -314,6 +314,41 @@ def test_existing_index_needs_overwrite(built, tmp_path):
     assert not (tmp_path / "idx.old").exists()
 
 
+def test_rebuilding_an_index_never_leaves_readers_without_one(built, tmp_path):
+    """Replacing an index is atomic for readers: a thread loading and querying it in a loop
+    while it is rebuilt three times never fails, and sees only whole indexes (10 or 20 items,
+    as built), never a missing or mixed one."""
+    import threading
+
+    pairs, enc, _ = built
+    idx = tmp_path / "idx"
+    build_index(pairs[:10], enc, idx, progress=False)
+    q = enc.encode_text([pairs[0].caption])
+    errors, sizes, stop = [], set(), threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                index = RetrievalIndex.load(idx)
+                index.search(q, 3)
+                sizes.add(len(index))
+            except Exception as e:  # noqa: BLE001 - any failure is the bug under test
+                errors.append(repr(e))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for n in (20, 10, 20):
+            build_index(pairs[:n], enc, idx, overwrite=True, progress=False)
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors[:3]
+    assert sizes <= {10, 20} and len(RetrievalIndex.load(idx)) == 20
+    versions = sorted(p.name for p in tmp_path.glob("idx.v*"))
+    assert len(versions) <= 2, versions  # the current and the previous one
+
+
 def test_read_pairs_jsonl_resolves_paths_and_ids(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     lines = [{"caption": "a red star", "image": "a.png"},

@@ -17,6 +17,7 @@ to ship it into a container).
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +114,7 @@ def _warmup_block(values: list[dict], batch_sizes: list[int]) -> str:
 
 def _place(src: Path, dst: Path, link: str) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    src = src.resolve()
+    src = Path(os.path.abspath(src))  # not resolved: an index path is a link that is republished
     if link == "symlink":
         dst.symlink_to(src, target_is_directory=src.is_dir())
     elif src.is_dir():
