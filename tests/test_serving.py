@@ -369,6 +369,35 @@ def test_health_checks_report_live_and_ready(client, server):
     assert asyncio.run(check()) == (True, True)
 
 
+def _ensemble_counters(server) -> dict[str, float]:
+    """nv_inference_request_{success,failure} of the ensemble (failures summed over their
+    reasons), scraped from /metrics."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    out = {}
+    for kind in ("success", "failure"):
+        # one line per failure reason (BACKEND, REJECTED, ...): the sum is the count
+        found = re.findall(rf'^nv_inference_request_{kind}\{{[^}}]*model="imageragturbo"'
+                           r'[^}]*\} ([0-9.e+]+)$', text, re.M)
+        out[kind] = sum(float(x) for x in found)
+    return out
+
+
+def test_prometheus_metrics_count_ensemble_successes_and_failures(server, client):
+    """Triton's metrics endpoint is on, bound to the server's host, and the ensemble's success
+    and failure counters move with served and refused requests."""
+    assert server.metrics_url.startswith("http://127.0.0.1:")
+    before = _ensemble_counters(server)
+    client.generate("a red star", seed=1, k=1)
+    with pytest.raises(InvalidInputError):
+        client.generate("   ", seed=1)
+    after = _ensemble_counters(server)
+    assert after["success"] >= before["success"] + 1
+    assert after["failure"] >= before["failure"] + 1
+
+
 def test_cli_generate_url_writes_png_through_the_server(server, tmp_path, capsys):
     out = tmp_path / "out.png"
     assert main(["generate", "--url", server.url, "a red circle", "--seed", "3", "--k", "2",

@@ -112,17 +112,25 @@ class TritonServer:
     def __init__(self, repository: str | Path, host: str = "127.0.0.1",
                  grpc_port: int | None = None, http_port: int | None = None,
                  log_path: str | Path | None = None, cache: str | Path = "runs/serve",
-                 log_verbose: int = 0, extra_args: list[str] | None = None):
+                 log_verbose: int = 0, extra_args: list[str] | None = None,
+                 metrics_port: int | None = None):
         self.repository = Path(repository).resolve()
         self.host = host
         self.grpc_port = grpc_port or free_port()
         self.http_port = http_port or free_port()
+        self.metrics_port = metrics_port or free_port()
         self.cache = Path(cache)
         self.log_path = Path(log_path) if log_path else self.cache / "tritonserver.log"
         self.log_verbose = log_verbose
         self.extra_args = list(extra_args or [])
         self.process: subprocess.Popen | None = None
         self.binary: TritonBinary | None = None
+
+    @property
+    def metrics_url(self) -> str:
+        """Triton's Prometheus endpoint."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.metrics_port}/metrics"
 
     @property
     def url(self) -> str:
@@ -136,7 +144,10 @@ class TritonServer:
                 f"--backend-directory={b.backend_dir}",
                 f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
                 f"--http-address={self.host}", f"--http-port={self.http_port}",
-                "--allow-metrics=false", "--strict-readiness=true", "--exit-on-error=true",
+                # Prometheus metrics, bound like the rest (http://host:metrics_port/metrics)
+                "--allow-metrics=true", "--allow-gpu-metrics=false",
+                f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+                "--strict-readiness=true", "--exit-on-error=true",
                 f"--log-verbose={self.log_verbose}", *self.extra_args]
 
     def environment(self) -> dict[str, str]:
@@ -161,7 +172,7 @@ class TritonServer:
     def start(self) -> TritonServer:
         if self.process is not None:
             raise ServerError("server already started")
-        for port in (self.grpc_port, self.http_port):
+        for port in (self.grpc_port, self.http_port, self.metrics_port):
             if _port_in_use(self.host if self.host != "0.0.0.0" else "127.0.0.1", port):
                 raise ServerError(f"port {port} on {self.host} is in use (another server?); "
                                   "choose another with --grpc-port / --http-port")
@@ -205,7 +216,8 @@ class TritonServer:
             if self.is_ready():
                 if progress:
                     print(f"serve: ready on {self.url} (gRPC) in "
-                          f"{time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+                          f"{time.monotonic() - t0:.1f} s; metrics at {self.metrics_url}",
+                          file=sys.stderr, flush=True)
                 return
             waited = time.monotonic() - t0
             if waited > timeout:
