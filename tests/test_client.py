@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from imageragturbo.client import (
@@ -117,4 +116,6 @@ def test_triton_status_codes_map_to_typed_errors():
         err = from_triton(InferenceServerException("boom", status=status))
         assert type(err) is cls and err.status == status.split(".")[1]
     assert isinstance(InvalidInputError("x"), ValueError)
-    assert np.dtype(np.int64)  # numpy is the SDK's only array dependency
+    # a status the SDK does not know is a ServerError, never silently retried or dropped
+    unknown = from_triton(InferenceServerException("odd", status="StatusCode.DATA_LOSS"))
+    assert type(unknown) is ServerError and unknown.status == "DATA_LOSS"

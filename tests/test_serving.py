@@ -305,9 +305,27 @@ def test_concurrent_requests_are_dynamically_batched_and_match_single_requests(s
     inferences = after.inference_count - before.inference_count
     executions = after.execution_count - before.execution_count
     assert inferences == 8 and executions < 8, (inferences, executions)  # some were batched
-    for i in (0, 5):
+    for i in range(8):  # every one of them, not a sample
         single = client.generate(PROMPTS[i % 3], seed=100 + i, k=1)
-        assert _maxdiff(results[i].array, single.array) <= PIXEL_BOUND
+        assert _maxdiff(results[i].array, single.array) <= PIXEL_BOUND, i
+
+
+def test_one_bad_request_in_a_dynamic_batch_fails_alone(server, client):
+    """Seven valid requests and one blank prompt sent together: the seven get their images
+    (each equal to its single request), the bad one alone gets INVALID_ARGUMENT."""
+    async def burst():
+        async with AsyncImageRAGTurboClient(server.url, timeout=60) as ac:
+            calls = [ac.generate(PROMPTS[i % 3], seed=200 + i, k=1) for i in range(7)]
+            calls.insert(3, ac.generate("   ", seed=1, k=1))
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = asyncio.run(burst())
+    assert isinstance(results[3], InvalidInputError), results[3]
+    good = [r for j, r in enumerate(results) if j != 3]
+    assert not any(isinstance(r, BaseException) for r in good), good
+    for i, r in enumerate(good):
+        assert _maxdiff(r.array, client.generate(PROMPTS[i % 3], seed=200 + i, k=1).array) \
+            <= PIXEL_BOUND
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -329,6 +347,15 @@ BAD = {
                     "K must be in [0, 16]"),
     "k_differs_in_request": ([_prompt("a", "b"), _inp("K", np.array([[1], [2]], np.int32),
                                                       "INT32")], "K must be the same"),
+    "too_long_prompt": ([_prompt("a" * 100_000)], "PROMPT[0] has 100000 characters"),
+    "nan_strength": ([_prompt("a red circle"),
+                      _inp("STRENGTH", np.array([[np.nan]], np.float32), "FP32")],
+                     "STRENGTH must be a finite number"),
+    "inf_strength": ([_prompt("a red circle"),
+                      _inp("STRENGTH", np.array([[np.inf]], np.float32), "FP32")],
+                     "STRENGTH must be a finite number"),
+    "wrong_item_shape": ([_prompt("a red circle"), _inp("SEED", np.array([[1, 2]], np.int64),
+                                                        "INT64")], "SEED"),
     "negative_strength": ([_prompt("a red circle"),
                            _inp("STRENGTH", np.array([[-1.0]], np.float32), "FP32")],
                           "strength must be >= 0"),
@@ -383,6 +410,59 @@ def _ensemble_counters(server) -> dict[str, float]:
                            r'[^}]*\} ([0-9.e+]+)$', text, re.M)
         out[kind] = sum(float(x) for x in found)
     return out
+
+
+def test_sdk_does_not_retry_invalid_argument(server, client):
+    """A refused request reaches the server once: one SDK call moves the ensemble's failure
+    counter exactly as much as one plain tritonclient request does (UNAVAILABLE alone is
+    retried; the counter may move by more than one per refused request)."""
+    before = _ensemble_counters(server)["failure"]
+    with grpcclient.InferenceServerClient(server.url) as c:
+        with pytest.raises(InferenceServerException):
+            c.infer("imageragturbo", [_prompt("   ")])
+    one_request = _ensemble_counters(server)["failure"] - before
+    assert one_request >= 1
+    before = _ensemble_counters(server)["failure"]
+    with pytest.raises(InvalidInputError):
+        client.generate("   ", seed=1)
+    assert _ensemble_counters(server)["failure"] - before == one_request
+
+
+def _broken_copy(src, dst, name):
+    """A copy of ``src`` (a folder) whose file ``name`` has one byte changed."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    f = dst / name
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    return dst
+
+
+@pytest.mark.parametrize("broken", ["index", "graph"])
+def test_server_with_a_broken_index_or_graph_never_reports_ready(assets, tmp_path, broken):
+    """A changed byte in the index's H features (the retriever checks the manifest's sha256)
+    or a truncated ONNX graph: the server does not become ready, and says why in its log."""
+    from imageragturbo.serving.server import ServerError
+
+    index = assets["index"]
+    if broken == "index":
+        index = _broken_copy(assets["index"], tmp_path / "index", "h.f16.npy")
+    repo = render_repository(assets["adapter"], index, tmp_path / "repo", "cpu", link="copy")
+    if broken == "graph":  # broken after rendering (rendering itself checks the manifest)
+        graph = repo / "unet_decoder" / "1" / "model.onnx"
+        graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
+    s = TritonServer(repo, log_path=tmp_path / "server.log", cache=assets["root"] / "cache")
+    s.start()
+    try:
+        with pytest.raises(ServerError):
+            s.wait_ready(timeout=60, progress=False)
+        assert not s.is_ready()
+    finally:
+        s.stop()
+    log = (tmp_path / "server.log").read_text(errors="replace")
+    assert ("sha256" in log) if broken == "index" else ("unet_decoder" in log)
 
 
 def test_prometheus_metrics_count_ensemble_successes_and_failures(server, client):
