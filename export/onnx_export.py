@@ -604,16 +604,10 @@ def export_model(c: family.Components, out: str | Path, *, source: str | Path | 
 
 
 def model_files_id(source, index: bool = False) -> str | None:
-    """The weight files' identity of a variant name or folder (None when not a folder): of
-    everything an export is made of, or with ``index`` of the parts an index caches."""
-    from imageragturbo.model.encoder import INDEX_PARTS, SERVED_PARTS
-    from imageragturbo.model.encoder import model_identity as files_identity
+    """The weight files' identity (``defaults.model_files_id``, kept here for callers)."""
+    from imageragturbo.defaults import model_files_id as files_id
 
-    try:
-        parts = INDEX_PARTS if index else SERVED_PARTS
-        return files_identity(family.resolve(source), parts) if source is not None else None
-    except FileNotFoundError:
-        return None
+    return files_id(source, index)
 
 
 def export_from_model(model: str | Path, out: str | Path, **kw) -> Path:

@@ -7,33 +7,22 @@ h^retr = f_enc(tau(p^retr), 0, z_0^retr) (paper Sec. 3.2), cached at build time.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from imageragturbo.defaults import INDEX_PARTS, SERVED_PARTS, files_identity  # noqa: F401
+
 from .family import Components, load_components, resolve
 from .pipeline import encode_prompt
 from .unet_split import UNetEncoder
 
-INDEX_PARTS = ("text_encoder", "vae", "unet")  # whose outputs an index caches
-SERVED_PARTS = INDEX_PARTS + ("h_adapter", "unet_lora")  # what an export is made of
-
 
 def model_identity(path: Path, parts: tuple[str, ...] = INDEX_PARTS) -> str:
-    """'<folder name>:<12 hex>' from the weights and configs of the subfolders ``parts``: by
-    default the text encoder, VAE and UNet, the parts whose outputs an index caches (the
-    decoder LoRA leaves the UNet encoder's outputs unchanged, so it is not one of them);
-    ``SERVED_PARTS`` adds the H-adapter and the decoder LoRA, for exports. Missing subfolders
-    add nothing, so a folder without them keeps its identity."""
-    h = hashlib.sha256()
-    for sub in parts:
-        for f in sorted((path / sub).glob("*")):
-            if f.suffix in (".safetensors", ".json", ".bin"):
-                h.update(f.name.encode())
-                h.update(f.read_bytes())
-    return f"{path.name}:{h.hexdigest()[:12]}"
+    """'<folder name>:<12 hex>' over the subfolders ``parts`` (``defaults.files_identity``):
+    by default the parts whose outputs an index caches."""
+    return files_identity(path, parts)
 
 
 class TorchRetrievalEncoder:

@@ -18,21 +18,7 @@ from pathlib import Path
 
 import torch
 
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-LORA_DIR = "unet_lora"  # the decoder LoRA of ImageRAGTurbo fine-tuning (see lora.py)
-VARIANTS = {"tiny-shapes": WEIGHTS_DIR / "tiny-shapes"}
-
-
-def resolve(model: str | Path) -> Path:
-    """A variant name or a folder path -> the folder, with a clear error if it is missing."""
-    path = VARIANTS.get(str(model), Path(model))
-    if not path.is_dir():
-        known = ", ".join(VARIANTS)
-        hint = (" (train it with `imageragturbo train base`)" if str(model) in VARIANTS else "")
-        raise FileNotFoundError(f"model {model!r} not found at {path}{hint}; give a variant "
-                                f"name ({known}) or a local diffusers folder")
-    return path
-
+from imageragturbo.defaults import LORA_DIR, VARIANTS, WEIGHTS_DIR, resolve  # noqa: F401
 
 # ----------------------------------------------------------------------------- tokenizer
 

@@ -9,7 +9,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_MODEL = "tiny-shapes"
+from imageragturbo.defaults import DEFAULT_MODEL  # noqa: F401
+
 DEFAULT_RUNS = Path("runs/serve")
 DEFAULT_DATA = Path("data/shapesworld")
 DEFAULT_INDEX_ROOT = Path("data/index")
@@ -43,7 +44,7 @@ def model_folder(model: str, random_weights: bool = False, runs: Path = DEFAULT_
 
             save_sd_folder(random_tiny_components(seed), folder)
         return str(folder)
-    from imageragturbo.model.family import VARIANTS
+    from imageragturbo.defaults import VARIANTS
 
     path = VARIANTS.get(model, Path(model))
     if not Path(path).is_dir():
@@ -59,7 +60,7 @@ def model_folder(model: str, random_weights: bool = False, runs: Path = DEFAULT_
 
 def _folder(model) -> Path:
     """A variant name or a folder, as the folder it names (for comparing the two spellings)."""
-    from imageragturbo.model.family import VARIANTS
+    from imageragturbo.defaults import VARIANTS
 
     return Path(VARIANTS.get(str(model), Path(str(model)))).resolve()
 
@@ -86,8 +87,8 @@ def _stale(recorded: str | None, current: str | None, what: str, path: Path,
 def ensure_export(model: str, export_dir: Path | None = None, fp16: bool = False,
                   quiet: bool = False) -> Path:
     """The model's ONNX export, made when missing or when the weights changed since."""
+    from imageragturbo.defaults import model_files_id
     from imageragturbo.export.manifest import MANIFEST
-    from imageragturbo.export.onnx_export import model_files_id
 
     out = Path(export_dir) if export_dir else Path("runs/onnx") / _name(model)
     ident = model_files_id(model)
@@ -106,7 +107,7 @@ def ensure_index(model: str, index_dir: Path | None = None, data: Path = DEFAULT
                  retrieval_items: int | None = None, quiet: bool = False) -> Path:
     """The model's retrieval index over the ShapesWorld retrieval split (built, with the split
     when ``data`` lacks it, the first time, and again when the weights changed since)."""
-    from imageragturbo.export.onnx_export import model_files_id
+    from imageragturbo.defaults import model_files_id
 
     out = Path(index_dir) if index_dir else DEFAULT_INDEX_ROOT / f"shapesworld-{_name(model)}"
     manifest = out / "manifest.json"

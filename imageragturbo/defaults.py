@@ -1,0 +1,58 @@
+"""Names, places and identities every part agrees on, in the standard library only, so that
+the request path (``serve``, the Triton backends, the SDK's CLI) can use them without torch.
+
+- ``DEFAULT_MODEL`` and ``VARIANTS``: the shipped default model, a diffusers folder inside
+  the package; ``resolve`` turns a variant name or a folder path into the folder.
+- ``LORA_DIR``: where ImageRAGTurbo's decoder LoRA lives in a model folder.
+- ``files_identity``: '<folder name>:<12 hex>' over the weights and configs of some of a
+  model folder's parts: ``INDEX_PARTS`` (what an index caches: text encoder, VAE, UNet; the
+  decoder LoRA leaves the UNet encoder's output unchanged) or ``SERVED_PARTS`` (what an export
+  is made of: those plus the H-adapter and the decoder LoRA).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+DEFAULT_MODEL = "tiny-shapes"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+VARIANTS = {DEFAULT_MODEL: WEIGHTS_DIR / DEFAULT_MODEL}
+LORA_DIR = "unet_lora"
+
+INDEX_PARTS = ("text_encoder", "vae", "unet")
+SERVED_PARTS = INDEX_PARTS + ("h_adapter", LORA_DIR)
+
+
+def resolve(model: str | Path) -> Path:
+    """A variant name or a folder path -> the folder, with a clear error if it is missing."""
+    path = VARIANTS.get(str(model), Path(model))
+    if not path.is_dir():
+        known = ", ".join(VARIANTS)
+        hint = (" (train it with `imageragturbo train base`)" if str(model) in VARIANTS else "")
+        raise FileNotFoundError(f"model {model!r} not found at {path}{hint}; give a variant "
+                                f"name ({known}) or a local diffusers folder")
+    return path
+
+
+def files_identity(path: Path, parts: tuple[str, ...] = INDEX_PARTS) -> str:
+    """'<folder name>:<12 hex>' from the weights and configs of the subfolders ``parts``
+    (missing subfolders add nothing, so a folder without an adapter keeps its identity)."""
+    h = hashlib.sha256()
+    for sub in parts:
+        for f in sorted((Path(path) / sub).glob("*")):
+            if f.suffix in (".safetensors", ".json", ".bin"):
+                h.update(f.name.encode())
+                h.update(f.read_bytes())
+    return f"{Path(path).name}:{h.hexdigest()[:12]}"
+
+
+def model_files_id(source, index: bool = False) -> str | None:
+    """The weight files' identity of a variant name or folder (None when not a folder): of
+    everything an export is made of, or with ``index`` of the parts an index caches."""
+    if source is None:
+        return None
+    try:
+        return files_identity(resolve(source), INDEX_PARTS if index else SERVED_PARTS)
+    except FileNotFoundError:
+        return None
