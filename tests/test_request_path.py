@@ -9,10 +9,10 @@ import ast
 import json
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -158,3 +158,24 @@ def test_serve_extra_lists_every_distribution_the_request_path_imports():
     missing = {d: sorted(fs) for d, fs in needed.items() if d not in _extra_closure("serve")}
     assert not missing, f"the serve extra lacks {missing}"
     assert "torch" not in needed
+
+
+def test_the_wheel_carries_what_serve_needs(tmp_path):
+    """A deployment installs the wheel, not the checkout: it must hold the model repository
+    source (templates, backends), the shipped weights with the trained adapter, and the
+    request path's modules."""
+    import zipfile
+
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                        str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = tmp_path.glob("imageragturbo-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    want = ["imageragturbo/model_repository/dynamic_batching.pbtxt.in",
+            "imageragturbo/model_repository/onnx_stage/config.gpu.pbtxt.in",
+            "imageragturbo/model_repository/preprocess/1/model.py",
+            "imageragturbo/model_repository/retriever/1/model.py",
+            "imageragturbo/weights/tiny-shapes/h_adapter/model.safetensors",
+            "imageragturbo/weights/tiny-shapes/unet_lora/lora.safetensors",
+            "imageragturbo/export/runtime.py", "imageragturbo/defaults.py"]
+    assert not [w for w in want if w not in names], [w for w in want if w not in names]

@@ -146,8 +146,13 @@ def prepare(model: str = DEFAULT_MODEL, export_dir: Path | None = None,
     model = model_folder(model, random_weights, quiet=quiet)
     exp = ensure_export(model, export_dir, fp16=fp16, quiet=quiet)
     idx = ensure_index(model, index_dir, data, retrieval_items, quiet=quiet)
-    src = json.loads((idx / "manifest.json").read_text()).get("model_source")
-    if src is not None and _folder(src) != _folder(model):
+    from imageragturbo.defaults import model_files_id
+
+    manifest = json.loads((idx / "manifest.json").read_text())
+    src = manifest.get("model_source")
+    # the same weights (identity) under another path, e.g. the installed package's copy
+    same_weights = manifest.get("model_id") == model_files_id(model, index=True)
+    if src is not None and _folder(src) != _folder(model) and not same_weights:
         raise ValueError(f"index {idx} was built for model {src!r}, not {model!r}; give the "
                          "matching --index or remove it to rebuild")
     return Assets(model, exp, idx)

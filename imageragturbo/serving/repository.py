@@ -25,7 +25,11 @@ from string import Template
 
 from imageragturbo.export.manifest import load_manifest
 
-SOURCE = Path(__file__).resolve().parents[2] / "model_repository"
+# Installed: imageragturbo/model_repository (package data); in a checkout: the top-level folder.
+SOURCE = next((p for p in (Path(__file__).resolve().parents[1] / "model_repository",
+                           Path(__file__).resolve().parents[2] / "model_repository")
+               if (p / "dynamic_batching.pbtxt.in").exists()),
+              Path(__file__).resolve().parents[2] / "model_repository")
 PROFILES = ("cpu", "gpu")
 ENSEMBLE = "imageragturbo"
 ONNX_STAGES = ("text_encoder", "unet_encoder", "h_adapter", "unet_decoder", "vae_decoder")
