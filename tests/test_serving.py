@@ -486,3 +486,81 @@ def test_cli_generate_url_writes_png_through_the_server(server, tmp_path, capsys
 
     assert Image.open(out).size == (64, 64)
     assert '"neighbours"' in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- TLS
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1 / localhost and a client certificate, made
+    with the openssl command for these tests."""
+    import shutil
+
+    if not shutil.which("openssl"):
+        pytest.skip("the openssl command is needed to make test certificates")
+    d = tmp_path_factory.mktemp("certs")
+
+    def ssl(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+        "-days", "2", "-subj", "/CN=imageragturbo-test-ca")
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name, ext in (("server", ["-extfile", "san.ext"]), ("client", [])):
+        ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+            f"{name}.csr", "-subj", f"/CN={name}")
+        ssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", *ext)
+    return {k: str(d / k) for k in ("ca.crt", "server.crt", "server.key", "client.crt",
+                                    "client.key")}
+
+
+def _tls_server(assets, tmp_path, certs, mutual: bool):
+    repo = render_repository(assets["adapter"], assets["index"], tmp_path / "repo", "cpu")
+    s = TritonServer(repo, log_path=tmp_path / "tls.log", cache=assets["root"] / "cache",
+                     tls_cert=certs["server.crt"], tls_key=certs["server.key"],
+                     tls_ca=certs["ca.crt"] if mutual else None)
+    s.start()
+    s.wait_ready(timeout=120, progress=False)
+    return s
+
+
+def test_tls_serves_a_client_with_the_ca_and_refuses_plaintext(assets, tmp_path, certs):
+    from imageragturbo.client import ImageRAGTurboError
+
+    s = _tls_server(assets, tmp_path, certs, mutual=False)
+    try:
+        with ImageRAGTurboClient(s.url, timeout=60, root_certificates=certs["ca.crt"]) as c:
+            assert c.generate(PROMPTS[0], seed=1, k=1).array.shape[2] == 3
+        with ImageRAGTurboClient(s.url, timeout=10, retry=RetryPolicy(max_attempts=1)) as c:
+            with pytest.raises(ImageRAGTurboError):  # plaintext to a TLS server: typed
+                c.generate(PROMPTS[0], seed=1, k=1)
+    finally:
+        assert s.stop() == 0
+
+
+def test_mutual_tls_refuses_a_client_without_a_certificate(assets, tmp_path, certs):
+    from imageragturbo.client import ImageRAGTurboError
+
+    s = _tls_server(assets, tmp_path, certs, mutual=True)
+    try:
+        with ImageRAGTurboClient(s.url, timeout=60, root_certificates=certs["ca.crt"],
+                                 private_key=certs["client.key"],
+                                 certificate_chain=certs["client.crt"]) as c:
+            assert c.generate(PROMPTS[0], seed=1, k=1).array.shape[2] == 3
+        with ImageRAGTurboClient(s.url, timeout=10, root_certificates=certs["ca.crt"],
+                                 retry=RetryPolicy(max_attempts=1)) as c:
+            with pytest.raises(ImageRAGTurboError):
+                c.generate(PROMPTS[0], seed=1, k=1)
+    finally:
+        assert s.stop() == 0
+
+
+def test_tls_options_are_checked_before_the_server_starts(tmp_path):
+    from imageragturbo.serving.server import ServerError
+
+    with pytest.raises(ServerError, match="both a certificate"):
+        TritonServer(tmp_path, tls_cert=tmp_path / "c.pem")
+    with pytest.raises(ServerError, match="does not exist"):
+        TritonServer(tmp_path, tls_cert=tmp_path / "c.pem", tls_key=tmp_path / "k.pem")

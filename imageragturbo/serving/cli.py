@@ -59,7 +59,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 0
     server = TritonServer(out, host=args.host, grpc_port=args.grpc_port,
                           http_port=args.http_port, log_path=Path(out).parent / "tritonserver.log",
-                          log_verbose=args.log_verbose)
+                          log_verbose=args.log_verbose, tls_cert=args.tls_cert,
+                          tls_key=args.tls_key, tls_ca=args.tls_ca)
     # Ctrl-C, and SIGTERM from a process manager, stop the server cleanly (SIGINT is set
     # explicitly: a shell starts background jobs with it ignored).
     signal.signal(signal.SIGTERM, _interrupt)
@@ -206,6 +207,11 @@ def add_parsers(sub, bench) -> None:
                         "symlink for cpu, copy for gpu so the folder can be shipped)")
     _server_args(s)
     s.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose")
+    s.add_argument("--tls-cert", type=Path, default=None,
+                   help="serve gRPC over TLS with this certificate (PEM; with --tls-key)")
+    s.add_argument("--tls-key", type=Path, default=None, help="the certificate's private key")
+    s.add_argument("--tls-ca", type=Path, default=None,
+                   help="mutual TLS: accept only clients whose certificate this CA signed")
     _render_args(s)
     s.set_defaults(func=_clean_errors(_cmd_serve))
 

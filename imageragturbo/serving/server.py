@@ -113,12 +113,23 @@ class TritonServer:
                  grpc_port: int | None = None, http_port: int | None = None,
                  log_path: str | Path | None = None, cache: str | Path = "runs/serve",
                  log_verbose: int = 0, extra_args: list[str] | None = None,
-                 metrics_port: int | None = None):
+                 metrics_port: int | None = None, tls_cert: str | Path | None = None,
+                 tls_key: str | Path | None = None, tls_ca: str | Path | None = None):
         self.repository = Path(repository).resolve()
         self.host = host
         self.grpc_port = grpc_port or free_port()
         self.http_port = http_port or free_port()
         self.metrics_port = metrics_port or free_port()
+        # gRPC over TLS (server certificate and key); with ``tls_ca`` mutual TLS: clients must
+        # present a certificate that CA signed.
+        if bool(tls_cert) != bool(tls_key):
+            raise ServerError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+        if tls_ca and not tls_cert:
+            raise ServerError("mutual TLS (--tls-ca) needs the server's --tls-cert and --tls-key")
+        for f in (tls_cert, tls_key, tls_ca):
+            if f and not Path(f).is_file():
+                raise ServerError(f"TLS file {f} does not exist")
+        self.tls = {"cert": tls_cert, "key": tls_key, "ca": tls_ca} if tls_cert else None
         self.cache = Path(cache)
         self.log_path = Path(log_path) if log_path else self.cache / "tritonserver.log"
         self.log_verbose = log_verbose
@@ -148,7 +159,17 @@ class TritonServer:
                 "--allow-metrics=true", "--allow-gpu-metrics=false",
                 f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
                 "--strict-readiness=true", "--exit-on-error=true",
-                f"--log-verbose={self.log_verbose}", *self.extra_args]
+                f"--log-verbose={self.log_verbose}", *self._tls_args(), *self.extra_args]
+
+    def _tls_args(self) -> list[str]:
+        if not self.tls:
+            return []
+        args = ["--grpc-use-ssl=true", f"--grpc-server-cert={Path(self.tls['cert']).resolve()}",
+                f"--grpc-server-key={Path(self.tls['key']).resolve()}"]
+        if self.tls["ca"]:
+            args += [f"--grpc-root-cert={Path(self.tls['ca']).resolve()}",
+                     "--grpc-use-ssl-mutual=true"]
+        return args
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -194,6 +215,17 @@ class TritonServer:
             return ""
 
     def is_ready(self) -> bool:
+        if self.tls:  # gRPC needs a client certificate under mutual TLS: ask HTTP instead
+            import urllib.error
+            import urllib.request
+
+            host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+            try:
+                with urllib.request.urlopen(
+                        f"http://{host}:{self.http_port}/v2/health/ready", timeout=2.0) as r:
+                    return r.status == 200
+            except (urllib.error.URLError, OSError):
+                return False
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
 
