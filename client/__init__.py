@@ -12,6 +12,8 @@ from .errors import (
     DeadlineExceededError,
     ImageRAGTurboError,
     InvalidInputError,
+    OverloadedError,
+    QueueTimeoutError,
     ServerError,
     UnavailableError,
 )
@@ -37,6 +39,8 @@ __all__ = [
     "ImageRAGTurboError",
     "InvalidInputError",
     "Neighbour",
+    "OverloadedError",
+    "QueueTimeoutError",
     "RetryPolicy",
     "ServerError",
     "UnavailableError",

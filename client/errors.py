@@ -25,6 +25,17 @@ class UnavailableError(ImageRAGTurboError):
     Retried with capped exponential backoff before this is raised."""
 
 
+class OverloadedError(UnavailableError):
+    """The server's queue is full ("Exceeds maximum queue size"): rejected at once, not after
+    a timeout. Retried with backoff like any UNAVAILABLE, then raised: shed load or retry
+    later."""
+
+
+class QueueTimeoutError(UnavailableError):
+    """The request waited in the server's queue longer than its queue timeout ("Request
+    timeout expired"): the server is behind. Retried with backoff, then raised."""
+
+
 class DeadlineExceededError(ImageRAGTurboError, TimeoutError):
     """The request did not complete within its timeout (DEADLINE_EXCEEDED)."""
 
@@ -42,4 +53,8 @@ def from_triton(exc) -> ImageRAGTurboError:
            "DEADLINE_EXCEEDED": DeadlineExceededError}.get(name or "", ServerError)
     if cls is ServerError and "Deadline Exceeded" in msg:
         cls, name = DeadlineExceededError, "DEADLINE_EXCEEDED"
+    if cls is UnavailableError and "maximum queue size" in msg:
+        cls = OverloadedError
+    elif cls is UnavailableError and "timeout expired" in msg.lower():
+        cls = QueueTimeoutError
     return cls(msg, name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -564,3 +565,45 @@ def test_tls_options_are_checked_before_the_server_starts(tmp_path):
         TritonServer(tmp_path, tls_cert=tmp_path / "c.pem")
     with pytest.raises(ServerError, match="does not exist"):
         TritonServer(tmp_path, tls_cert=tmp_path / "c.pem", tls_key=tmp_path / "k.pem")
+
+
+# ----------------------------------------------------------------------------- overload
+
+
+@pytest.mark.parametrize("case", ["queue_full", "queue_timeout"])
+def test_overload_gets_a_fast_typed_error_not_a_timeout(assets, tmp_path, case):
+    """A full queue (max_queue_size 1) or a queue wait past its timeout (2 ms): the requests
+    that do not fit are refused within a second with OverloadedError / QueueTimeoutError
+    (both UNAVAILABLE, so the SDK backs off and retries them), the rest are served."""
+    from imageragturbo.client import OverloadedError, QueueTimeoutError
+    from imageragturbo.serving.repository import RenderOptions
+
+    opts = (RenderOptions(max_queue_size=1, max_batch_size=1, queue_delay_us=0)
+            if case == "queue_full" else
+            RenderOptions(max_batch_size=1, queue_delay_us=0, queue_timeout_us=2000))
+    expected = OverloadedError if case == "queue_full" else QueueTimeoutError
+    repo = render_repository(assets["adapter"], assets["index"], tmp_path / "repo", "cpu", opts)
+    s = TritonServer(repo, log_path=tmp_path / "ov.log", cache=assets["root"] / "cache")
+    s.start()
+
+    async def burst():
+        async with AsyncImageRAGTurboClient(s.url, timeout=60,
+                                            retry=RetryPolicy(max_attempts=1)) as c:
+            async def one(i):
+                t0 = time.perf_counter()
+                try:
+                    await c.generate(PROMPTS[i % 3], seed=i, k=1)
+                    return None, time.perf_counter() - t0
+                except Exception as e:  # noqa: BLE001 - what comes back is the subject
+                    return e, time.perf_counter() - t0
+            return await asyncio.gather(*(one(i) for i in range(24)))
+
+    try:
+        s.wait_ready(timeout=120, progress=False)
+        results = asyncio.run(burst())
+    finally:
+        assert s.stop() == 0
+    refused = [(e, t) for e, t in results if e is not None]
+    assert refused and len(refused) < 24
+    assert all(type(e) is expected for e, _ in refused), {type(e).__name__ for e, _ in refused}
+    assert max(t for _, t in refused) < 1.0
