@@ -607,3 +607,18 @@ def test_overload_gets_a_fast_typed_error_not_a_timeout(assets, tmp_path, case):
     assert refused and len(refused) < 24
     assert all(type(e) is expected for e, _ in refused), {type(e).__name__ for e, _ in refused}
     assert max(t for _, t in refused) < 1.0
+
+
+def test_a_short_soak_gets_every_answer_right_and_reads_every_stubs_memory(server):
+    """`bench soak` in small: 120 mixed requests at concurrency 8, every fifth invalid: every
+    invalid one INVALID_ARGUMENT, every valid one an image, nothing else; the resident memory
+    of tritonserver and of all its Python-backend stubs is read before and after."""
+    from imageragturbo.serving.soak import soak
+
+    res = soak(server, requests=120, concurrency=8, invalid_every=5, warmup=8)
+    assert res["outcomes"] == {"image": 96, "INVALID_ARGUMENT": 24}, res["unexpected"]
+    assert res["unexpected_count"] == 0
+    stubs = [k for k in res["rss_kb_end"] if k.startswith("stub:")]
+    assert "tritonserver" in res["rss_kb_end"] and len(stubs) >= 8, res["rss_kb_end"]
+    assert all(v > 0 for v in res["rss_kb_end"].values())
+    assert res["p50_ms"] > 0 and res["max_rss_growth_percent"] is not None

@@ -103,6 +103,24 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_soak(args: argparse.Namespace) -> int:
+    from .repository import RenderOptions
+    from .session import running_server
+    from .soak import soak
+
+    quiet = args.quiet or args.json
+    assets = _assets(args)
+    opts = RenderOptions(max_queue_size=max(64, 4 * args.concurrency))
+    with running_server(assets, opts, ready_timeout=args.ready_timeout, quiet=quiet) as server:
+        res = soak(server, args.requests, args.concurrency, args.invalid_every)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(json.dumps({k: v for k, v in res.items() if not k.startswith("rss_kb")},
+                         indent=2))
+    return 1 if res["unexpected_count"] else 0
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="variant name (tiny-shapes, the shipped default) or a local diffusers "
@@ -262,3 +280,23 @@ def add_parsers(sub, bench) -> None:
     b.add_argument("--ready-timeout", type=float, default=300.0)
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=_clean_errors(_cmd_bench_serve))
+
+    so = bench.add_parser(
+        "soak", help="a long mixed load (valid and invalid requests): errors by kind, "
+                     "p50/p99, memory growth of tritonserver and every stub",
+        description="Starts the served ensemble and sends --requests requests at "
+                    "--concurrency, one in --invalid-every invalid (blank, over-long, NaN "
+                    "strength, K out of range). Every invalid request must get "
+                    "INVALID_ARGUMENT and every valid one an image; reports outcomes by kind, "
+                    "p50/p99 of the valid ones, and the resident memory of tritonserver and "
+                    "of each Python-backend stub after a warm-up and at the end. Exits 1 on "
+                    "any unexpected outcome.",
+        formatter_class=fmt)
+    _model_args(so)
+    so.add_argument("--requests", type=int, default=2000, help="requests in all")
+    so.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    so.add_argument("--invalid-every", type=int, default=5,
+                    help="every N-th request is invalid (0: none)")
+    so.add_argument("--ready-timeout", type=float, default=300.0)
+    so.add_argument("--json", action="store_true", help="print one JSON object")
+    so.set_defaults(func=_clean_errors(_cmd_bench_soak))
