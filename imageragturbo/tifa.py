@@ -368,9 +368,12 @@ def plot_categories(results: dict[str, dict], path: str | os.PathLike,
     width = 0.8 / max(len(names), 1)
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(cats)), 3.6), dpi=120)
     xs = np.arange(len(cats))
+    # the default cycle repeats after 10 colours; more methods than that get tab20's
+    colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20").colors
     for k, name in enumerate(names):
         vals = [results[name]["categories"].get(c, np.nan) for c in cats]
         ax.bar(xs + (k - (len(names) - 1) / 2) * width, vals, width,
+               color=colours[k % len(colours)],
                label=f"{name} ({results[name]['tifa']:.3f})")
     ax.set_xticks(xs, cats)
     ax.set_ylim(0, 1.05)
