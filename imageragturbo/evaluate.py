@@ -15,6 +15,7 @@ import numpy as np
 
 from . import shapesworld as sw
 from . import tifa
+from .grids import caption_grid, row_grid
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -137,7 +138,7 @@ def run(model: str = "tiny-shapes", pipeline: str = "student", steps: int = 1,
     if pipeline in ("adapter", "slerp"):
         out.update({"k": k if pipeline == "adapter" else 1, "strength": strength})
     if grid:
-        sw.caption_grid(images[:24], [it.caption for it in items[:24]], grid)
+        caption_grid(images[:24], [it.caption for it in items[:24]], grid)
     return out
 
 
@@ -159,4 +160,4 @@ def compare_grid(model: str = "tiny-shapes", n: int = 8, seed: int = 0,
         "student x1": generate(comps, prompts, seeds, "student", 1, progress=False),
         "render": np.stack([np.asarray(sw.render(it.scene)) for it in items]),
     }
-    return sw.row_grid(rows, prompts, path, tile=tile, label_w=90)
+    return row_grid(rows, prompts, path, tile=tile, label_w=90)

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import evaluate, tifa
 from . import shapesworld as sw
+from .grids import row_grid
 
 SLERP_GRID = tuple(round(0.1 * i, 1) for i in range(1, 10))   # the paper's {0.1, ..., 0.9}
 
@@ -215,7 +216,7 @@ def run(model: str = "tiny-shapes", n: int = 500, seed: int = 0, teacher_steps: 
         rows.update({f"neighbour {j + 1}": nb_images.reshape(8, 4, *nb_images.shape[1:])[:, j]
                      for j in range(4)})
         rows["render"] = np.stack([np.asarray(sw.render(it.scene)) for it in items[:8]])
-        sw.row_grid(rows, prompts[:8], grid)
+        row_grid(rows, prompts[:8], grid)
     return results
 
 
