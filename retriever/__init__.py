@@ -2,6 +2,7 @@
 retrieved items' latents and H-space features cached at build time
 (installed as ``imageragturbo.retriever``)."""
 
+from .build import build_index, publish
 from .index import (
     DEFAULT_EF,
     DEFAULT_EF_CONSTRUCTION,
@@ -9,13 +10,10 @@ from .index import (
     HNSWParams,
     IndexFormatError,
     Neighbours,
-    Pair,
     RetrievalEncoder,
     RetrievalIndex,
-    build_index,
-    read_pairs,
-    shapesworld_pairs,
 )
+from .pairs import Pair, read_pairs, shapesworld_pairs
 
 __all__ = [
     "DEFAULT_EF",
@@ -28,6 +26,7 @@ __all__ = [
     "RetrievalEncoder",
     "RetrievalIndex",
     "build_index",
+    "publish",
     "read_pairs",
     "shapesworld_pairs",
 ]

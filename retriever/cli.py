@@ -22,7 +22,9 @@ _M, _EF_CONSTRUCTION, _EF = 16, 100, 64
 def _cmd_build(args: argparse.Namespace) -> int:
     from imageragturbo.model import load_retrieval_encoder
 
-    from .index import HNSWParams, build_index, read_pairs, shapesworld_pairs
+    from .build import build_index
+    from .index import HNSWParams
+    from .pairs import read_pairs, shapesworld_pairs
 
     pairs = read_pairs(args.pairs) if args.pairs else shapesworld_pairs(args.data, args.split)
     if args.limit is not None:

@@ -1,0 +1,241 @@
+"""Building a retrieval index (``build_index``): encode the pairs batch by batch into fp16
+memory maps (resumable), build the hnswlib graph, write the manifest last, and publish the
+folder atomically for readers (``publish``). The format is described in ``index.py``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from imageragturbo.checksums import sha256_file
+
+from .index import (
+    ARRAYS,
+    FILES,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    PROGRESS,
+    HNSWParams,
+    RetrievalEncoder,
+)
+from .pairs import Pair, load_image
+
+
+def _fingerprint(pairs: Sequence[Pair], model_id: str, text_dim: int) -> str:
+    """What a partial build's rows depend on: the model and the pairs, in order (not the batch
+    size, nor the hnswlib parameters, which only the final graph uses)."""
+    h = hashlib.sha256(f"{FORMAT}/{FORMAT_VERSION}\0{model_id}\0{text_dim}\0".encode())
+    for p in pairs:
+        h.update(f"{p.id}\0{p.caption}\0{p.image}\n".encode())
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """Write, fsync and rename, so a reader sees the old file or the new one, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _check_batch(name: str, a: np.ndarray, rows: int, shape: tuple | None) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float32)
+    if a.ndim < 2 or a.shape[0] != rows:
+        raise ValueError(f"encoder {name} returned shape {a.shape}, expected [{rows}, ...]")
+    if shape is not None and tuple(a.shape[1:]) != tuple(shape):
+        raise ValueError(f"encoder {name} returned rows of shape {tuple(a.shape[1:])}, "
+                         f"expected {tuple(shape)} (text_dim, or the first batch's shape)")
+    if not np.isfinite(a).all():
+        raise ValueError(f"encoder {name} returned non-finite values")
+    if np.abs(a).max(initial=0.0) > 65504:
+        raise ValueError(f"encoder {name} returned values beyond the fp16 range")
+    return a
+
+
+def build_index(pairs: Sequence[Pair], encoder: RetrievalEncoder, out: str | os.PathLike, *,
+                params: HNSWParams = HNSWParams(), batch_size: int = 64,  # noqa: B008 - frozen
+                threads: int | None = None, resume: bool = True, overwrite: bool = False,
+                progress: bool = True, model_source: str | None = None,
+                image_loader: Callable[[str], object] = load_image) -> Path:
+    """Encode ``pairs`` with ``encoder`` and write a retrieval index folder at ``out``.
+
+    Per batch: the text embedding (the retrieval key), the VAE latents of the images and the
+    H-space features h = f_enc(tau(caption), t=0, latent), written into fp16 memory maps
+    in ``<out>.partial/``. After every batch the row count is recorded, so an interrupted
+    build resumes where it stopped (``resume=True``, when the model and the pairs are the
+    same), or restarts from scratch otherwise. The hnswlib graph is built last, then the
+    manifest, and only then is the folder renamed to ``out``: a crash at any point leaves no
+    folder that :meth:`RetrievalIndex.load` accepts.
+
+    ``model_source`` (a model name or path) is recorded so ``index query`` can load the same
+    encoder. Returns ``out``.
+    """
+    import hnswlib
+    from tqdm import tqdm
+
+    out = Path(out)
+    pairs = list(pairs)
+    if not pairs:
+        raise ValueError("no text-image pairs to index")
+    ids = [p.id for p in pairs]
+    if len(set(ids)) != len(ids):
+        raise ValueError("pair ids must be unique")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to rebuild it")
+    model_id, dim = str(encoder.model_id), int(encoder.text_dim)
+    n = len(pairs)
+    t0 = time.perf_counter()
+
+    tmp = out.with_name(out.name + ".partial")
+    fp = _fingerprint(pairs, model_id, dim)
+    state = None
+    if tmp.exists():
+        try:
+            state = json.loads((tmp / PROGRESS).read_text())
+        except (OSError, ValueError):
+            state = None
+        if not resume or state is None or state.get("fingerprint") != fp:
+            shutil.rmtree(tmp)
+            state = None
+    if state is None:
+        tmp.mkdir(parents=True)
+        state = {"fingerprint": fp, "done": 0, "shapes": None}
+        _write_json(tmp / PROGRESS, state)
+
+    maps: dict[str, np.ndarray] = {}
+
+    def open_maps(shapes: dict, mode: str) -> None:
+        for key in ARRAYS:
+            maps[key] = np.lib.format.open_memmap(tmp / FILES[key], mode=mode,
+                                                  dtype=np.float16, shape=(n, *shapes[key]))
+
+    if state["shapes"] is not None:
+        try:
+            open_maps(state["shapes"], "r+")
+        except (OSError, ValueError):  # a partial folder damaged by hand: start again
+            maps.clear()
+            shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            state = {"fingerprint": fp, "done": 0, "shapes": None}
+            _write_json(tmp / PROGRESS, state)
+    bar = tqdm(total=n, initial=state["done"], desc="index: encode", unit="pair",
+               disable=not progress)
+    for start in range(state["done"], n, batch_size):
+        batch = pairs[start:start + batch_size]
+        captions = [p.caption for p in batch]
+        shapes = state["shapes"]
+        text = _check_batch("encode_text", encoder.encode_text(captions), len(batch),
+                            (dim,))
+        norms = np.linalg.norm(text, axis=1)
+        if np.abs(norms - 1).max() > 1e-2:
+            raise ValueError("encoder encode_text must return L2-normalised rows "
+                             f"(norms {norms.min():.3f}..{norms.max():.3f})")
+        lat = _check_batch("encode_images", encoder.encode_images(
+            [image_loader(p.image) for p in batch]), len(batch),
+            None if shapes is None else shapes["latents"])
+        h = _check_batch("h_features", encoder.h_features(lat, captions), len(batch),
+                         None if shapes is None else shapes["h"])
+        if shapes is None:
+            state["shapes"] = {"text": [dim], "latents": list(lat.shape[1:]),
+                               "h": list(h.shape[1:])}
+            open_maps(state["shapes"], "w+")
+        stop = start + len(batch)
+        for key, a in (("text", text), ("latents", lat), ("h", h)):
+            maps[key][start:stop] = a
+            maps[key].flush()
+        state["done"] = stop
+        _write_json(tmp / PROGRESS, state)
+        bar.update(len(batch))
+    bar.close()
+
+    # The graph is built from the stored fp16 keys (renormalised in fp32), so a resumed build
+    # and a fresh one index the same vectors.
+    keys = np.asarray(maps["text"], dtype=np.float32)  # [N, D]
+    keys /= np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)
+    for key in list(maps):
+        del maps[key]  # close the memory maps before hashing
+    graph = hnswlib.Index(space="ip", dim=dim)
+    graph.init_index(max_elements=n, M=params.M, ef_construction=params.ef_construction,
+                     random_seed=100)
+    step = 10_000
+    with tqdm(total=n, desc="index: hnsw", unit="vec", disable=not progress) as gbar:
+        for s in range(0, n, step):
+            graph.add_items(keys[s:s + step], np.arange(s, min(n, s + step)),
+                            num_threads=threads or os.cpu_count() or 1)
+            gbar.update(min(n, s + step) - s)
+    graph.set_ef(params.ef)
+    graph.save_index(str(tmp / FILES["index"]))
+    del graph, keys
+
+    with open(tmp / FILES["items"], "w") as f:
+        for p in pairs:
+            f.write(json.dumps({"id": p.id, "caption": p.caption, "image": p.image}) + "\n")
+
+    files = {}
+    for key, name in FILES.items():
+        path = tmp / name
+        files[key] = {"name": name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "model_id": model_id,
+        "model_source": model_source,
+        "text_dim": dim,
+        "count": n,
+        "dtype": "float16",
+        "shapes": {k: [n, *v] for k, v in state["shapes"].items()},
+        "hnsw": {"space": "ip", "M": params.M, "ef_construction": params.ef_construction,
+                 "ef": params.ef},
+        "files": files,
+        "build": {"seconds": round(time.perf_counter() - t0, 3), "batch_size": batch_size,
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    }
+    (tmp / PROGRESS).unlink()
+    _write_json(tmp / MANIFEST, manifest)
+    publish(tmp, out)
+    return out
+
+
+def publish(built: Path, out: Path) -> None:
+    """Make the finished folder ``built`` the index at ``out``, atomically for readers.
+
+    ``out`` is a symlink to a versioned sibling (``<out>.v<time>-<pid>``) and is replaced by
+    one rename (``os.replace`` of a new link), so a reader opening ``out`` finds the old index
+    or the new one, never none and never a mix (:meth:`RetrievalIndex.load` resolves the link
+    once). The previous version is kept until the next publish, for readers that resolved it a
+    moment ago; older ones are removed. A real folder at ``out`` (an index built before
+    versioning) is moved aside first: only then is there an instant with no index.
+    """
+    version = out.with_name(f"{out.name}.v{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}-"
+                            f"{time.monotonic_ns() % 10**6}")
+    built.rename(version)
+    link = out.with_name(out.name + ".link")
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(version.name, target_is_directory=True)
+    previous = out.resolve() if out.is_symlink() else None
+    if out.exists() and not out.is_symlink():
+        legacy = out.with_name(out.name + ".v0-legacy")
+        if legacy.exists():
+            shutil.rmtree(legacy)
+        out.rename(legacy)
+        previous = legacy
+    os.replace(link, out)
+    for old in out.parent.glob(f"{out.name}.v*"):
+        if old.is_dir() and old.resolve() not in (version.resolve(), previous):
+            shutil.rmtree(old, ignore_errors=True)
+
+
