@@ -1,0 +1,256 @@
+"""Running the served ensemble (fixtures in conftest.py): Prometheus metrics, the SDK's retry
+rule, readiness with a broken index or graph, TLS and mutual TLS, fast typed errors under
+overload, and a short soak. Real tritonservers throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+
+import pytest
+import tritonclient.grpc as grpcclient
+from serving_support import PROMPTS, _prompt
+from tritonclient.utils import InferenceServerException
+
+from imageragturbo.cli import main
+from imageragturbo.client import (
+    AsyncImageRAGTurboClient,
+    ImageRAGTurboClient,
+    InvalidInputError,
+    RetryPolicy,
+)
+from imageragturbo.serving.repository import render_repository
+from imageragturbo.serving.server import TritonServer
+
+
+def _ensemble_counters(server) -> dict[str, float]:
+    """nv_inference_request_{success,failure} of the ensemble (failures summed over their
+    reasons), scraped from /metrics."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    out = {}
+    for kind in ("success", "failure"):
+        # one line per failure reason (BACKEND, REJECTED, ...): the sum is the count
+        found = re.findall(rf'^nv_inference_request_{kind}\{{[^}}]*model="imageragturbo"'
+                           r'[^}]*\} ([0-9.e+]+)$', text, re.M)
+        out[kind] = sum(float(x) for x in found)
+    return out
+
+
+def test_sdk_does_not_retry_invalid_argument(server, client):
+    """A refused request reaches the server once: one SDK call moves the ensemble's failure
+    counter exactly as much as one plain tritonclient request does (UNAVAILABLE alone is
+    retried; the counter may move by more than one per refused request)."""
+    before = _ensemble_counters(server)["failure"]
+    with grpcclient.InferenceServerClient(server.url) as c:
+        with pytest.raises(InferenceServerException):
+            c.infer("imageragturbo", [_prompt("   ")])
+    one_request = _ensemble_counters(server)["failure"] - before
+    assert one_request >= 1
+    before = _ensemble_counters(server)["failure"]
+    with pytest.raises(InvalidInputError):
+        client.generate("   ", seed=1)
+    assert _ensemble_counters(server)["failure"] - before == one_request
+
+
+def _broken_copy(src, dst, name):
+    """A copy of ``src`` (a folder) whose file ``name`` has one byte changed."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    f = dst / name
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    return dst
+
+
+@pytest.mark.parametrize("broken", ["index", "graph"])
+def test_server_with_a_broken_index_or_graph_never_reports_ready(assets, tmp_path, broken):
+    """A changed byte in the index's H features (the retriever checks the manifest's sha256)
+    or a truncated ONNX graph: the server does not become ready, and says why in its log."""
+    from imageragturbo.serving.server import ServerError
+
+    index = assets["index"]
+    if broken == "index":
+        index = _broken_copy(assets["index"], tmp_path / "index", "h.f16.npy")
+    repo = render_repository(assets["adapter"], index, tmp_path / "repo", "cpu", link="copy")
+    if broken == "graph":  # broken after rendering (rendering itself checks the manifest)
+        graph = repo / "unet_decoder" / "1" / "model.onnx"
+        graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
+    s = TritonServer(repo, log_path=tmp_path / "server.log", cache=assets["root"] / "cache")
+    s.start()
+    try:
+        with pytest.raises(ServerError):
+            s.wait_ready(timeout=60, progress=False)
+        assert not s.is_ready()
+    finally:
+        s.stop()
+    log = (tmp_path / "server.log").read_text(errors="replace")
+    assert ("sha256" in log) if broken == "index" else ("unet_decoder" in log)
+
+
+def test_prometheus_metrics_count_ensemble_successes_and_failures(server, client):
+    """Triton's metrics endpoint is on, bound to the server's host, and the ensemble's success
+    and failure counters move with served and refused requests."""
+    assert server.metrics_url.startswith("http://127.0.0.1:")
+    before = _ensemble_counters(server)
+    client.generate("a red star", seed=1, k=1)
+    with pytest.raises(InvalidInputError):
+        client.generate("   ", seed=1)
+    after = _ensemble_counters(server)
+    assert after["success"] >= before["success"] + 1
+    assert after["failure"] >= before["failure"] + 1
+
+
+def test_cli_generate_url_writes_png_through_the_server(server, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    assert main(["generate", "--url", server.url, "a red circle", "--seed", "3", "--k", "2",
+                 "-o", str(out)]) == 0
+    from PIL import Image
+
+    assert Image.open(out).size == (64, 64)
+    assert '"neighbours"' in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- TLS
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1 / localhost and a client certificate, made
+    with the openssl command for these tests."""
+    import shutil
+
+    if not shutil.which("openssl"):
+        pytest.skip("the openssl command is needed to make test certificates")
+    d = tmp_path_factory.mktemp("certs")
+
+    def ssl(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+        "-days", "2", "-subj", "/CN=imageragturbo-test-ca")
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name, ext in (("server", ["-extfile", "san.ext"]), ("client", [])):
+        ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+            f"{name}.csr", "-subj", f"/CN={name}")
+        ssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", *ext)
+    return {k: str(d / k) for k in ("ca.crt", "server.crt", "server.key", "client.crt",
+                                    "client.key")}
+
+
+def _tls_server(assets, tmp_path, certs, mutual: bool):
+    repo = render_repository(assets["adapter"], assets["index"], tmp_path / "repo", "cpu")
+    s = TritonServer(repo, log_path=tmp_path / "tls.log", cache=assets["root"] / "cache",
+                     tls_cert=certs["server.crt"], tls_key=certs["server.key"],
+                     tls_ca=certs["ca.crt"] if mutual else None)
+    s.start()
+    s.wait_ready(timeout=120, progress=False)
+    return s
+
+
+def test_tls_serves_a_client_with_the_ca_and_refuses_plaintext(assets, tmp_path, certs):
+    from imageragturbo.client import ImageRAGTurboError
+
+    s = _tls_server(assets, tmp_path, certs, mutual=False)
+    try:
+        with ImageRAGTurboClient(s.url, timeout=60, root_certificates=certs["ca.crt"]) as c:
+            assert c.generate(PROMPTS[0], seed=1, k=1).array.shape[2] == 3
+        with ImageRAGTurboClient(s.url, timeout=10, retry=RetryPolicy(max_attempts=1)) as c:
+            with pytest.raises(ImageRAGTurboError):  # plaintext to a TLS server: typed
+                c.generate(PROMPTS[0], seed=1, k=1)
+    finally:
+        assert s.stop() == 0
+
+
+def test_mutual_tls_refuses_a_client_without_a_certificate(assets, tmp_path, certs):
+    from imageragturbo.client import ImageRAGTurboError
+
+    s = _tls_server(assets, tmp_path, certs, mutual=True)
+    try:
+        with ImageRAGTurboClient(s.url, timeout=60, root_certificates=certs["ca.crt"],
+                                 private_key=certs["client.key"],
+                                 certificate_chain=certs["client.crt"]) as c:
+            assert c.generate(PROMPTS[0], seed=1, k=1).array.shape[2] == 3
+        with ImageRAGTurboClient(s.url, timeout=10, root_certificates=certs["ca.crt"],
+                                 retry=RetryPolicy(max_attempts=1)) as c:
+            with pytest.raises(ImageRAGTurboError):
+                c.generate(PROMPTS[0], seed=1, k=1)
+    finally:
+        assert s.stop() == 0
+
+
+def test_tls_options_are_checked_before_the_server_starts(tmp_path):
+    from imageragturbo.serving.server import ServerError
+
+    with pytest.raises(ServerError, match="both a certificate"):
+        TritonServer(tmp_path, tls_cert=tmp_path / "c.pem")
+    with pytest.raises(ServerError, match="does not exist"):
+        TritonServer(tmp_path, tls_cert=tmp_path / "c.pem", tls_key=tmp_path / "k.pem")
+
+
+# ----------------------------------------------------------------------------- overload
+
+
+@pytest.mark.parametrize("case", ["queue_full", "queue_timeout"])
+def test_overload_gets_a_fast_typed_error_not_a_timeout(assets, tmp_path, case):
+    """A full queue (max_queue_size 1) or a queue wait past its timeout (2 ms): the requests
+    that do not fit are refused within a second with OverloadedError / QueueTimeoutError
+    (both UNAVAILABLE, so the SDK backs off and retries them), the rest are served."""
+    from imageragturbo.client import OverloadedError, QueueTimeoutError
+    from imageragturbo.serving.repository import RenderOptions
+
+    opts = (RenderOptions(max_queue_size=1, max_batch_size=1, queue_delay_us=0)
+            if case == "queue_full" else
+            RenderOptions(max_batch_size=1, queue_delay_us=0, queue_timeout_us=2000))
+    expected = OverloadedError if case == "queue_full" else QueueTimeoutError
+    repo = render_repository(assets["adapter"], assets["index"], tmp_path / "repo", "cpu", opts)
+    s = TritonServer(repo, log_path=tmp_path / "ov.log", cache=assets["root"] / "cache")
+    s.start()
+
+    async def burst():
+        async with AsyncImageRAGTurboClient(s.url, timeout=60,
+                                            retry=RetryPolicy(max_attempts=1)) as c:
+            async def one(i):
+                t0 = time.perf_counter()
+                try:
+                    await c.generate(PROMPTS[i % 3], seed=i, k=1)
+                    return None, time.perf_counter() - t0
+                except Exception as e:  # noqa: BLE001 - what comes back is the subject
+                    return e, time.perf_counter() - t0
+            return await asyncio.gather(*(one(i) for i in range(24)))
+
+    try:
+        s.wait_ready(timeout=120, progress=False)
+        results = asyncio.run(burst())
+    finally:
+        code = s.stop()
+    # Known problem, not fixed (README, "Overload"): after queue-timeout refusals this Triton
+    # (2.51) can keep one inference in flight for good; later requests may hang and shutdown
+    # times out (exit 1). Recovery from that is the supervision work still to do.
+    assert code == 0 or case == "queue_timeout"
+    refused = [(e, t) for e, t in results if e is not None]
+    assert refused and len(refused) < 24
+    assert all(type(e) is expected for e, _ in refused), {type(e).__name__ for e, _ in refused}
+    assert max(t for _, t in refused) < 1.0
+
+
+def test_a_short_soak_gets_every_answer_right_and_reads_every_stubs_memory(server):
+    """`bench soak` in small: 120 mixed requests at concurrency 8, every fifth invalid: every
+    invalid one INVALID_ARGUMENT, every valid one an image, nothing else; the resident memory
+    of tritonserver and of all its Python-backend stubs is read before and after."""
+    from imageragturbo.serving.soak import soak
+
+    res = soak(server, requests=120, concurrency=8, invalid_every=5, warmup=8)
+    assert res["outcomes"] == {"image": 96, "INVALID_ARGUMENT": 24}, res["unexpected"]
+    assert res["unexpected_count"] == 0
+    stubs = [k for k in res["rss_kb_end"] if k.startswith("stub:")]
+    assert "tritonserver" in res["rss_kb_end"] and len(stubs) >= 8, res["rss_kb_end"]
+    assert all(v > 0 for v in res["rss_kb_end"].values())
+    assert res["p50_ms"] > 0 and res["max_rss_growth_percent"] is not None
+
