@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from imageragturbo.defaults import model_files_id
 from imageragturbo.model import family
 from imageragturbo.model.h_space import HAdapter, HAdapterConfig
 from imageragturbo.model.unet_split import UNetDecoder, UNetEncoder, one_step_z0
@@ -372,13 +373,6 @@ def export_model(c: family.Components, out: str | Path, *, source: str | Path | 
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     tmp.replace(out / MANIFEST)
     return out
-
-
-def model_files_id(source, index: bool = False) -> str | None:
-    """The weight files' identity (``defaults.model_files_id``, kept here for callers)."""
-    from imageragturbo.defaults import model_files_id as files_id
-
-    return files_id(source, index)
 
 
 def export_from_model(model: str | Path, out: str | Path, **kw) -> Path:

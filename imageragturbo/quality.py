@@ -17,7 +17,6 @@ without retrieval.
 from __future__ import annotations
 
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -94,33 +93,18 @@ def neighbours(model: str, c, prompts: Sequence[str], k: int, index=None, progre
     return idx, ids, idx.h(ids).astype(np.float32), scores.astype(np.float32)
 
 
-def onnx_latency(c, index, prompts: Sequence[str], k_values=(0, 1, 4), repeats: int = 30,
-                 threads: int = 1) -> dict:
+def onnx_latency(c, index, k_values=(0, 1, 4), repeats: int = 30, threads: int = 1) -> dict:
     """Median ms of one batch-1 request through the in-process ONNX Runtime pipeline (the
-    served graphs), text encoding and retrieval included, for each k (0: no retrieval)."""
-    from imageragturbo.export import onnx_export, runtime
+    served graphs), text encoding and retrieval included, for each k (0: no retrieval): the
+    timing of ``bench serve``'s in-process side, on a fresh export of ``c``."""
+    from imageragturbo.export import onnx_export
+    from imageragturbo.serving.bench import in_process_latency
 
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_export.export_model(c, Path(tmp) / "export", source="bench-quality",
-                                 progress=False)
-        pipe = runtime.OnnxPipeline(Path(tmp) / "export", threads=threads)
-        out = {}
-        for k in k_values:
-            times = []
-            for r in range(repeats + 3):
-                p = [prompts[r % len(prompts)]]
-                t0 = time.perf_counter()
-                if k == 0:
-                    pipe.generate(p, [r])
-                else:
-                    _, pooled = pipe.encode_prompt(p)
-                    h_retr, scores, _ = runtime.retrieve(index, pooled, k)
-                    lam, w = runtime.retrieval_controls(scores, None, pipe.has_adapter)
-                    pipe.generate(p, [r], h_retr=h_retr, lam=lam, slerp_w=w)
-                if r >= 3:
-                    times.append((time.perf_counter() - t0) * 1e3)
-            out[f"k{k}"] = float(np.median(times))
-    return out
+        export = onnx_export.export_model(c, Path(tmp) / "export", source="bench-quality",
+                                          progress=False)
+        return {f"k{k}": in_process_latency(export, index.path, k, threads, repeats, 3)["p50_ms"]
+                for k in k_values}
 
 
 def run(model: str = "tiny-shapes", n: int = 500, seed: int = 0, teacher_steps: int = 50,
@@ -198,8 +182,8 @@ def run(model: str = "tiny-shapes", n: int = 500, seed: int = 0, teacher_steps: 
     results["student + slerp oracle w*"]["w_star_histogram"] = {
         str(w): int((best_w == w).sum()) for w in SLERP_GRID}
     if latency:
-        lat_base = onnx_latency(base, idx, prompts, k_values=(0,))
-        lat_tuned = onnx_latency(tuned, idx, prompts, k_values=(0, 1, 4))
+        lat_base = onnx_latency(base, idx, k_values=(0,))
+        lat_tuned = onnx_latency(tuned, idx, k_values=(0, 1, 4))
         results["student x1"]["latency_ms"] = lat_base["k0"]
         for k in (1, 4):
             results[f"ImageRAGTurbo k={k}"]["latency_ms"] = lat_tuned[f"k{k}"]

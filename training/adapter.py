@@ -213,7 +213,7 @@ class AdapterRun(StagedRun):
         """The retrieval index, checked against this model before anything trains: its keys
         must come from this text encoder and its cached H features from this UNet encoder."""
         if self._index is None:
-            from imageragturbo.export.onnx_export import model_files_id
+            from imageragturbo.defaults import model_files_id
             from imageragturbo.retriever import IndexFormatError, RetrievalIndex
             from imageragturbo.serving.assets import ensure_index
 
@@ -372,9 +372,10 @@ class AdapterRun(StagedRun):
         t0 = time.perf_counter()
         hist = self._loop("train", state, step, cfg.steps)
         if self.acc.is_main_process:
-            adapter.cpu().eval().save_pretrained(d / "h_adapter")
+            # fp16 on disk, like the rest of the shipped model (loaded back as fp32)
+            adapter.cpu().eval().save_pretrained(d / "h_adapter", dtype=torch.float16)
             if cfg.lora:
-                save_decoder_lora(student.cpu(), d / "unet_lora")
+                save_decoder_lora(student.cpu(), d / "unet_lora", dtype=torch.float16)
         info = {"steps": cfg.steps, "seconds": time.perf_counter() - t0,
                 "adapter_parameters": count_parameters(adapter),
                 "lora_parameters": sum(p.numel() for p in lora_parameters(student)),
@@ -389,33 +390,21 @@ class AdapterRun(StagedRun):
 
     # -- 5. export
     def stage_export(self) -> dict:
-        """``export/h_adapter`` and ``export/unet_lora`` (fp32 safetensors + config), and
+        """``export/h_adapter`` and ``export/unet_lora`` (fp16 safetensors + config), and
         ``export/adapter_training.json`` (the configuration and what each stage measured)."""
         d = self.dir / "export"
         if self.acc.is_main_process:
             if d.exists():
                 shutil.rmtree(d)
             d.mkdir(parents=True)
-            # fp16 on disk, like the rest of the shipped model (loaded back as fp32)
-            HAdapter.from_pretrained(self.dir / "train" / "h_adapter").save_pretrained(
-                d / "h_adapter", dtype=torch.float16)
+            shutil.copytree(self.dir / "train" / "h_adapter", d / "h_adapter")
             if (self.dir / "train" / "unet_lora").is_dir():
-                _copy_lora_fp16(self.dir / "train" / "unet_lora", d / family.LORA_DIR)
+                shutil.copytree(self.dir / "train" / "unet_lora", d / family.LORA_DIR)
             record = {"config": json.loads((self.dir / self.config_file).read_text()),
                       **{st: self.done(st) for st in STAGES[:-1]}}
             (d / "adapter_training.json").write_text(json.dumps(record, indent=2) + "\n")
         size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
         return self._finish("export", {"path": str(d), "bytes": size})
-
-
-def _copy_lora_fp16(src: Path, dst: Path) -> None:
-    from safetensors.torch import load_file, save_file
-
-    dst.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(src / "config.json", dst / "config.json")
-    tensors = load_file(str(src / "lora.safetensors"))
-    save_file({k: v.half().contiguous() for k, v in tensors.items()},
-              str(dst / "lora.safetensors"))
 
 
 def install(run_dir: str | Path, model: str | Path = "tiny-shapes") -> Path:
