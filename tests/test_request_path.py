@@ -164,9 +164,8 @@ def test_the_wheel_carries_what_serve_needs(tmp_path):
     """A deployment installs the wheel, not the checkout: it must hold the model repository
     source (templates, backends), the shipped weights with the trained adapter, and the
     request path's modules."""
-    import zipfile
-
     import shutil
+    import zipfile
 
     had_build = (ROOT / "build").exists()
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
