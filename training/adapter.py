@@ -49,8 +49,8 @@ from imageragturbo.model.pipeline import STUDENT_TIMESTEP, teacher_sample_latent
 from imageragturbo.model.unet_split import UNetEncoder
 
 from . import ladd
-from .base import OneStepStudent, ladd_step, to_unit, training_data
 from .stages import StagedRun, load_checkpoint, mean_tail, save_atomic
+from .steps import OneStepStudent, ladd_step, to_unit, training_data
 
 STAGES = ("data", "synth", "neighbours", "train", "export")
 
