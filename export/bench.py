@@ -21,9 +21,9 @@ import torch
 
 from imageragturbo.model import family
 from imageragturbo.model.h_space import HAdapter
+from imageragturbo.runtime.pipeline import OnnxPipeline, choose_providers
 
 from .onnx_export import export_model, fresh_adapter_config, random_tiny_components, stage_specs
-from .runtime import OnnxPipeline, choose_providers
 
 
 def _median_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:

@@ -123,8 +123,9 @@ def run_gpu_bench(out: str | Path | None = None, providers=("cuda", "tensorrt"),
     for each execution provider: per-stage and end-to-end median ms at 512x512."""
     import onnxruntime as ort
 
+    from imageragturbo.runtime.pipeline import OnnxPipeline, choose_providers
+
     from .onnx_export import export_model
-    from .runtime import OnnxPipeline, choose_providers
 
     avail = ort.get_available_providers()
     if "CUDAExecutionProvider" not in avail:

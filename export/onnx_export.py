@@ -50,10 +50,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from imageragturbo.checksums import sha256_file
 from imageragturbo.defaults import model_files_id
 from imageragturbo.model import family
 from imageragturbo.model.h_space import HAdapter, HAdapterConfig
 from imageragturbo.model.unet_split import UNetDecoder, UNetEncoder, one_step_z0
+from imageragturbo.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, STAGES
 
 from .graph import (  # noqa: F401 - DEFAULT_OPSET and TWO_GB are part of this module's API
     DEFAULT_OPSET,
@@ -63,7 +65,6 @@ from .graph import (  # noqa: F401 - DEFAULT_OPSET and TWO_GB are part of this m
     _value_info,
     to_fp16,
 )
-from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, STAGES, sha256_file
 
 STUDENT_TIMESTEP = 999           # SD-Turbo's single step (imageragturbo.model.pipeline)
 OPTIMUM_NOTE = (

@@ -19,6 +19,7 @@ PLUGINS = (
     "imageragturbo.retriever.cli",
     "imageragturbo.training.cli",
     "imageragturbo.export.cli",
+    "imageragturbo.runtime.cli",   # generate
     "imageragturbo.serving.cli",  # serve, demo (the served ensemble), bench serve
 )
 

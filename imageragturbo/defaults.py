@@ -4,6 +4,10 @@ the request path (``serve``, the Triton backends, the SDK's CLI) can use them wi
 - ``DEFAULT_MODEL`` and ``VARIANTS``: the shipped default model, a diffusers folder inside
   the package; ``resolve`` turns a variant name or a folder path into the folder.
 - ``LORA_DIR``: where ImageRAGTurbo's decoder LoRA lives in a model folder.
+- ``STUDENT_TIMESTEP``: the one step of SD-Turbo and the tiny student (t = 999).
+- ``export_dir_of`` / ``index_dir_of``: where an export and a retrieval index of a model go by default.
+- ``to_unit`` / ``from_unit``: pixel values [0, 255] <-> the VAE's [-1, 1] (arithmetic only, so
+  they work on NumPy arrays and torch tensors alike; rounding and clipping stay with the caller).
 - ``files_identity``: '<folder name>:<12 hex>' over the weights and configs of some of a
   model folder's parts: ``INDEX_PARTS`` (what an index caches: text encoder, VAE, UNet; the
   decoder LoRA leaves the UNet encoder's output unchanged) or ``SERVED_PARTS`` (what an export
@@ -20,8 +24,39 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 VARIANTS = {DEFAULT_MODEL: WEIGHTS_DIR / DEFAULT_MODEL}
 LORA_DIR = "unet_lora"
 
+STUDENT_TIMESTEP = 999  # SD-Turbo's single step (EulerDiscrete, trailing spacing): t = 999
+ONNX_ROOT = Path("runs/onnx")          # exports: runs/onnx/<model name>
+INDEX_ROOT = Path("data/index")        # indexes: data/index/shapesworld-<model name>
+PIXEL_HALF = 127.5                     # uint8 [0, 255] <-> [-1, 1]
+
 INDEX_PARTS = ("text_encoder", "vae", "unet")
 SERVED_PARTS = INDEX_PARTS + ("h_adapter", LORA_DIR)
+
+
+def model_name(model: str | Path) -> str:
+    """The short name of a variant or a folder (for default paths)."""
+    return Path(str(model)).name or "model"
+
+
+def export_dir_of(model: str | Path) -> Path:
+    """The default ONNX export folder of a model: runs/onnx/<model name>."""
+    return ONNX_ROOT / model_name(model)
+
+
+def index_dir_of(model: str | Path) -> Path:
+    """The default retrieval index of a model: data/index/shapesworld-<model name> (an index
+    caches one model's features, so each model has its own)."""
+    return INDEX_ROOT / f"shapesworld-{model_name(model)}"
+
+
+def to_unit(pixels):
+    """[0, 255] pixel values -> [-1, 1] (the VAE's range)."""
+    return pixels / PIXEL_HALF - 1.0
+
+
+def from_unit(x):
+    """[-1, 1] -> [0, 255] (unrounded, unclipped)."""
+    return (x + 1.0) * PIXEL_HALF
 
 
 def resolve(model: str | Path) -> Path:

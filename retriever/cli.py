@@ -10,9 +10,9 @@ import argparse
 import json
 from pathlib import Path
 
-DEFAULT_INDEX = Path("data/index/shapesworld")
+from imageragturbo.defaults import DEFAULT_MODEL, index_dir_of
+
 DEFAULT_DATA = Path("data/shapesworld")
-DEFAULT_MODEL = "tiny-shapes"
 
 # Kept equal to retriever.index.DEFAULT_* (checked by the tests); repeated here so that
 # --help needs no numpy.
@@ -30,7 +30,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.limit is not None:
         pairs = pairs[:args.limit]
     encoder = load_retrieval_encoder(args.model)
-    out = build_index(pairs, encoder, args.out,
+    out = build_index(pairs, encoder, args.out or index_dir_of(args.model),
                       params=HNSWParams(args.M, args.ef_construction, args.ef),
                       batch_size=args.batch_size, threads=args.threads,
                       resume=not args.restart, overwrite=args.overwrite,
@@ -48,6 +48,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
     from .index import RetrievalIndex
 
+    args.index = args.index or index_dir_of(args.model or DEFAULT_MODEL)
     index = RetrievalIndex.load(args.index, ef=args.ef, verify=not args.no_verify)
     model = args.model or index.manifest.get("model_source") or DEFAULT_MODEL
     encoder = load_retrieval_encoder(model)
@@ -134,7 +135,9 @@ def add_parsers(sub, bench) -> None:
     src.add_argument("--data", type=Path, default=DEFAULT_DATA,
                      help="a ShapesWorld folder from `imageragturbo data build`")
     b.add_argument("--split", default="retrieval", help="ShapesWorld split to index")
-    b.add_argument("--out", type=Path, default=DEFAULT_INDEX, help="index folder to write")
+    b.add_argument("--out", type=Path, default=None,
+                   help=f"index folder to write (default {index_dir_of('<model name>')}, the "
+                        "index `serve` uses)")
     b.add_argument("--model", default=DEFAULT_MODEL,
                    help="model name (e.g. tiny-shapes) or diffusers folder")
     b.add_argument("--batch-size", type=int, default=64, help="pairs per encoder batch")
@@ -155,7 +158,8 @@ def add_parsers(sub, bench) -> None:
         formatter_class=fmt)
     q.add_argument("prompts", nargs="+", help="one or more prompts")
     q.add_argument("-k", type=int, default=5, help="neighbours per prompt")
-    q.add_argument("--index", type=Path, default=DEFAULT_INDEX, help="index folder")
+    q.add_argument("--index", type=Path, default=None,
+                   help=f"index folder (default {index_dir_of('<model name>')})")
     q.add_argument("--model", default=None,
                    help="model name or folder (default: the one the index was built with)")
     q.add_argument("--ef", type=int, default=None, help="query beam (default: the manifest's)")

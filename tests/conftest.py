@@ -9,12 +9,12 @@ import subprocess
 import pytest
 import torch
 
+from imageragturbo import runtime
 from imageragturbo import shapesworld as sw
 from imageragturbo.client import (
     ImageRAGTurboClient,
 )
 from imageragturbo.export import onnx_export as oe
-from imageragturbo.export import runtime
 from imageragturbo.model import family, load_retrieval_encoder
 from imageragturbo.model.h_space import HAdapter
 from imageragturbo.retriever import build_index, shapesworld_pairs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from imageragturbo.export import runtime
+from imageragturbo import runtime
 
 PIXEL_BOUND = 2  # max abs difference served vs in-process, in uint8 steps (2/255)
 PROMPTS = ["a red circle in the top left corner", "two blue squares",

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 
+from imageragturbo import runtime
+from imageragturbo.checksums import sha256_file
 from imageragturbo.cli import main
 from imageragturbo.export import onnx_export as oe
-from imageragturbo.export import runtime
-from imageragturbo.export.manifest import load_manifest, sha256_file
 from imageragturbo.model import family
 from imageragturbo.model.h_space import HAdapter
 from imageragturbo.model.pipeline import student_generate
+from imageragturbo.runtime.manifest import load_manifest
 
 FP32_BOUND = 1e-4  # max abs difference ONNX Runtime vs PyTorch per stage, fp32
 

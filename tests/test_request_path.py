@@ -21,13 +21,16 @@ REQUEST_MODULES = [
     "imageragturbo.defaults", "imageragturbo.checksums", "imageragturbo.cli",
     "imageragturbo.serving.assets", "imageragturbo.serving.repository",
     "imageragturbo.serving.server", "imageragturbo.serving.cli", "imageragturbo.serving.demo",
-    "imageragturbo.serving.bench", "imageragturbo.export.runtime",
-    "imageragturbo.export.manifest", "imageragturbo.retriever", "imageragturbo.client",
+    "imageragturbo.serving.bench", "imageragturbo.runtime", "imageragturbo.runtime.pipeline",
+    "imageragturbo.runtime.request", "imageragturbo.runtime.manifest",
+    "imageragturbo.runtime.cli", "imageragturbo.retriever", "imageragturbo.client",
 ]
 REQUEST_FILES = [
-    "imageragturbo/defaults.py", "imageragturbo/checksums.py", "imageragturbo/model/noise.py",
+    "imageragturbo/defaults.py", "imageragturbo/checksums.py", "imageragturbo/runtime/cli.py",
     "imageragturbo/serving/repository.py", "imageragturbo/serving/server.py",
-    "export/runtime.py", "export/manifest.py", "retriever/__init__.py", "retriever/index.py",
+    "imageragturbo/runtime/__init__.py", "imageragturbo/runtime/pipeline.py",
+    "imageragturbo/runtime/request.py", "imageragturbo/runtime/manifest.py",
+    "retriever/__init__.py", "retriever/index.py",
     "client/__init__.py", "client/sdk.py", "client/errors.py",
     *[str(p.relative_to(ROOT)) for p in sorted(ROOT.glob("model_repository/*/1/model.py"))],
 ]
@@ -35,9 +38,9 @@ REQUEST_FILES = [
 CHILD = r'''
 import importlib, importlib.util, json, sys, types
 
-# As if torch and the training code were not installed: importing them raises, and probes
+# As if torch, the training and the export code were not installed: importing them raises, and probes
 # (importlib.util.find_spec, which transformers uses) find nothing.
-for name in ("torch", "imageragturbo.training"):
+for name in ("torch", "imageragturbo.training", "imageragturbo.export"):
     sys.modules[name] = None
 args = json.loads(sys.argv[1])
 for m in args["modules"]:
@@ -51,7 +54,7 @@ for i, path in enumerate(args["backends"]):
 from pathlib import Path
 from imageragturbo.serving.assets import prepare
 from imageragturbo.serving.repository import render_repository
-from imageragturbo.export import runtime
+from imageragturbo import runtime
 a = prepare(args["model"], Path(args["export"]), Path(args["index"]), quiet=True)
 render_repository(a.export_dir, a.index_dir, Path(args["out"]), "cpu")
 pipe = runtime.OnnxPipeline(a.export_dir, threads=1)
@@ -181,5 +184,5 @@ def test_the_wheel_carries_what_serve_needs(tmp_path):
             "imageragturbo/model_repository/retriever/1/model.py",
             "imageragturbo/weights/tiny-shapes/h_adapter/model.safetensors",
             "imageragturbo/weights/tiny-shapes/unet_lora/lora.safetensors",
-            "imageragturbo/export/runtime.py", "imageragturbo/defaults.py"]
+            "imageragturbo/runtime/pipeline.py", "imageragturbo/defaults.py"]
     assert not [w for w in want if w not in names], [w for w in want if w not in names]

@@ -44,9 +44,9 @@ import torch
 from imageragturbo.model import family
 from imageragturbo.model.h_space import HAdapter, adapter_config_for, count_parameters
 from imageragturbo.model.lora import add_decoder_lora, lora_parameters, save_decoder_lora
-from imageragturbo.model.noise import initial_noise
 from imageragturbo.model.pipeline import STUDENT_TIMESTEP, teacher_sample_latents, tokenize
 from imageragturbo.model.unet_split import UNetEncoder
+from imageragturbo.runtime.request import initial_noise
 
 from . import ladd
 from .stages import StagedRun, load_checkpoint, mean_tail, save_atomic

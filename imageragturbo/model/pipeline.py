@@ -12,9 +12,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from imageragturbo.runtime.request import initial_noise
+
 from .family import Components
 from .h_space import slerp_inject
-from .noise import initial_noise
 from .unet_split import one_step_z0, split_unet
 
 STUDENT_TIMESTEP = 999  # SD-Turbo's single step: t = 999 (EulerDiscrete, trailing spacing)
@@ -79,6 +80,32 @@ def student_generate(c: Components, prompts: Sequence[str], seeds: Sequence[int]
     z0 = one_step_z0(z, t, eps, c.alphas_cumprod, c.scheduler.config.prediction_type)
     images = decode_latents(c, z0)
     return (images, z0) if return_latents else images
+
+
+class TorchStudent:
+    """The one-step student of a model on PyTorch with NumPy in and out, the same interface as
+    the ONNX Runtime pipeline offers ``imageragturbo generate`` (its ``--backend torch``)."""
+
+    def __init__(self, model, threads: int | None = None):
+        from .family import load_components
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.c = load_components(model)
+        self.text_dim = int(self.c.text_encoder.config.hidden_size)
+        self.has_adapter = self.c.h_adapter is not None
+        cfg = self.c.unet.config
+        down = 2 ** (len(cfg.block_out_channels) - 1)
+        _, lh, lw = latent_shape(self.c)
+        self.h_shape = (int(cfg.block_out_channels[-1]), lh // down, lw // down)  # (C, h', w')
+
+    def pooled(self, prompts: Sequence[str]) -> np.ndarray:
+        return encode_prompt(self.c, prompts)[1].numpy()
+
+    def generate(self, prompts, seeds, h_retr=None, lam=None, slerp_w=None) -> np.ndarray:
+        ht = None if h_retr is None else torch.from_numpy(np.asarray(h_retr))
+        lt = None if lam is None else torch.from_numpy(np.asarray(lam))
+        return student_generate(self.c, prompts, seeds, h_retr=ht, lam=lt, slerp_w=slerp_w)
 
 
 def ddim_scheduler(c: Components):

@@ -9,11 +9,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from imageragturbo.defaults import DEFAULT_MODEL  # noqa: F401
+from imageragturbo.defaults import DEFAULT_MODEL, VARIANTS, export_dir_of, index_dir_of
 
 DEFAULT_RUNS = Path("runs/serve")
 DEFAULT_DATA = Path("data/shapesworld")
-DEFAULT_INDEX_ROOT = Path("data/index")
 RANDOM_MODEL = "tiny-random"
 
 
@@ -44,8 +43,6 @@ def model_folder(model: str, random_weights: bool = False, runs: Path = DEFAULT_
 
             save_sd_folder(random_tiny_components(seed), folder)
         return str(folder)
-    from imageragturbo.defaults import VARIANTS
-
     path = VARIANTS.get(model, Path(model))
     if not Path(path).is_dir():
         if model in VARIANTS:
@@ -60,13 +57,7 @@ def model_folder(model: str, random_weights: bool = False, runs: Path = DEFAULT_
 
 def _folder(model) -> Path:
     """A variant name or a folder, as the folder it names (for comparing the two spellings)."""
-    from imageragturbo.defaults import VARIANTS
-
     return Path(VARIANTS.get(str(model), Path(str(model)))).resolve()
-
-
-def _name(model: str) -> str:
-    return Path(model).name or "model"
 
 
 def _stale(recorded: str | None, current: str | None, what: str, path: Path,
@@ -88,9 +79,9 @@ def ensure_export(model: str, export_dir: Path | None = None, fp16: bool = False
                   quiet: bool = False) -> Path:
     """The model's ONNX export, made when missing or when the weights changed since."""
     from imageragturbo.defaults import model_files_id
-    from imageragturbo.export.manifest import MANIFEST
+    from imageragturbo.runtime.manifest import MANIFEST
 
-    out = Path(export_dir) if export_dir else Path("runs/onnx") / _name(model)
+    out = Path(export_dir) if export_dir else export_dir_of(model)
     ident = model_files_id(model)
     manifest = out / MANIFEST
     if manifest.exists() and not _stale(json.loads(manifest.read_text()).get("model_files_id"),
@@ -109,7 +100,7 @@ def ensure_index(model: str, index_dir: Path | None = None, data: Path = DEFAULT
     when ``data`` lacks it, the first time, and again when the weights changed since)."""
     from imageragturbo.defaults import model_files_id
 
-    out = Path(index_dir) if index_dir else DEFAULT_INDEX_ROOT / f"shapesworld-{_name(model)}"
+    out = Path(index_dir) if index_dir else index_dir_of(model)
     manifest = out / "manifest.json"
     if manifest.exists() and not _stale(json.loads(manifest.read_text()).get("model_id"),
                                         model_files_id(model, index=True), "index", out,

@@ -24,7 +24,7 @@ def _pct(xs: list[float], q: float) -> float:
 def in_process_latency(export_dir, index_dir, k: int, threads: int, repeats: int,
                        warmup: int) -> dict:
     """The same request in process: tokenize, text encoder, retrieval, one step, uint8."""
-    from imageragturbo.export import runtime
+    from imageragturbo import runtime
 
     pipe = runtime.OnnxPipeline(export_dir, providers=runtime.choose_providers(["cpu"]),
                                 threads=threads)

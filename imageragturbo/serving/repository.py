@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
-from imageragturbo.export.manifest import load_manifest
+from imageragturbo.runtime.manifest import load_manifest
 
 # Installed: imageragturbo/model_repository (package data); in a checkout: the top-level folder.
 SOURCE = next((p for p in (Path(__file__).resolve().parents[1] / "model_repository",

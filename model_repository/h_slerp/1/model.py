@@ -1,14 +1,14 @@
 """h_adapter without an H-adapter graph: training-free injection (paper Eq. 3).
 
 h = slerp(h_tgt, h_retr[:, 0], w) with target weight w = 1 - lam per item, computed by
-``imageragturbo.export.runtime.slerp_inject`` (the in-process pipeline's function); lam = 0
+``imageragturbo.runtime.request.slerp_inject`` (the in-process pipeline's function); lam = 0
 (no retrieval, or STRENGTH 0) returns h_tgt unchanged.
 """
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from imageragturbo.export.runtime import slerp_inject
+from imageragturbo.runtime.request import slerp_inject
 
 
 class TritonPythonModel:

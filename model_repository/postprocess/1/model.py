@@ -1,9 +1,9 @@
 """postprocess: the VAE decoder's image (B, 3, H, W) in [-1, 1] -> IMAGE uint8 (B, H, W, 3),
-rounded exactly as the in-process pipeline (``imageragturbo.export.runtime.to_uint8``)."""
+rounded exactly as the in-process pipeline (``imageragturbo.runtime.request.to_uint8``)."""
 
 import triton_python_backend_utils as pb_utils
 
-from imageragturbo.export.runtime import to_uint8
+from imageragturbo.runtime.request import to_uint8
 
 
 class TritonPythonModel:

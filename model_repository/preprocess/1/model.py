@@ -5,7 +5,7 @@ Inputs (batch axis first): PROMPT BYTES [1] (UTF-8, non-empty), SEED INT64 [1] (
 neighbours to retrieve, 0 = no retrieval, the same for every item of a request) and STRENGTH
 FP32 [1] (optional: the H-adapter's lambda scale, >= 0, or the slerp weight of the neighbour
 in [0, 1] for a model without one; 0 = retrieve but do not inject; absent = the default, as
-``imageragturbo.export.runtime.retrieval_controls``).
+``imageragturbo.runtime.request.retrieval_controls``).
 
 A bad request gets an INVALID_ARG error that says what is wrong; the other requests of the
 same batch are served. One response per request, in order.
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from imageragturbo.export.runtime import initial_noise, retrieval_controls
+from imageragturbo.runtime.request import initial_noise, retrieval_controls
 
 
 class RequestError(ValueError):

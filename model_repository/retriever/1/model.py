@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from imageragturbo.export.runtime import retrieval_controls
+from imageragturbo.runtime.request import retrieval_controls
 
 
 class TritonPythonModel:

@@ -1,5 +1,6 @@
 """The one-step pipeline in process on ONNX Runtime: the five exported stages (see
-``onnx_export``) chained as in shared/DESIGN.md, "The request path"::
+``imageragturbo.export.onnx_export``) chained as the served ensemble chains them (docs/design.md,
+"The request path")::
 
     ids -> text_encoder -> (ehs, pooled) ; pooled -> retriever -> (h_retr, lambda)
     z_T, t, ehs -> unet_encoder -> (h, temb, skips) ; h, h_retr, lambda -> h_adapter -> h
@@ -19,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from imageragturbo.model.noise import initial_noise  # torch-free
-
 from .manifest import MANIFEST, load_manifest, stage_names
+from .request import initial_noise, slerp_inject, to_uint8
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -57,33 +57,6 @@ def choose_providers(prefer: Sequence[str] | None = None, fp16: bool = False,
     if "CPUExecutionProvider" not in names:
         out.append("CPUExecutionProvider")  # for any node the GPU provider does not take
     return out
-
-
-def slerp_inject(h_tgt: np.ndarray, h_retr: np.ndarray, w, eps: float = 1e-4) -> np.ndarray:
-    """Paper Eq. 3 in NumPy, the same computation as ``model.h_space.slerp_inject``: slerp
-    over each sample's flattened C*H*W vector, the retrieved feature first rescaled to the
-    target's norm, target weight ``w`` (scalar or (B,)); lerp where sin(angle) < eps."""
-    if h_tgt.shape != h_retr.shape:
-        raise ValueError(f"h_tgt {h_tgt.shape} and h_retr {h_retr.shape} differ")
-    a = h_tgt.astype(np.float32).reshape(len(h_tgt), -1)               # (B, N)
-    b = h_retr.astype(np.float32).reshape(len(h_retr), -1)             # (B, N)
-    na = np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)   # (B, 1)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12) * na
-    w = np.asarray(w, dtype=np.float32).reshape(-1, 1)                 # (B|1, 1)
-    cos = np.clip((a * b).sum(1, keepdims=True) / (na * na), -1.0, 1.0)
-    omega = np.arccos(cos)
-    so = np.sin(omega)
-    small = np.abs(so) < eps
-    safe = np.where(small, 1.0, so)
-    slerp = (np.sin((1 - w) * omega) / safe) * b + (np.sin(w * omega) / safe) * a
-    lerp = (1 - w) * b + w * a
-    return np.where(small, lerp, slerp).reshape(h_tgt.shape).astype(h_tgt.dtype)
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """VAE output (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), as ``decode_latents``."""
-    x = np.round((np.clip(image.astype(np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
-    return x.transpose(0, 2, 3, 1)                                     # (B, H, W, 3)
 
 
 class OnnxPipeline:
@@ -209,54 +182,6 @@ class OnnxPipeline:
         images = to_uint8(self.vae_decoder(z0))
         self.timings["end_to_end"] = (time.perf_counter() - t0) * 1e3
         return (images, z0) if return_latents else images
-
-
-# ----------------------------------------------------------------------------- retrieval
-
-
-def load_index(path: str | Path, text_dim: int, h_shape: Sequence[int], ef: int | None = None):
-    """Open a retrieval index (``imageragturbo.retriever``) and check it fits this model: the
-    same text width, and cached H-space features of the UNet encoder's h shape."""
-    try:
-        from imageragturbo.retriever import RetrievalIndex
-    except ImportError as e:
-        raise ValueError(f"retriever not available yet ({e}); generate without --k") from None
-    for attr in ("load", "search", "lookup"):
-        if not hasattr(RetrievalIndex, attr):
-            raise ValueError(f"retriever not available yet: RetrievalIndex has no {attr}()")
-    index = RetrievalIndex.load(path, text_dim=text_dim, ef=ef)
-    cached = tuple(index.manifest["shapes"]["h"][1:])
-    if cached != tuple(h_shape):
-        raise ValueError(f"index {path} caches H-space features of shape {cached}; this model's "
-                         f"UNet encoder gives {tuple(h_shape)}: rebuild the index for it")
-    return index
-
-
-def retrieve(index, pooled: np.ndarray, k: int):
-    """Neighbours of each query: (h_retr (B, k, C, h', w'), scores (B, k), Neighbours)."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    ids, scores = index.search(pooled, k)
-    nb = index.lookup(ids, scores)
-    return nb.h.astype(np.float32), nb.scores, nb
-
-
-def retrieval_controls(scores: np.ndarray, strength: float | None, has_adapter: bool):
-    """(lam, slerp_w) from the neighbours' scores and the user's ``strength``.
-
-    With an H-adapter: lam = strength x the top-1 cosine similarity (paper Eq. 5 sets lambda to
-    that similarity: strength 1, the default). Without one: training-free slerp of the top-1
-    neighbour (paper Eq. 3) with target weight w = 1 - strength (default strength 0.2, the
-    paper's fixed w = 0.8)."""
-    if has_adapter:
-        s = 1.0 if strength is None else float(strength)
-        if s < 0:
-            raise ValueError(f"strength must be >= 0, got {s}")
-        return (s * scores[:, 0]).astype(np.float32), None
-    s = 0.2 if strength is None else float(strength)
-    if not 0.0 <= s <= 1.0:
-        raise ValueError(f"slerp strength must be in [0, 1], got {s}")
-    return None, 1.0 - s
 
 
 def describe(path: str | Path) -> str:

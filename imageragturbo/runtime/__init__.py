@@ -1,0 +1,29 @@
+"""The request path: everything a served (or in-process) request runs, with numpy,
+onnxruntime, the CLIP tokenizer and the retriever only (never torch).
+
+- ``manifest``: an export folder's manifest, read and checked (sizes, optionally sha256).
+- ``request``: the NumPy steps around the ONNX stages: initial noise, retrieval controls,
+  slerp injection, uint8 conversion, index loading and lookup.
+- ``pipeline``: ``OnnxPipeline``, the five exported stages chained in process, and the choice
+  of execution providers.
+- ``cli``: ``imageragturbo generate``.
+
+The Triton backends in ``imageragturbo.model_repository`` import ``request``; ``serving`` and
+``bench serve`` import ``manifest`` and ``pipeline``. ``imageragturbo.export`` writes what
+``manifest`` reads, and nothing here imports it.
+"""
+
+from .manifest import MANIFEST, load_manifest, stage_names
+from .pipeline import OnnxPipeline, choose_providers, describe
+from .request import (
+    initial_noise,
+    load_index,
+    retrieval_controls,
+    retrieve,
+    slerp_inject,
+    to_uint8,
+)
+
+__all__ = ["MANIFEST", "OnnxPipeline", "choose_providers", "describe", "initial_noise",
+           "load_index", "load_manifest", "retrieval_controls", "retrieve", "slerp_inject",
+           "stage_names", "to_uint8"]

@@ -1,0 +1,95 @@
+"""The numeric steps of a request around the five ONNX stages, in NumPy (no torch), shared by
+the in-process ``OnnxPipeline`` and the Triton ensemble's Python backends, so both compute the
+same thing:
+
+- ``initial_noise``: z_T for a seed (the PyTorch pipeline draws it here too, so every backend
+  starts from the very same z_T);
+- ``retrieval_controls``: lambda of the H-adapter (paper Eq. 5) or the slerp weight (Eq. 3)
+  from the neighbours' scores and the user's strength;
+- ``slerp_inject``: the training-free injection of paper Eq. 3;
+- ``to_uint8``: the VAE decoder's [-1, 1] output to uint8 pixels;
+- ``load_index`` / ``retrieve``: open a retrieval index checked against the model, and look up
+  the neighbours' cached H-space features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from imageragturbo.defaults import from_unit
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> np.ndarray:
+    """z_T for each seed: (B, C, H, W) float32 standard normal, from NumPy's PCG64."""
+    return np.stack([np.random.default_rng(int(s)).standard_normal(shape, dtype=np.float32)
+                     for s in seeds])
+
+
+def slerp_inject(h_tgt: np.ndarray, h_retr: np.ndarray, w, eps: float = 1e-4) -> np.ndarray:
+    """Paper Eq. 3 in NumPy, the same computation as ``model.h_space.slerp_inject``: slerp
+    over each sample's flattened C*H*W vector, the retrieved feature first rescaled to the
+    target's norm, target weight ``w`` (scalar or (B,)); lerp where sin(angle) < eps."""
+    if h_tgt.shape != h_retr.shape:
+        raise ValueError(f"h_tgt {h_tgt.shape} and h_retr {h_retr.shape} differ")
+    a = h_tgt.astype(np.float32).reshape(len(h_tgt), -1)               # (B, N)
+    b = h_retr.astype(np.float32).reshape(len(h_retr), -1)             # (B, N)
+    na = np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)   # (B, 1)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12) * na
+    w = np.asarray(w, dtype=np.float32).reshape(-1, 1)                 # (B|1, 1)
+    cos = np.clip((a * b).sum(1, keepdims=True) / (na * na), -1.0, 1.0)
+    omega = np.arccos(cos)
+    so = np.sin(omega)
+    small = np.abs(so) < eps
+    safe = np.where(small, 1.0, so)
+    slerp = (np.sin((1 - w) * omega) / safe) * b + (np.sin(w * omega) / safe) * a
+    lerp = (1 - w) * b + w * a
+    return np.where(small, lerp, slerp).reshape(h_tgt.shape).astype(h_tgt.dtype)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """VAE output (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), as ``decode_latents``."""
+    x = np.round(from_unit(np.clip(image.astype(np.float32), -1, 1))).astype(np.uint8)
+    return x.transpose(0, 2, 3, 1)                                     # (B, H, W, 3)
+
+
+def load_index(path: str | Path, text_dim: int, h_shape: Sequence[int], ef: int | None = None):
+    """Open a retrieval index (``imageragturbo.retriever``) and check it fits this model: the
+    same text width, and cached H-space features of the UNet encoder's h shape."""
+    from imageragturbo.retriever import RetrievalIndex
+
+    index = RetrievalIndex.load(path, text_dim=text_dim, ef=ef)
+    cached = tuple(index.manifest["shapes"]["h"][1:])
+    if cached != tuple(h_shape):
+        raise ValueError(f"index {path} caches H-space features of shape {cached}; this model's "
+                         f"UNet encoder gives {tuple(h_shape)}: rebuild the index for it")
+    return index
+
+
+def retrieve(index, pooled: np.ndarray, k: int):
+    """Neighbours of each query: (h_retr (B, k, C, h', w'), scores (B, k), Neighbours)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    ids, scores = index.search(pooled, k)
+    nb = index.lookup(ids, scores)
+    return nb.h.astype(np.float32), nb.scores, nb
+
+
+def retrieval_controls(scores: np.ndarray, strength: float | None, has_adapter: bool):
+    """(lam, slerp_w) from the neighbours' scores and the user's ``strength``.
+
+    With an H-adapter: lam = strength x the top-1 cosine similarity (paper Eq. 5 sets lambda to
+    that similarity: strength 1, the default). Without one: training-free slerp of the top-1
+    neighbour (paper Eq. 3) with target weight w = 1 - strength (default strength 0.2, the
+    paper's fixed w = 0.8)."""
+    if has_adapter:
+        s = 1.0 if strength is None else float(strength)
+        if s < 0:
+            raise ValueError(f"strength must be >= 0, got {s}")
+        return (s * scores[:, 0]).astype(np.float32), None
+    s = 0.2 if strength is None else float(strength)
+    if not 0.0 <= s <= 1.0:
+        raise ValueError(f"slerp strength must be in [0, 1], got {s}")
+    return None, 1.0 - s
