@@ -1,7 +1,7 @@
 """``imageragturbo bench pipeline``: median latency of each stage and of the whole one-step
 request, PyTorch eager against ONNX Runtime, measured in one run on the same inputs.
 
-Both backends run the same five stages (shared/DESIGN.md, "The request path"): the H-adapter
+Both backends run the same five stages (docs/design.md, "The request path"): the H-adapter
 is included with ``k`` retrieved features per prompt (random stand-ins for the index's
 cached h_retr: the retriever's own latency is ``bench retrieval``); a model without a
 trained adapter gets a zero-initialised one, which costs the same compute.
@@ -19,11 +19,12 @@ from functools import partial
 import numpy as np
 import torch
 
+from imageragturbo.defaults import DEFAULT_MODEL
 from imageragturbo.model import family
-from imageragturbo.model.h_space import HAdapter
+from imageragturbo.model.h_space import HAdapter, adapter_config_for
 from imageragturbo.runtime.pipeline import OnnxPipeline, choose_providers
 
-from .onnx_export import export_model, fresh_adapter_config, random_tiny_components, stage_specs
+from .onnx_export import export_model, random_tiny_components, stage_specs
 
 
 def _median_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
@@ -48,7 +49,7 @@ def load_bench_components(model: str, random_weights: bool) -> tuple[family.Comp
     return family.load_components(model), "loaded"
 
 
-def bench_pipeline(model: str = "tiny-shapes", random_weights: bool = False,
+def bench_pipeline(model: str = DEFAULT_MODEL, random_weights: bool = False,
                    batches: Sequence[int] = (1, 8), repeats: int = 20, warmup: int = 3,
                    threads: int | None = None, k: int = 1, providers: Sequence[str] | None = None,
                    progress: bool = True) -> dict:
@@ -63,7 +64,7 @@ def bench_pipeline(model: str = "tiny-shapes", random_weights: bool = False,
         torch.set_num_threads(int(threads))
     c, weights = load_bench_components(model, random_weights)
     if c.h_adapter is None:
-        c.h_adapter = HAdapter(fresh_adapter_config(int(c.unet.config.block_out_channels[-1])))
+        c.h_adapter = HAdapter(adapter_config_for(c.unet))
         adapter_kind = "fresh (zero-initialised)"
     else:
         adapter_kind = "trained"

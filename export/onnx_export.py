@@ -1,4 +1,4 @@
-"""Export the five served stages of the one-step pipeline to ONNX (shared/DESIGN.md, "The
+"""Export the five served stages of the one-step pipeline to ONNX (docs/design.md, "The
 request path"; paper Fig. 2):
 
 =============  ==============================================  =================================
@@ -19,7 +19,7 @@ vae_decoder    latents [B, 4, h, w] (scaled, as the UNet       image [B, 3, H, W
 
 The batch axis is dynamic everywhere and the neighbour axis ``k`` of ``h_retr`` too. Graphs are
 exported with ``torch.onnx.export(..., dynamo=False)`` (TorchScript tracing; seen to work with
-torch 2.14 and diffusers 0.42, see shared/ENVIRONMENT.md). optimum's exporters are not used:
+torch 2.14 and diffusers 0.42, see docs/design.md). optimum's exporters are not used:
 optimum-onnx 0.1.0 pins transformers<4.58 and fails to import under transformers 5.x (see
 ``OPTIMUM_NOTE``).
 
@@ -51,10 +51,10 @@ import torch
 from torch import nn
 
 from imageragturbo.checksums import sha256_file
-from imageragturbo.defaults import model_files_id
+from imageragturbo.defaults import STUDENT_TIMESTEP, model_files_id
 from imageragturbo.model import family
-from imageragturbo.model.h_space import HAdapter, HAdapterConfig
-from imageragturbo.model.unet_split import UNetDecoder, UNetEncoder, one_step_z0
+from imageragturbo.model.h_space import HAdapter, adapter_config_for
+from imageragturbo.model.stages import TextEncoder, UNetDecoder, UNetEncoder, VAEDecoder
 from imageragturbo.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, STAGES
 
 from .graph import (  # noqa: F401 - DEFAULT_OPSET and TWO_GB are part of this module's API
@@ -66,7 +66,6 @@ from .graph import (  # noqa: F401 - DEFAULT_OPSET and TWO_GB are part of this m
     to_fp16,
 )
 
-STUDENT_TIMESTEP = 999           # SD-Turbo's single step (imageragturbo.model.pipeline)
 OPTIMUM_NOTE = (
     "optimum 2.1.0 + optimum-onnx 0.1.0 (the current releases) require transformers<4.58; pip "
     "would downgrade transformers 5.24 -> 4.57.6 and huggingface_hub. Installed without their "
@@ -78,73 +77,19 @@ OPTIMUM_NOTE = (
 # ----------------------------------------------------------------------------- stage modules
 
 
-class TextEncoderStage(nn.Module):
-    """input_ids [B, 77] -> (last_hidden_state [B, 77, D], pooled [B, D]); pooled is the EOS
-    token's final state, L2-normalised: the retrieval key (paper Sec. 4.1)."""
+class UNetDecoderGraph(nn.Module):
+    """``UNetDecoder`` (with the one-step update) over flat inputs, as an ONNX graph takes them:
+    (h, temb, skip_0..skip_n, encoder_hidden_states, sample, timestep) -> z0."""
 
-    def __init__(self, text_encoder: nn.Module):
+    def __init__(self, decoder: UNetDecoder, num_skips: int):
         super().__init__()
-        self.text_encoder = text_encoder
-
-    def forward(self, input_ids: torch.Tensor):
-        out = self.text_encoder(input_ids)
-        pooled = nn.functional.normalize(out.pooler_output.float(), dim=-1)  # (B, D)
-        return out.last_hidden_state, pooled
-
-
-class UNetEncoderStage(nn.Module):
-    """(sample, timestep, encoder_hidden_states) -> (h, temb, skip_0, ..., skip_n): f_enc of
-    paper Sec. 3.2, the UNet up to and including its mid-block."""
-
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.enc = UNetEncoder(unet)
-
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.enc(sample, timestep, encoder_hidden_states)
-
-
-class UNetDecoderStage(nn.Module):
-    """(h, temb, skip_0..skip_n, encoder_hidden_states, sample, timestep) -> z0: the up blocks,
-    then the one-step update z0 = (z_t - sigma_t eps) / alpha_t (paper Eq. 1 solved for z0)
-    inside the graph."""
-
-    def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str,
-                 num_skips: int):
-        super().__init__()
-        self.dec = UNetDecoder(unet)
-        self.prediction_type = prediction_type
+        self.decoder = decoder
         self.num_skips = num_skips
-        self.register_buffer("alphas_cumprod", alphas_cumprod.float().clone(), persistent=False)
 
     def forward(self, h, temb, *rest):
         skips = rest[: self.num_skips]
         encoder_hidden_states, sample, timestep = rest[self.num_skips:]
-        out = self.dec(h, temb, skips, encoder_hidden_states)             # (B, 4, h, w)
-        return one_step_z0(sample, timestep, out, self.alphas_cumprod, self.prediction_type)
-
-
-class VAEDecoderStage(nn.Module):
-    """latents [B, 4, h, w] (as the UNet sees them) -> image [B, 3, H, W] in about [-1, 1]
-    (clamped in post-processing, as ``pipeline.decode_latents`` does)."""
-
-    def __init__(self, vae: nn.Module):
-        super().__init__()
-        self.vae = vae
-        self.inv_scale = 1.0 / float(vae.config.scaling_factor)
-
-    def forward(self, latents):
-        return self.vae.decode(latents * self.inv_scale).sample
-
-
-def fresh_adapter_config(channels: int) -> HAdapterConfig:
-    """An H-adapter sized for a mid-block of ``channels``: heads of 64 at SD width (1280 ->
-    20 x 64, the paper's 36 M parameters), otherwise 4 heads."""
-    if channels >= 640 and channels % 64 == 0:
-        return HAdapterConfig(channels=channels, num_heads=channels // 64, head_dim=64)
-    if channels % 4:
-        raise ValueError(f"cannot size an adapter for {channels} channels (not a multiple of 4)")
-    return HAdapterConfig(channels=channels, num_heads=4, head_dim=channels // 4)
+        return self.decoder(h, temb, skips, encoder_hidden_states, sample, timestep)
 
 
 def random_tiny_components(seed: int = 0) -> family.Components:
@@ -224,14 +169,14 @@ def stage_specs(c: family.Components, adapter: HAdapter | None = None, batch: in
     z = torch.randn(batch, *lat, generator=g)                          # (B, 4, h, w)
     t = torch.full((batch,), STUDENT_TIMESTEP, dtype=torch.long)       # (B,)
     ehs = torch.randn(batch, seq, d, generator=g)                      # (B, 77, D)
-    enc = UNetEncoderStage(c.unet).eval()
+    enc = UNetEncoder(c.unet).eval()
     with torch.no_grad():
         h, temb, *skips = enc(z, t, ehs)
     n = len(skips)
     skip_names = [f"skip_{i}" for i in range(n)]
     b = {0: "batch"}
     specs = [
-        StageSpec("text_encoder", TextEncoderStage(c.text_encoder), (ids,), ["input_ids"],
+        StageSpec("text_encoder", TextEncoder(c.text_encoder), (ids,), ["input_ids"],
                   ["last_hidden_state", "pooled"],
                   {"input_ids": b, "last_hidden_state": b, "pooled": b}),
         StageSpec("unet_encoder", enc, (z, t, ehs),
@@ -245,13 +190,14 @@ def stage_specs(c: family.Components, adapter: HAdapter | None = None, batch: in
         specs.append(StageSpec("h_adapter", adapter.eval(), (h, h_retr, lam),
                                ["h_tgt", "h_retr", "lam"], ["h"],
                                {"h_tgt": b, "h_retr": {0: "batch", 1: "k"}, "lam": b, "h": b}))
-    dec = UNetDecoderStage(c.unet, c.alphas_cumprod, c.scheduler.config.prediction_type, n)
+    dec = UNetDecoderGraph(UNetDecoder(c.unet, c.alphas_cumprod,
+                                       c.scheduler.config.prediction_type), n)
     specs += [
         StageSpec("unet_decoder", dec.eval(), (h, temb, *skips, ehs, z, t),
                   ["h", "temb", *skip_names, "encoder_hidden_states", "sample", "timestep"],
                   ["z0"], {x: b for x in ["h", "temb", *skip_names, "encoder_hidden_states",
                                           "sample", "timestep", "z0"]}),
-        StageSpec("vae_decoder", VAEDecoderStage(c.vae).eval(), (z,), ["latents"], ["image"],
+        StageSpec("vae_decoder", VAEDecoder(c.vae).eval(), (z,), ["latents"], ["image"],
                   {"latents": b, "image": b}),
     ]
     return specs
@@ -324,7 +270,7 @@ def export_model(c: family.Components, out: str | Path, *, source: str | Path | 
         fp32_attention = bool(getattr(c.unet.config, "upcast_attention", False))
     adapter = c.h_adapter
     if adapter is None and fresh_adapter:
-        adapter = HAdapter(fresh_adapter_config(int(c.unet.config.block_out_channels[-1])))
+        adapter = HAdapter(adapter_config_for(c.unet))
     adapter = adapter.float().eval() if adapter is not None else None
     (out / MANIFEST).unlink(missing_ok=True)  # written last: its presence means complete
     specs = stage_specs(c, adapter, image_size=image_size)

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from imageragturbo.defaults import DEFAULT_MODEL
+
 DEFAULT_DATA = Path("data/shapesworld")
 
 # Modules that add their own subcommands: each defines ``add_parsers(sub, bench)`` where
@@ -263,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "ShapesTIFA, the Frechet distance to real renders (FID's analogue) and the "
                     "CLIP-score analogue. --json prints {tifa, categories, fd, clip, ...}.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    r.add_argument("--model", default="tiny-shapes", help="variant name or diffusers folder")
+    r.add_argument("--model", default=DEFAULT_MODEL, help="variant name or diffusers folder")
     r.add_argument("--pipeline", choices=["teacher", "student", "adapter", "slerp"],
                    default="student",
                    help="adapter: ImageRAGTurbo (trained H-adapter + decoder LoRA); slerp: the "
@@ -285,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_ = esub.add_parser(
         "compare", help="a PNG grid: teacher xN, teacher x1, student x1 and the render per prompt",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    cmp_.add_argument("--model", default="tiny-shapes", help="variant name or diffusers folder")
+    cmp_.add_argument("--model", default=DEFAULT_MODEL, help="variant name or diffusers folder")
     cmp_.add_argument("--n", type=int, default=8, help="evaluation prompts (columns)")
     cmp_.add_argument("--steps", type=int, default=50, help="teacher steps of the first row")
     cmp_.add_argument("--guidance", type=float, default=4.0, help="teacher CFG scale")
@@ -309,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "category, tail prompts vs the rest), FD, the CLIP-score analogue, NFE, and "
                     "the one-step ONNX Runtime CPU latency with and without retrieval.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    q.add_argument("--model", default="tiny-shapes", help="variant name or diffusers folder")
+    q.add_argument("--model", default=DEFAULT_MODEL, help="variant name or diffusers folder")
     q.add_argument("--teacher-steps", type=int, default=50)
     q.add_argument("--guidance", type=float, default=4.0, help="teacher CFG scale")
     q.add_argument("--n", type=int, default=500, help="evaluation prompts")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from imageragturbo.defaults import DEFAULT_MODEL
+
 from . import shapesworld as sw
 from . import tifa
 from .grids import caption_grid, row_grid
@@ -83,7 +85,7 @@ def measure(components, scorer, items: Sequence[sw.Item], images: np.ndarray,
             "per_prompt": res["per_prompt"]}
 
 
-def run(model: str = "tiny-shapes", pipeline: str = "student", steps: int = 1,
+def run(model: str = DEFAULT_MODEL, pipeline: str = "student", steps: int = 1,
         guidance: float = 4.0, n: int = 500, seed: int = 0, grid: str | Path | None = None,
         progress: bool = True, k: int = 4, strength: float | None = None,
         index: str | Path | None = None) -> dict:
@@ -142,7 +144,7 @@ def run(model: str = "tiny-shapes", pipeline: str = "student", steps: int = 1,
     return out
 
 
-def compare_grid(model: str = "tiny-shapes", n: int = 8, seed: int = 0,
+def compare_grid(model: str = DEFAULT_MODEL, n: int = 8, seed: int = 0,
                  path: str | Path = "outputs/compare.png", teacher_steps: int = 50,
                  guidance: float = 4.0, tile: int = 128) -> Path:
     """A PNG: one column per evaluation prompt, rows teacher x``teacher_steps``, teacher x1,

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from imageragturbo.defaults import DEFAULT_MODEL
+
 from . import evaluate, tifa
 from . import shapesworld as sw
 from .grids import row_grid
@@ -107,7 +109,7 @@ def onnx_latency(c, index, k_values=(0, 1, 4), repeats: int = 30, threads: int =
                 for k in k_values}
 
 
-def run(model: str = "tiny-shapes", n: int = 500, seed: int = 0, teacher_steps: int = 50,
+def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: int = 50,
         guidance: float = 4.0, index: str | Path | None = None,
         runs: dict[str, str | Path] | None = None, grid: str | Path | None = None,
         latency: bool = True, progress: bool = True) -> dict:

@@ -8,7 +8,7 @@ score is the cosine similarity that Eq. 5 uses as lambda).
 
 The retrieved branch needs no UNet pass at request time: h_retr = f_enc(tau(p_retr), t=0,
 z_0_retr) does not depend on the query, so :func:`build_index` computes it once per item and
-stores it beside the item's VAE latent (see ``shared/DESIGN.md``).
+stores it beside the item's VAE latent (see docs/design.md).
 
 On disk an index is a folder::
 

@@ -16,7 +16,7 @@ from imageragturbo.client import (
 )
 from imageragturbo.export import onnx_export as oe
 from imageragturbo.model import family, load_retrieval_encoder
-from imageragturbo.model.h_space import HAdapter
+from imageragturbo.model.h_space import HAdapter, adapter_config_for_channels
 from imageragturbo.retriever import build_index, shapesworld_pairs
 from imageragturbo.serving.repository import render_repository
 from imageragturbo.serving.server import TritonServer
@@ -35,7 +35,7 @@ def assets(tmp_path_factory):
     c = oe.random_tiny_components(seed=0)
     channels = int(c.unet.config.block_out_channels[-1])
     torch.manual_seed(1)
-    adapter = HAdapter(oe.fresh_adapter_config(channels))
+    adapter = HAdapter(adapter_config_for_channels(channels))
     torch.nn.init.normal_(adapter.proj_out.weight, std=0.05)  # not the identity
     folder = root / "model"
     family.save_sd_folder(c, folder)

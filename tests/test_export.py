@@ -19,7 +19,7 @@ from imageragturbo.checksums import sha256_file
 from imageragturbo.cli import main
 from imageragturbo.export import onnx_export as oe
 from imageragturbo.model import family
-from imageragturbo.model.h_space import HAdapter
+from imageragturbo.model.h_space import HAdapter, adapter_config_for_channels
 from imageragturbo.model.pipeline import student_generate
 from imageragturbo.runtime.manifest import load_manifest
 
@@ -30,7 +30,7 @@ def _trained_like_adapter(channels: int, seed: int) -> HAdapter:
     """A fresh adapter is the identity (zero output projection); give it random output
     weights so the parity test checks a graph that actually changes h."""
     torch.manual_seed(seed)
-    ad = HAdapter(oe.fresh_adapter_config(channels))
+    ad = HAdapter(adapter_config_for_channels(channels))
     torch.nn.init.normal_(ad.proj_out.weight, std=0.05)
     return ad.eval()
 

@@ -75,15 +75,14 @@ def export_and_index(tmp_path_factory):
     from imageragturbo import shapesworld as sw
     from imageragturbo.export import onnx_export as oe
     from imageragturbo.model import family, load_retrieval_encoder
-    from imageragturbo.model.h_space import HAdapter
+    from imageragturbo.model.h_space import HAdapter, adapter_config_for
     from imageragturbo.retriever import build_index, shapesworld_pairs
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("request-path")
     c = oe.random_tiny_components(seed=0)
     folder = family.save_sd_folder(c, root / "model")
-    HAdapter(oe.fresh_adapter_config(int(c.unet.config.block_out_channels[-1]))).save_pretrained(
-        folder / "h_adapter")
+    HAdapter(adapter_config_for(c.unet)).save_pretrained(folder / "h_adapter")
     export = oe.export_from_model(folder, root / "export", progress=False)
     data = sw.build_dataset(root / "sw", {"retrieval": 12}, workers=1, progress=False)
     index = build_index(shapesworld_pairs(data), load_retrieval_encoder(folder), root / "index",

@@ -199,7 +199,7 @@ def test_tls_options_are_checked_before_the_server_starts(tmp_path):
 
 @pytest.mark.parametrize("case", ["queue_full", "queue_timeout"])
 def test_overload_gets_a_fast_typed_error_not_a_timeout(assets, tmp_path, case):
-    """A full queue (max_queue_size 1) or a queue wait past its timeout (2 ms): the requests
+    """A full queue (max_queue_size 1) or a queue wait past its timeout (50 ms): the requests
     that do not fit are refused within a second with OverloadedError / QueueTimeoutError
     (both UNAVAILABLE, so the SDK backs off and retries them), the rest are served."""
     from imageragturbo.client import OverloadedError, QueueTimeoutError
@@ -207,7 +207,7 @@ def test_overload_gets_a_fast_typed_error_not_a_timeout(assets, tmp_path, case):
 
     opts = (RenderOptions(max_queue_size=1, max_batch_size=1, queue_delay_us=0)
             if case == "queue_full" else
-            RenderOptions(max_batch_size=1, queue_delay_us=0, queue_timeout_us=2000))
+            RenderOptions(max_batch_size=1, queue_delay_us=0, queue_timeout_us=50_000))
     expected = OverloadedError if case == "queue_full" else QueueTimeoutError
     repo = render_repository(assets["adapter"], assets["index"], tmp_path / "repo", "cpu", opts)
     s = TritonServer(repo, log_path=tmp_path / "ov.log", cache=assets["root"] / "cache")

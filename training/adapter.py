@@ -35,74 +35,25 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from imageragturbo.defaults import DEFAULT_MODEL, STUDENT_TIMESTEP
 from imageragturbo.model import family
 from imageragturbo.model.h_space import HAdapter, adapter_config_for, count_parameters
 from imageragturbo.model.lora import add_decoder_lora, lora_parameters, save_decoder_lora
-from imageragturbo.model.pipeline import STUDENT_TIMESTEP, teacher_sample_latents, tokenize
+from imageragturbo.model.pipeline import teacher_sample_latents, tokenize
 from imageragturbo.model.unet_split import UNetEncoder
 from imageragturbo.runtime.request import initial_noise
 
 from . import ladd
+from .config import AdapterConfig  # noqa: F401 - the recipe's configuration
 from .stages import StagedRun, load_checkpoint, mean_tail, save_atomic
 from .steps import OneStepStudent, ladd_step, to_unit, training_data
 
 STAGES = ("data", "synth", "neighbours", "train", "export")
-
-
-@dataclass
-class AdapterConfig:
-    model: str = "tiny-shapes"    # the one-step student to fine-tune (a variant or a folder)
-    seed: int = 0
-    n_train: int = 10000          # ShapesWorld training items: real pairs and target prompts
-    threads: int = 2
-    synth_prompts: int = 1500     # teacher samples (synthetic pairs) for training prompts
-    synth_steps: int = 25
-    guidance: float = 4.0
-    real_fraction: float = 0.0    # of each batch: real renders (0.5 measured worse); the
-    #                               rest the teacher's synthetic pairs
-    retrieval: str = "index"      # "index": k neighbours from the index; "none": the control
-    k_max: int = 4                # neighbours cached per target; each step draws k in 1..k_max
-    lam: str = "similarity"       # lambda of Eq. 5: "similarity" (top-1 cosine) or "one"
-    lora: bool = True             # LoRA on the decoder's attention projections
-    lora_rank: int = 8
-    lora_targets: str = "decoder"  # "attention" projections, or the whole "decoder" (+convs)
-    real_input: str = "noised"    # real pairs' z_T: q(z_999 | z_0) ("noised") or pure "noise"
-    text_drop: float = 0.5        # the student sees the empty prompt for this share of a batch
-    positional: bool = False      # the adapter's tokens carry their 2-D position (h_space)
-    steps: int = 1500             # 45 min on 2 CPU cores (1.3 s a step), ~2 min on a GPU
-    batch: int = 32
-    adapter_lr: float = 1e-3
-    lora_lr: float = 2e-4
-    disc_lr: float = 2e-4
-    distill_weight: float = 5.0   # alpha of Eq. 10 (the paper: 2.5; the student stage: 5)
-    perceptual_weight: float = 1.0  # beta of Eq. 10 (the paper's); 0 drops Eq. 9
-    adv_weight: float = 0.0       # weight of L_adv in Eq. 10 (the paper: 1; measured worse here)
-    disc_s_max: int = 750         # discriminator noise level s ~ U{0..s_max-1}
-    ckpt_every: int = 100
-
-    def __post_init__(self) -> None:
-        if self.retrieval not in ("index", "none"):
-            raise ValueError(f"retrieval must be 'index' or 'none', got {self.retrieval!r}")
-        if self.lam not in ("similarity", "one"):
-            raise ValueError(f"lam must be 'similarity' or 'one', got {self.lam!r}")
-        if self.k_max < 1:
-            raise ValueError(f"k_max must be >= 1, got {self.k_max}")
-        if not 0.0 <= self.real_fraction <= 1.0:
-            raise ValueError(f"real_fraction must be in [0, 1], got {self.real_fraction}")
-
-    @classmethod
-    def quick(cls, **kw) -> AdapterConfig:
-        """A few steps of everything on a small data set: checks the recipe end to end."""
-        base = dict(n_train=64, synth_prompts=16, synth_steps=2, steps=4, batch=8,
-                    ckpt_every=2)
-        base.update(kw)
-        return cls(**base)
 
 
 class AdapterRun(StagedRun):
@@ -407,7 +358,7 @@ class AdapterRun(StagedRun):
         return self._finish("export", {"path": str(d), "bytes": size})
 
 
-def install(run_dir: str | Path, model: str | Path = "tiny-shapes") -> Path:
+def install(run_dir: str | Path, model: str | Path = DEFAULT_MODEL) -> Path:
     """Copy a finished run's adapter and decoder LoRA into the model folder (replacing what
     was there); the model then loads and serves as ImageRAGTurbo."""
     src = Path(run_dir) / "export"

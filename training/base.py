@@ -27,62 +27,22 @@ import copy
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from imageragturbo.defaults import DEFAULT_MODEL
 from imageragturbo.model import family
 from imageragturbo.model.clip_scorer import ClipScorer, ClipScorerConfig
 from imageragturbo.model.pipeline import initial_noise, teacher_sample_latents, tokenize
 
 from . import ladd
+from .config import RecipeConfig  # noqa: F401 - the recipe's configuration
 from .stages import StagedRun, mean_tail, save_atomic
 
 STAGES = ("clip", "vae", "teacher", "synth", "student", "export")
-
-
-@dataclass
-class RecipeConfig:
-    seed: int = 0                 # data and initialisation seed
-    context_length: int = 24      # tokens the UNet attends to (captions need <= 20; SD uses 77)
-    n_train: int = 20000          # ShapesWorld training items
-    threads: int = 2              # torch CPU threads
-    clip_steps: int = 1500
-    clip_batch: int = 128
-    clip_lr: float = 1e-3
-    vae_steps: int = 1500
-    vae_batch: int = 32
-    vae_crop: int = 32
-    vae_lr: float = 1e-3
-    teacher_steps: int = 8000     # batch 32 x 8,000 beat 64 x 4,000 at the same compute
-    teacher_batch: int = 32
-    teacher_lr: float = 1e-3
-    teacher_min_snr: float = 5.0  # Min-SNR-gamma loss weighting; 0 = plain epsilon MSE
-    teacher_text_lr: float = 2.5e-4  # > 0: fine-tune the text encoder with the teacher
-    text_anchor: float = 1.0      # weight of MSE(pooled, the clip stage's pooled) when it does
-    teacher_channels: tuple = (48, 96, 96)
-    cfg_drop: float = 0.1         # caption dropout for classifier-free guidance
-    ema: float = 0.999
-    synth_prompts: int = 4000
-    synth_steps: int = 25
-    guidance: float = 4.0         # teacher CFG scale for synthetic data and evaluation
-    student_steps: int = 2000
-    student_batch: int = 32
-    student_lr: float = 2e-4
-    disc_lr: float = 2e-4
-    distill_weight: float = 5.0   # alpha of paper Eq. 10 (2.5: student 0.338 / FD 54.0; 5: 0.366 / 50.2)
-    disc_s_max: int = 750         # discriminator noise level s ~ U{0..s_max-1}
-    ckpt_every: int = 250
-
-    @classmethod
-    def quick(cls) -> RecipeConfig:
-        """A few steps of everything on a small data set: checks the recipe end to end."""
-        return cls(n_train=256, clip_steps=6, clip_batch=32, vae_steps=6, vae_batch=8,
-                   teacher_steps=6, teacher_batch=16, synth_prompts=16, synth_steps=2,
-                   student_steps=4, student_batch=8, ckpt_every=3)
 
 
 # The per-batch steps, data helpers and EMA live in steps.py (imported here for the recipe and
@@ -424,7 +384,7 @@ class Recipe(StagedRun):
     def stage_export(self) -> dict:
         from diffusers import UNet2DConditionModel
 
-        d = self.dir / "export" / "tiny-shapes"
+        d = self.dir / "export" / DEFAULT_MODEL
         if d.exists():
             shutil.rmtree(d)
         student = UNet2DConditionModel.from_pretrained(self.dir / "student" / "unet")

@@ -7,6 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
+from imageragturbo.defaults import DEFAULT_MODEL
+
 
 def _cmd_train_base(args: argparse.Namespace) -> int:
     from imageragturbo.model.family import VARIANTS
@@ -21,10 +23,10 @@ def _cmd_train_base(args: argparse.Namespace) -> int:
     out = recipe.run(stages)
     print(json.dumps(out, indent=2))
     if args.install:
-        src = Path(args.run_dir) / "export" / "tiny-shapes"
+        src = Path(args.run_dir) / "export" / DEFAULT_MODEL
         if not src.is_dir():
             raise FileNotFoundError(f"{src} missing: run the export stage first")
-        dst = VARIANTS["tiny-shapes"]
+        dst = VARIANTS[DEFAULT_MODEL]
         if dst.exists():
             shutil.rmtree(dst)
         shutil.copytree(src, dst)
@@ -62,6 +64,9 @@ def _cmd_train_adapter(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub, bench) -> None:
+    from .config import AdapterConfig
+
+    A = AdapterConfig()  # the defaults the help states  # noqa: N806
     tr = sub.add_parser("train", help="train models",
                         description="Training: the tiny ShapesWorld family (`base`) and ImageRAGTurbo's "
                                     "retrieval fine-tuning (`adapter`).")
@@ -74,7 +79,7 @@ def add_parsers(sub, bench) -> None:
                     "is a diffusers folder at RUN_DIR/export/tiny-shapes; --install copies "
                     "it to the package's shipped weights.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    b.add_argument("--run-dir", type=Path, default=Path("runs/tiny-shapes"),
+    b.add_argument("--run-dir", type=Path, default=Path("runs") / DEFAULT_MODEL,
                    help="folder for checkpoints, caches and outputs")
     b.add_argument("--stages", default=None,
                    help="comma-separated subset of clip,vae,teacher,synth,student,export")
@@ -103,7 +108,7 @@ def add_parsers(sub, bench) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a.add_argument("--run-dir", type=Path, default=Path("runs/adapter"),
                    help="folder for checkpoints, caches and outputs")
-    a.add_argument("--model", default="tiny-shapes",
+    a.add_argument("--model", default=DEFAULT_MODEL,
                    help="the one-step student to fine-tune (variant name or diffusers folder "
                         "with teacher_unet/)")
     a.add_argument("--index", type=Path, default=None,
@@ -114,27 +119,27 @@ def add_parsers(sub, bench) -> None:
                         "from (rendered when missing)")
     a.add_argument("--stages", default=None,
                    help="comma-separated subset of data,synth,neighbours,train,export")
-    a.add_argument("--steps", type=int, default=None, help="training steps (default 1500)")
-    a.add_argument("--batch", type=int, default=None, help="batch size (default 32)")
+    a.add_argument("--steps", type=int, default=None, help=f"training steps (default {A.steps})")
+    a.add_argument("--batch", type=int, default=None, help=f"batch size (default {A.batch})")
     a.add_argument("--k-max", type=int, default=None,
-                   help="neighbours per target; each step draws k in 1..k-max (default 4)")
-    a.add_argument("--lora-rank", type=int, default=None, help="decoder LoRA rank (default 8)")
+                   help=f"neighbours per target; each step draws k in 1..k-max (default {A.k_max})")
+    a.add_argument("--lora-rank", type=int, default=None, help=f"decoder LoRA rank (default {A.lora_rank})")
     a.add_argument("--synth-prompts", type=int, default=None,
-                   help="teacher samples for training prompts (default 1500)")
+                   help=f"teacher samples for training prompts (default {A.synth_prompts})")
     a.add_argument("--n-train", type=int, default=None,
-                   help="ShapesWorld training items used (default 10000)")
+                   help=f"ShapesWorld training items used (default {A.n_train})")
     a.add_argument("--seed", type=int, default=None, help="data and initialisation seed")
     a.add_argument("--adv-weight", type=float, default=None,
-                   help="weight of the LADD term in Eq. 10 (default 0: measured worse here; the "
-                        "paper's is 1)")
+                   help=f"weight of the LADD term in Eq. 10 (default {A.adv_weight:g}: 1, the "
+                        "paper's, measured worse here)")
     a.add_argument("--distill-weight", type=float, default=None,
-                   help="alpha of Eq. 10 (default 5; the paper's is 2.5)")
+                   help=f"alpha of Eq. 10 (default {A.distill_weight:g}; the paper's is 2.5)")
     a.add_argument("--real-fraction", type=float, default=None,
-                   help="share of real ShapesWorld renders per batch (default 0: measured worse "
-                        "here; the rest are the teacher's synthetic pairs)")
+                   help=f"share of real ShapesWorld renders per batch (default {A.real_fraction:g}; "
+                        "more measured worse here; the rest are the teacher's synthetic pairs)")
     a.add_argument("--text-drop", type=float, default=None,
                    help="share of each batch for which the student sees the empty prompt, so "
-                        "the neighbours are its only source of the content (default 0.5)")
+                        f"the neighbours are its only source of the content (default {A.text_drop:g})")
     a.add_argument("--control", action="store_true",
                    help="the no-retrieval control: the target's own H feature in place of the "
                         "retrieved ones (same parameters, data, losses and steps)")

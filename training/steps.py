@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from imageragturbo import shapesworld as sw
+from imageragturbo.defaults import to_unit as _pixels_to_unit
 from imageragturbo.model.clip_scorer import ClipScorer
-from imageragturbo.model.pipeline import STUDENT_TIMESTEP
-from imageragturbo.model.unet_split import one_step_z0, split_unet
+from imageragturbo.model.stages import OneStepStudent  # noqa: F401 - the recipes' import
 
 from . import ladd
 
@@ -58,7 +58,7 @@ def training_data(cfg, cache: Path) -> tuple[np.ndarray, list[str]]:
 
 def to_unit(images: np.ndarray) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return _pixels_to_unit(torch.from_numpy(images).permute(0, 3, 1, 2).float())
 
 
 def augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -134,28 +134,6 @@ def teacher_step(unet, opt, z0: torch.Tensor, ehs: torch.Tensor, t: torch.Tensor
     if anchor_loss is not None:
         out["anchor"] = anchor_loss.item()
     return out
-
-
-class OneStepStudent(nn.Module):
-    """z_T and text states -> z_0 in one step at t=999 through the split UNet (paper Fig. 2's
-    denoising branch); ``h_edit(h)`` may edit the H-space feature (the H-adapter in
-    ImageRAGTurbo fine-tuning). This module, not the bare UNet, is what a multi-GPU run
-    wraps in DDP, so gradients are synchronised over the split forward."""
-
-    def __init__(self, unet, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
-        super().__init__()
-        self.unet = unet
-        self.register_buffer("alphas_cumprod", alphas_cumprod.float().clone(), persistent=False)
-        self.prediction_type = prediction_type
-
-    def forward(self, z_t: torch.Tensor, ehs: torch.Tensor, h_edit=None) -> torch.Tensor:
-        t = torch.full((z_t.shape[0],), STUDENT_TIMESTEP, dtype=torch.long, device=z_t.device)
-        enc, dec = split_unet(self.unet)
-        h, temb, *skips = enc(z_t, t, ehs)
-        if h_edit is not None:
-            h = h_edit(h)
-        eps = dec(h, temb, skips, ehs)
-        return one_step_z0(z_t, t, eps, self.alphas_cumprod, self.prediction_type)
 
 
 def ladd_step(student: OneStepStudent, disc: ladd.LADDDiscriminator, opt_g, opt_d, z_t,

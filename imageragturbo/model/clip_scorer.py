@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from imageragturbo.defaults import to_unit
+
 
 @dataclass
 class ClipScorerConfig:
@@ -67,7 +69,7 @@ class ClipScorer(nn.Module):
     def to_input(images_uint8: np.ndarray) -> torch.Tensor:
         """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
         x = torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2).float()
-        return x / 127.5 - 1.0
+        return to_unit(x)
 
     def save_pretrained(self, path: str | Path) -> None:
         from safetensors.torch import save_file

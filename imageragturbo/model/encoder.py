@@ -12,11 +12,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imageragturbo.defaults import INDEX_PARTS, SERVED_PARTS, files_identity  # noqa: F401
+from imageragturbo.defaults import (  # noqa: F401 - SERVED_PARTS: part of this module's API
+    DEFAULT_MODEL,
+    INDEX_PARTS,
+    SERVED_PARTS,
+    files_identity,
+    to_unit,
+)
 
 from .family import Components, load_components, resolve
 from .pipeline import encode_prompt
-from .unet_split import UNetEncoder
+from .stages import UNetEncoder
 
 
 def model_identity(path: Path, parts: tuple[str, ...] = INDEX_PARTS) -> str:
@@ -33,7 +39,7 @@ class TorchRetrievalEncoder:
         self._enc = UNetEncoder(components.unet)
 
     @classmethod
-    def load(cls, model: str | Path = "tiny-shapes") -> TorchRetrievalEncoder:
+    def load(cls, model: str | Path = DEFAULT_MODEL) -> TorchRetrievalEncoder:
         path = resolve(model)
         return cls(load_components(path), model_identity(path))
 
@@ -45,7 +51,7 @@ class TorchRetrievalEncoder:
     def encode_images(self, images: list) -> np.ndarray:
         size = self.c.vae.config.sample_size
         arr = np.stack([np.asarray(im.convert("RGB").resize((size, size))) for im in images])
-        x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0       # (B, 3, H, W)
+        x = to_unit(torch.from_numpy(arr).permute(0, 3, 1, 2).float())             # (B, 3, H, W)
         z = self.c.vae.encode(x.to(self.c.vae.dtype)).latent_dist.mode()
         return (z * self.c.vae.config.scaling_factor).float().numpy()              # (B, C, h, w)
 

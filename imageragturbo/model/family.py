@@ -12,13 +12,19 @@ subfolders our training adds: ``teacher_unet`` (the multi-step teacher), ``h_ada
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from imageragturbo.defaults import LORA_DIR, VARIANTS, WEIGHTS_DIR, resolve  # noqa: F401
+from imageragturbo.defaults import (  # noqa: F401 - re-exported for callers of family
+    DEFAULT_MODEL,
+    LORA_DIR,
+    VARIANTS,
+    WEIGHTS_DIR,
+    resolve,
+)
 
 # ----------------------------------------------------------------------------- tokenizer
 
@@ -170,7 +176,6 @@ class Components:
     teacher_unet: torch.nn.Module | None = None    # the multi-step teacher (SD 2.1's role)
     h_adapter: torch.nn.Module | None = None
     name: str = "model"
-    extras: dict = field(default_factory=dict)
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -183,7 +188,7 @@ class Components:
         return self
 
 
-def load_components(model: str | Path = "tiny-shapes", dtype: torch.dtype = torch.float32,
+def load_components(model: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
                     with_teacher: bool = False, retrieval_tuned: bool = True) -> Components:
     """Load tokenizer, text encoder, VAE, UNet and scheduler from a variant name or a local
     diffusers folder (SD-Turbo / SD 2.1 layout), plus our optional subfolders.

@@ -165,12 +165,20 @@ def sd21_adapter_config() -> HAdapterConfig:
 
 
 def adapter_config_for(unet) -> HAdapterConfig:
-    """The adapter sized for a UNet's mid-block: heads of 64 at SD width (1280 -> 20 heads,
-    36.1 M parameters, 4.2 % of SD 2.1's 866 M UNet), four heads on narrow models (tiny-shapes:
-    96 channels -> 4 heads of 24, 0.20 M parameters, 5.5 % of its 3.7 M UNet)."""
-    c = int(unet.config.block_out_channels[-1])
-    head_dim = 64 if c >= 640 else c // 4
-    return HAdapterConfig(channels=c, num_heads=c // head_dim, head_dim=head_dim)
+    """The adapter sized for a UNet's mid-block (see ``adapter_config_for_channels``)."""
+    return adapter_config_for_channels(int(unet.config.block_out_channels[-1]))
+
+
+def adapter_config_for_channels(channels: int) -> HAdapterConfig:
+    """The one sizing rule of the H-adapter, for a mid-block of ``channels``: heads of 64 at SD
+    width (1280 -> 20 heads, 36.1 M parameters, 4.2 % of SD 2.1's 866 M UNet), four heads on
+    narrow models (tiny-shapes: 96 channels -> 4 heads of 24, 0.20 M parameters, 5.5 % of its
+    3.7 M UNet)."""
+    if channels >= 640 and channels % 64 == 0:
+        return HAdapterConfig(channels=channels, num_heads=channels // 64, head_dim=64)
+    if channels % 4:
+        raise ValueError(f"cannot size an adapter for {channels} channels (not a multiple of 4)")
+    return HAdapterConfig(channels=channels, num_heads=4, head_dim=channels // 4)
 
 
 def count_parameters(module: nn.Module) -> int:

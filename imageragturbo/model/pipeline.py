@@ -12,13 +12,15 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from imageragturbo.defaults import STUDENT_TIMESTEP, from_unit
 from imageragturbo.runtime.request import initial_noise
 
 from .family import Components
 from .h_space import slerp_inject
-from .unet_split import one_step_z0, split_unet
+from .stages import OneStepStudent, TextEncoder, VAEDecoder
 
-STUDENT_TIMESTEP = 999  # SD-Turbo's single step: t = 999 (EulerDiscrete, trailing spacing)
+__all__ = ["STUDENT_TIMESTEP", "decode_latents", "encode_prompt", "latent_shape",
+           "student_generate", "teacher_generate", "TorchStudent"]
 
 
 def latent_shape(c: Components, image_size: int | None = None) -> tuple[int, int, int]:
@@ -31,10 +33,7 @@ def latent_shape(c: Components, image_size: int | None = None) -> tuple[int, int
 def encode_prompt(c: Components, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Text states for cross-attention (B, 77, D) and the L2-normalised pooled (EOS) embedding
     (B, D), the retrieval key (paper Sec. 4.1: the SD model's own CLIP text features)."""
-    ids = tokenize(c.tokenizer, prompts)
-    out = c.text_encoder(ids)
-    pooled = torch.nn.functional.normalize(out.pooler_output.float(), dim=-1)
-    return out.last_hidden_state, pooled
+    return TextEncoder(c.text_encoder)(tokenize(c.tokenizer, prompts))
 
 
 def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
@@ -47,8 +46,8 @@ def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
 @torch.no_grad()
 def decode_latents(c: Components, z0: torch.Tensor) -> np.ndarray:
     """Latents -> uint8 images (B, H, W, 3)."""
-    x = c.vae.decode(z0 / c.vae.config.scaling_factor).sample          # (B, 3, H, W) in [-1, 1]
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = VAEDecoder(c.vae)(z0)                                          # (B, 3, H, W) in [-1, 1]
+    x = from_unit(x.float().clamp(-1, 1)).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()                        # (B, H, W, 3)
 
 
@@ -63,21 +62,22 @@ def student_generate(c: Components, prompts: Sequence[str], seeds: Sequence[int]
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     ehs, _ = encode_prompt(c, prompts)
     z = torch.from_numpy(initial_noise(seeds, latent_shape(c))).to(ehs.dtype)
-    t = torch.full((len(prompts),), STUDENT_TIMESTEP, dtype=torch.long)
-    enc, dec = split_unet(c.unet)
-    h, temb, *skips = enc(z, t, ehs)
+    h_edit = None
     if h_retr is not None:
         if slerp_w is not None:
-            h = slerp_inject(h, h_retr[:, 0].to(h.dtype), slerp_w)
+            def h_edit(h):
+                return slerp_inject(h, h_retr[:, 0].to(h.dtype), slerp_w)
         elif c.h_adapter is not None:
             if lam is None:
                 raise ValueError("the H-adapter needs lam (B,): the retrieval similarity")
-            h = c.h_adapter(h, h_retr.to(h.dtype), lam)
+
+            def h_edit(h):
+                return c.h_adapter(h, h_retr.to(h.dtype), lam)
         else:
             raise ValueError("retrieved features given, but the model has no H-adapter and "
                              "no slerp strength was set")
-    eps = dec(h, temb, skips, ehs)
-    z0 = one_step_z0(z, t, eps, c.alphas_cumprod, c.scheduler.config.prediction_type)
+    student = OneStepStudent(c.unet, c.alphas_cumprod, c.scheduler.config.prediction_type)
+    z0 = student(z, ehs, h_edit)
     images = decode_latents(c, z0)
     return (images, z0) if return_latents else images
 
@@ -143,8 +143,3 @@ def teacher_generate(c: Components, prompts: Sequence[str], seeds: Sequence[int]
     z0 = teacher_sample_latents(c, c.teacher_unet, ehs, unc, z, steps, guidance)
     images = decode_latents(c, z0)
     return (images, z0) if return_latents else images
-
-
-def batched(seq, n):
-    for i in range(0, len(seq), n):
-        yield seq[i:i + n]

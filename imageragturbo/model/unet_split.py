@@ -3,7 +3,7 @@
 ``UNetEncoder``: time embedding, ``conv_in``, down blocks and mid block -> the H-space
 feature ``h`` (paper Sec. 3.1: "the feature maps corresponding to the deepest layer of the
 UNet"), the time embedding ``temb`` and the skip tensors. ``UNetDecoder``: the up blocks and
-output layers from (h, temb, skips), optionally folding in the one-step update to z_0.
+output layers from (h, temb, skips), then, given z_t and t, the one-step update to z_0.
 Both share the wrapped UNet's modules (no copies), so the split is exact: split(x) == unet(x).
 
 Supported: the configurations SD 2.1 / SD-Turbo and the tiny ShapesWorld family use (no class
@@ -70,8 +70,9 @@ class UNetEncoder(nn.Module):
 
 
 class UNetDecoder(nn.Module):
-    """f_dec: (h, temb, skips, text states) -> the UNet's output (epsilon or v), or, with
-    ``one_step=True``, the one-step z_0 (see ``one_step_z0``)."""
+    """f_dec: (h, temb, skips, text states) -> the UNet's output (epsilon or v); given also
+    ``sample`` (z_t) and ``timestep``, the one-step z_0 (``one_step_z0``, paper Eq. 1 solved
+    for z_0), which needs the scheduler's ``alphas_cumprod``."""
 
     def __init__(self, unet, alphas_cumprod: torch.Tensor | None = None,
                  prediction_type: str = "epsilon"):
@@ -86,7 +87,19 @@ class UNetDecoder(nn.Module):
             self.alphas_cumprod = None
 
     def forward(self, h: torch.Tensor, temb: torch.Tensor, skips: tuple[torch.Tensor, ...],
+                encoder_hidden_states: torch.Tensor, sample: torch.Tensor | None = None,
+                timestep: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.predict(h, temb, skips, encoder_hidden_states)      # (B, C_out, H, W)
+        if sample is None:
+            return out
+        if self.alphas_cumprod is None or timestep is None:
+            raise ValueError("the one-step update needs the timestep and the scheduler's "
+                             "alphas_cumprod (UNetDecoder(unet, alphas_cumprod))")
+        return one_step_z0(sample, timestep, out, self.alphas_cumprod, self.prediction_type)
+
+    def predict(self, h: torch.Tensor, temb: torch.Tensor, skips: tuple[torch.Tensor, ...],
                 encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """The up blocks and output layers: the UNet's epsilon (or v) prediction."""
         u = self.unet
         x = h
         skips = tuple(skips)
@@ -109,12 +122,6 @@ class UNetDecoder(nn.Module):
         if u.conv_norm_out is not None:
             x = u.conv_act(u.conv_norm_out(x))
         return u.conv_out(x)  # (B, C_out, H, W)
-
-    def one_step(self, z_t: torch.Tensor, timestep: torch.Tensor, model_out: torch.Tensor):
-        if self.alphas_cumprod is None:
-            raise ValueError("UNetDecoder was built without alphas_cumprod; the one-step "
-                             "update needs the scheduler's noise schedule")
-        return one_step_z0(z_t, timestep, model_out, self.alphas_cumprod, self.prediction_type)
 
 
 def one_step_z0(z_t: torch.Tensor, timestep: torch.Tensor, model_out: torch.Tensor,

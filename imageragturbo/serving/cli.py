@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_MODEL = "tiny-shapes"
+from imageragturbo.defaults import DEFAULT_MODEL
 
 
 def _options(args: argparse.Namespace):

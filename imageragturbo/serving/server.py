@@ -2,8 +2,8 @@
 
 NVIDIA's ``tritonserver`` on PATH is used when there is one (its own backends directory);
 otherwise the server inside the ``nvidia-pytriton`` wheel, with a Python backend directory
-assembled from the wheel's parts (shared/ENVIRONMENT.md, "Triton Inference Server without
-Docker"). The server is started from this interpreter's environment (its ``bin`` first on
+assembled from the wheel's parts (docs/design.md, "Facts about the
+machines"). The server is started from this interpreter's environment (its ``bin`` first on
 PATH), so the Python backend's model.py files import this environment's numpy, onnxruntime,
 hnswlib and ``imageragturbo``. It binds 127.0.0.1 unless told otherwise.
 """

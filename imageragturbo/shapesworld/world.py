@@ -214,11 +214,6 @@ def _draw_combo(rng: np.random.Generator, spec: SplitSpec, exclude: Iterable[tup
     return _choice(rng, combos, weights)
 
 
-def _distinct(a: tuple[str, str], b: tuple[str, str]) -> bool:
-    # Two groups differ in colour or shape (or both), so every group has a name.
-    return a != b
-
-
 def sample_scene(rng: np.random.Generator, spec: SplitSpec) -> Scene:
     """Draw one scene (unplaced groups and constraints) from a split's distribution."""
     kinds = list(spec.kinds)

@@ -1,0 +1,101 @@
+"""The two training recipes' configurations, in the standard library only, so that the CLI's
+``--help`` shows their defaults without importing torch: ``RecipeConfig`` (the tiny family,
+``base.Recipe``) and ``AdapterConfig`` (ImageRAGTurbo fine-tuning, ``adapter.AdapterRun``).
+A run folder records the configuration it was started with (``stages.StagedRun``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from imageragturbo.defaults import DEFAULT_MODEL
+
+
+@dataclass
+class RecipeConfig:
+    seed: int = 0                 # data and initialisation seed
+    context_length: int = 24      # tokens the UNet attends to (captions need <= 20; SD uses 77)
+    n_train: int = 20000          # ShapesWorld training items
+    threads: int = 2              # torch CPU threads
+    clip_steps: int = 1500
+    clip_batch: int = 128
+    clip_lr: float = 1e-3
+    vae_steps: int = 1500
+    vae_batch: int = 32
+    vae_crop: int = 32
+    vae_lr: float = 1e-3
+    teacher_steps: int = 8000     # batch 32 x 8,000 beat 64 x 4,000 at the same compute
+    teacher_batch: int = 32
+    teacher_lr: float = 1e-3
+    teacher_min_snr: float = 5.0  # Min-SNR-gamma loss weighting; 0 = plain epsilon MSE
+    teacher_text_lr: float = 2.5e-4  # > 0: fine-tune the text encoder with the teacher
+    text_anchor: float = 1.0      # weight of MSE(pooled, the clip stage's pooled) when it does
+    teacher_channels: tuple = (48, 96, 96)
+    cfg_drop: float = 0.1         # caption dropout for classifier-free guidance
+    ema: float = 0.999
+    synth_prompts: int = 4000
+    synth_steps: int = 25
+    guidance: float = 4.0         # teacher CFG scale for synthetic data and evaluation
+    student_steps: int = 2000
+    student_batch: int = 32
+    student_lr: float = 2e-4
+    disc_lr: float = 2e-4
+    distill_weight: float = 5.0   # alpha of paper Eq. 10 (2.5: student 0.338 / FD 54.0; 5: 0.366 / 50.2)
+    disc_s_max: int = 750         # discriminator noise level s ~ U{0..s_max-1}
+    ckpt_every: int = 250
+
+    @classmethod
+    def quick(cls) -> RecipeConfig:
+        """A few steps of everything on a small data set: checks the recipe end to end."""
+        return cls(n_train=256, clip_steps=6, clip_batch=32, vae_steps=6, vae_batch=8,
+                   teacher_steps=6, teacher_batch=16, synth_prompts=16, synth_steps=2,
+                   student_steps=4, student_batch=8, ckpt_every=3)
+
+
+@dataclass
+class AdapterConfig:
+    model: str = DEFAULT_MODEL    # the one-step student to fine-tune (a variant or a folder)
+    seed: int = 0
+    n_train: int = 10000          # ShapesWorld training items: real pairs and target prompts
+    threads: int = 2
+    synth_prompts: int = 1500     # teacher samples (synthetic pairs) for training prompts
+    synth_steps: int = 25
+    guidance: float = 4.0
+    real_fraction: float = 0.0    # of each batch: real renders (0.5 measured worse); the
+    #                               rest the teacher's synthetic pairs
+    retrieval: str = "index"      # "index": k neighbours from the index; "none": the control
+    k_max: int = 4                # neighbours cached per target; each step draws k in 1..k_max
+    lam: str = "similarity"       # lambda of Eq. 5: "similarity" (top-1 cosine) or "one"
+    lora: bool = True             # LoRA on the decoder's attention projections
+    lora_rank: int = 8
+    lora_targets: str = "decoder"  # "attention" projections, or the whole "decoder" (+convs)
+    real_input: str = "noised"    # real pairs' z_T: q(z_999 | z_0) ("noised") or pure "noise"
+    text_drop: float = 0.5        # the student sees the empty prompt for this share of a batch
+    positional: bool = False      # the adapter's tokens carry their 2-D position (h_space)
+    steps: int = 1500             # 45 min on 2 CPU cores (1.3 s a step), ~2 min on a GPU
+    batch: int = 32
+    adapter_lr: float = 1e-3
+    lora_lr: float = 2e-4
+    disc_lr: float = 2e-4
+    distill_weight: float = 5.0   # alpha of Eq. 10 (the paper: 2.5; the student stage: 5)
+    perceptual_weight: float = 1.0  # beta of Eq. 10 (the paper's); 0 drops Eq. 9
+    adv_weight: float = 0.0       # weight of L_adv in Eq. 10 (the paper: 1; measured worse here)
+    disc_s_max: int = 750         # discriminator noise level s ~ U{0..s_max-1}
+    ckpt_every: int = 100
+
+    def __post_init__(self) -> None:
+        if self.retrieval not in ("index", "none"):
+            raise ValueError(f"retrieval must be 'index' or 'none', got {self.retrieval!r}")
+        if self.lam not in ("similarity", "one"):
+            raise ValueError(f"lam must be 'similarity' or 'one', got {self.lam!r}")
+        if self.k_max < 1:
+            raise ValueError(f"k_max must be >= 1, got {self.k_max}")
+        if not 0.0 <= self.real_fraction <= 1.0:
+            raise ValueError(f"real_fraction must be in [0, 1], got {self.real_fraction}")
+
+    @classmethod
+    def quick(cls, **kw) -> AdapterConfig:
+        """A few steps of everything on a small data set: checks the recipe end to end."""
+        base = dict(n_train=64, synth_prompts=16, synth_steps=2, steps=4, batch=8,
+                    ckpt_every=2)
+        base.update(kw)
+        return cls(**base)
