@@ -22,28 +22,74 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def in_process_latency(export_dir, index_dir, k: int, threads: int, repeats: int,
-                       warmup: int) -> dict:
-    """The same request in process: tokenize, text encoder, retrieval, one step, uint8."""
+                       warmup: int, batch: int = 8) -> dict:
+    """The same request in process: tokenize, text encoder, retrieval, one step, uint8; at
+    batch 1 (latency) and at ``batch`` (throughput, the yardstick for the served ensemble under
+    concurrency, which batches dynamically)."""
     from imageragturbo import runtime
 
     pipe = runtime.OnnxPipeline(export_dir, providers=runtime.choose_providers(["cpu"]),
                                 threads=threads)
     index = runtime.load_index(index_dir, int(pipe.manifest["text_dim"]), pipe.h_shape)
-    times = []
-    for i in range(warmup + repeats):
-        p = [PROMPTS[i % len(PROMPTS)]]
-        t0 = time.perf_counter()
+
+    def one(prompts, seeds):
         if k > 0:
-            _, pooled = pipe.encode_prompt(p)
+            _, pooled = pipe.encode_prompt(prompts)
             h_retr, scores, _ = runtime.retrieve(index, pooled, k)
             lam, w = runtime.retrieval_controls(scores, None, pipe.has_adapter)
-            pipe.generate(p, [i], h_retr=h_retr, lam=lam, slerp_w=w)
+            pipe.generate(prompts, seeds, h_retr=h_retr, lam=lam, slerp_w=w)
         else:
-            pipe.generate(p, [i])
+            pipe.generate(prompts, seeds)
+
+    times, batch_times = [], []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        one([PROMPTS[i % len(PROMPTS)]], [i])
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1e3)
+    for i in range(warmup + max(3, repeats // batch)):
+        prompts = [PROMPTS[(i + j) % len(PROMPTS)] for j in range(batch)]
+        t0 = time.perf_counter()
+        one(prompts, list(range(i * batch, (i + 1) * batch)))
+        if i >= warmup:
+            batch_times.append(time.perf_counter() - t0)
     return {"p50_ms": round(_pct(times, 50), 3), "p99_ms": round(_pct(times, 99), 3),
-            "repeats": repeats}
+            "repeats": repeats, "batch": batch,
+            "batch_images_per_s": round(batch / float(np.median(batch_times)), 2)}
+
+
+def _model_stats(url: str) -> dict:
+    """Triton's cumulative per-model statistics: requests and nanoseconds spent queued and in
+    compute (input, infer, output), for every loaded model."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as c:
+        stats = c.get_inference_statistics(as_json=True)
+    out = {}
+    for m in stats.get("model_stats", []):
+        inf = m.get("inference_stats", {})
+        out[m["name"]] = {
+            "count": int(inf.get("success", {}).get("count", 0)),
+            "executions": int(m.get("execution_count", 0)),
+            **{k: int(inf.get(k, {}).get("ns", 0))
+               for k in ("queue", "compute_input", "compute_infer", "compute_output")}}
+    return out
+
+
+def breakdown(before: dict, after: dict) -> dict:
+    """Per model, between two ``_model_stats`` readings: mean milliseconds a request spent
+    queued and in compute input / infer / output, and the mean batch it ran in."""
+    rows = {}
+    for name, a in after.items():
+        b = before.get(name, {})
+        n = a["count"] - b.get("count", 0)
+        if n <= 0:
+            continue
+        ex = max(1, a["executions"] - b.get("executions", 0))
+        rows[name] = {"requests": n, "mean_batch": round(n / ex, 2),
+                      **{f"{k}_ms": round((a[k] - b.get(k, 0)) / n / 1e6, 3)
+                         for k in ("queue", "compute_input", "compute_infer", "compute_output")}}
+    return rows
 
 
 async def _load(url: str, concurrency: int, requests: int, warmup: int, k: int) -> dict:
@@ -86,7 +132,7 @@ def bench_serve(args: argparse.Namespace) -> dict:
     if not quiet:
         print("bench: in-process ONNX Runtime pipeline", file=sys.stderr)
     inproc = in_process_latency(assets.export_dir, assets.index_dir, args.k, args.threads,
-                                max(20, args.requests // 2), 3)
+                                max(20, args.requests // 2), 3, batch=args.max_batch_size)
     opts = RenderOptions(max_batch_size=args.max_batch_size, threads=args.threads,
                          queue_delay_us=args.queue_delay_us,
                          max_queue_size=max(64, 4 * max(args.concurrency)))
@@ -98,8 +144,13 @@ def bench_serve(args: argparse.Namespace) -> dict:
         for c in args.concurrency:
             if not quiet:
                 print(f"bench: {args.requests} requests at concurrency {c}", file=sys.stderr)
-            serving.append(asyncio.run(_load(url, c, args.requests, args.warmup, args.k)))
+            before = _model_stats(url)
+            run = asyncio.run(_load(url, c, args.requests, args.warmup, args.k))
+            # includes the warm-up requests; Triton counts per model, not per timed request
+            run["per_model"] = breakdown(before, _model_stats(url))
+            serving.append(run)
     c1 = next((s for s in serving if s["concurrency"] == 1), serving[0])
+    cmax = max(serving, key=lambda s: s["concurrency"])
     return {
         "model": str(args.model if not args.random_weights else "tiny-random"),
         "export": str(assets.export_dir), "k": args.k, "threads_per_stage": args.threads,
@@ -107,6 +158,8 @@ def bench_serve(args: argparse.Namespace) -> dict:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "in_process": inproc, "serving": serving,
         "overhead_ratio_p50": round(c1["p50_ms"] / inproc["p50_ms"], 2),
+        "throughput_ratio": round(cmax["images_per_s"] / inproc["batch_images_per_s"], 2),
+        "throughput_ratio_concurrency": cmax["concurrency"],
         "load_generator": "tritonclient.grpc.aio via imageragturbo.client",
     }
 
@@ -118,6 +171,19 @@ def format_table(res: dict) -> str:
     for s in res["serving"]:
         lines.append(f"{'served, concurrency ' + str(s['concurrency']):22s} {s['p50_ms']:9.2f} "
                      f"{s['p99_ms']:9.2f} {s['images_per_s']:8.1f}")
+    ip = res["in_process"]
+    lines.append(f"{'in-process (batch ' + str(ip['batch']) + ')':22s} {'':9s} {'':9s} "
+                 f"{ip['batch_images_per_s']:8.1f}")
     lines.append(f"serving overhead (p50 at concurrency 1 / in-process): "
-                 f"{res['overhead_ratio_p50']:.2f}x")
+                 f"{res['overhead_ratio_p50']:.2f}x; throughput at concurrency "
+                 f"{res['throughput_ratio_concurrency']} / in-process batch {ip['batch']}: "
+                 f"{res['throughput_ratio']:.2f}x")
+    for s in res["serving"]:
+        lines.append(f"per model at concurrency {s['concurrency']} (mean ms per request):")
+        lines.append(f"  {'model':14s} {'queue':>7s} {'input':>7s} {'infer':>7s} "
+                     f"{'output':>7s} {'batch':>6s}")
+        for name, r in s.get("per_model", {}).items():
+            lines.append(f"  {name:14s} {r['queue_ms']:7.2f} {r['compute_input_ms']:7.2f} "
+                         f"{r['compute_infer_ms']:7.2f} {r['compute_output_ms']:7.2f} "
+                         f"{r['mean_batch']:6.2f}")
     return "\n".join(lines)

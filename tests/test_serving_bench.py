@@ -1,0 +1,44 @@
+"""`bench serve` against the session's real server: the in-process yardstick at batch 1 and at
+the batch size, the served runs, and Triton's per-model statistics turned into a breakdown of
+where a request's time goes (queue, compute) for every composing model."""
+
+from __future__ import annotations
+
+import argparse
+
+from imageragturbo.serving.bench import bench_serve, breakdown, format_table
+
+COMPOSING = {"preprocess", "text_encoder", "retriever", "unet_encoder", "h_adapter",
+             "unet_decoder", "vae_decoder", "postprocess"}
+
+
+def test_breakdown_gives_mean_milliseconds_per_request_and_the_mean_batch():
+    before = {"m": {"count": 10, "executions": 10, "queue": 10_000_000, "compute_input": 0,
+                    "compute_infer": 50_000_000, "compute_output": 0}}
+    after = {"m": {"count": 18, "executions": 12, "queue": 18_000_000, "compute_input": 800_000,
+                   "compute_infer": 90_000_000, "compute_output": 1_600_000},
+             "idle": {"count": 0, "executions": 0, "queue": 0, "compute_input": 0,
+                      "compute_infer": 0, "compute_output": 0}}
+    rows = breakdown(before, after)
+    assert rows == {"m": {"requests": 8, "mean_batch": 4.0, "queue_ms": 1.0,
+                          "compute_input_ms": 0.1, "compute_infer_ms": 5.0,
+                          "compute_output_ms": 0.2}}
+
+
+def test_bench_serve_reports_both_ratios_and_every_composing_model(assets, server):
+    args = argparse.Namespace(
+        model=str(assets["model"]), export=assets["adapter"], index=assets["index"],
+        data=None, random_weights=False, retrieval_items=None, quiet=True, url=server.url,
+        concurrency=[1, 4], requests=8, warmup=2, k=1, threads=1, max_batch_size=4,
+        queue_delay_us=0, ready_timeout=60, json=True)
+    res = bench_serve(args)
+    assert [s["concurrency"] for s in res["serving"]] == [1, 4]
+    assert res["in_process"]["batch"] == 4 and res["in_process"]["batch_images_per_s"] > 0
+    assert res["overhead_ratio_p50"] > 0 and res["throughput_ratio"] > 0
+    for s in res["serving"]:
+        assert COMPOSING <= set(s["per_model"]), set(s["per_model"])
+        # every timed and warm-up request passed through each composing model once
+        assert all(r["requests"] == 10 for n, r in s["per_model"].items() if n in COMPOSING)
+        assert all(r["compute_infer_ms"] > 0 for r in s["per_model"].values())
+    table = format_table(res)
+    assert "per model at concurrency 4" in table and "vae_decoder" in table
