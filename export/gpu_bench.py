@@ -141,6 +141,16 @@ def _gpu_used_mib() -> float | None:
         return None
 
 
+def _free(gpu: bool) -> None:
+    """Drop what the last configuration left (sessions, torch's cached blocks), so the next one's
+    memory figure starts from the same floor."""
+    import gc
+
+    gc.collect()
+    if gpu:
+        torch.cuda.empty_cache()
+
+
 def _medians(call: Callable[[], dict], warmup: int, repeats: int) -> dict[str, float]:
     """Median ms per key of the timings dicts ``call`` returns, after ``warmup`` calls."""
     for _ in range(warmup):
@@ -221,10 +231,7 @@ def bench_torch_eager(c: family.Components, res: dict, batches: Sequence[int], k
                                 "median_ms": med})
         if cuda:
             cfg["memory_mib"][str(b)] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    for m in mods.values():
-        m.to("cpu", torch.float32)
-    if cuda:
-        torch.cuda.empty_cache()
+
 
 
 def bench_ort(res: dict, name: str, make: Callable, batches: Sequence[int], k: int,
@@ -341,6 +348,7 @@ def run_gpu_bench(out: str | Path | None = None, providers=("cuda",), repeats: i
             res["torch_seconds"] = round(time.perf_counter() - t0, 1)
             save(res)
         del c
+        _free(gpu)
         for prov in providers:
             if prov == "tensorrt" and "TensorrtExecutionProvider" not in avail:
                 res["configs"]["ort_tensorrt"] = {"error": "TensorRT provider not available"}
@@ -351,6 +359,7 @@ def run_gpu_bench(out: str | Path | None = None, providers=("cuda",), repeats: i
                 folder, providers=choose_providers([p], fp16=True, cache_dir=folder / "trt"),
                 io_binding=False, optimized_dir=o), batches, k, warmup, repeats,
                 variants=(("", False), ("_iobinding", True)), opt_dir=opt)
+            _free(gpu)
             save(res)
         for b in batches if providers else []:   # the fixed-shape profile, one per batch
             prov, t0 = providers[0], time.perf_counter()
@@ -371,6 +380,7 @@ def run_gpu_bench(out: str | Path | None = None, providers=("cuda",), repeats: i
                 bench_ort(res, name, lambda m=make: m(graph=False), [b], k, warmup, repeats,
                           opt_dir=opt)
             res.setdefault("static_seconds", {})[str(b)] = round(time.perf_counter() - t0, 1)
+            _free(gpu)
             save(res)
     finally:
         import shutil
