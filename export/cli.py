@@ -57,12 +57,22 @@ def _cmd_bench_gpu(args: argparse.Namespace) -> int:
     from . import gpu_bench
 
     if args.dry_run:
-        res = gpu_bench.dry_run(args.upcast_attention, args.batch)
-    else:
-        res = gpu_bench.run_gpu_bench(args.out, args.providers, args.repeats, args.warmup,
-                                      args.batch, args.k, args.upcast_attention,
-                                      progress=not args.json)
-    print(json.dumps(res) if args.json else json.dumps(res, indent=2))
+        res = gpu_bench.dry_run(args.upcast_attention, args.batch[0])
+        print(json.dumps(res) if args.json else json.dumps(res, indent=2))
+        return 0
+    from .gpu_report import format_summary, write_report
+
+    res = gpu_bench.run_gpu_bench(args.out, args.providers, args.repeats, args.warmup,
+                                  args.batch, args.k, args.upcast_attention,
+                                  progress=not args.json, reuse_export=args.reuse_export,
+                                  cuda_graph=not args.no_cuda_graph,
+                                  torch_eager=not args.no_torch, device=args.device,
+                                  checkpoint=(lambda r: write_report(r, args.report))
+                                  if args.report else None)
+    if args.report:
+        paths = write_report(res, args.report)
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    print(json.dumps(res) if args.json else format_summary(res))
     return 0
 
 
@@ -127,19 +137,34 @@ def add_parsers(sub, bench) -> None:
         "sdturbo-gpu", help="SD-Turbo-sized fp16 one-step latency with CUDA / TensorRT (GPU)",
         description="Build an SD-Turbo-sized model with random weights (SD 2.1 UNet, "
                     "OpenCLIP-H text encoder, SD VAE, 36 M-parameter H-adapter), export it in "
-                    "fp16 and report per-stage and one-step latency at 512x512 with the CUDA "
-                    "and TensorRT execution providers. Needs a GPU and onnxruntime-gpu; "
-                    "--dry-run only constructs the models on the meta device and traces shapes.",
+                    "fp16 once and time, in one run on one GPU: PyTorch eager fp16, ONNX Runtime "
+                    "CUDA (numpy between stages), the same with IO binding, the fixed-shape "
+                    "profile with CUDA graphs per batch, and TensorRT if asked; per stage and end "
+                    "to end, without and with retrieval, with peak GPU memory and Memcpy nodes "
+                    "per graph. Needs a GPU and onnxruntime-gpu; --dry-run only constructs the "
+                    "models on the meta device and traces shapes.",
         formatter_class=fmt)
     s.add_argument("--dry-run", action="store_true",
                    help="construct on the meta device and report parameters and shapes")
     s.add_argument("--out", type=Path, default=None,
                    help="keep the export in this folder (default: a temporary one)")
-    s.add_argument("--providers", nargs="+", default=["cuda", "tensorrt"])
-    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--providers", nargs="+", default=["cuda"],
+                   help="ONNX Runtime providers to time (add tensorrt when its libraries are "
+                        "there: its engine builds take minutes)")
+    s.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes")
     s.add_argument("--k", type=int, default=1, help="retrieved features per prompt")
     s.add_argument("--repeats", type=int, default=20)
     s.add_argument("--warmup", type=int, default=3)
+    s.add_argument("--report", type=Path, default=None,
+                   help="write sdturbo_gpu.json, .png (latency breakdown) and .txt here")
+    s.add_argument("--reuse-export", action="store_true",
+                   help="with --out: keep an export already there instead of exporting again")
+    s.add_argument("--no-cuda-graph", action="store_true",
+                   help="fixed-shape profile without CUDA graphs")
+    s.add_argument("--no-torch", action="store_true", help="skip PyTorch eager")
+    s.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cpu: the same run on the SD 2.1-layout toy with the CPU provider (a "
+                        "smoke test of the script, not a measurement)")
     s.add_argument("--upcast-attention", action="store_true",
                    help="SD 2.1-768 style: attention upcast, kept fp32 in the fp16 export")
     s.add_argument("--json", action="store_true", help="print one JSON line")

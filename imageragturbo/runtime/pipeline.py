@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import device
 from .manifest import MANIFEST, load_manifest, stage_names
 from .request import initial_noise, slerp_inject, to_uint8
 
@@ -65,10 +66,22 @@ class OnnxPipeline:
     ``path``: an export folder (``imageragturbo export``); ``providers``: as
     :func:`choose_providers` (default: by availability); ``threads``: intra-op threads per
     session (default: onnxruntime's choice).
+
+    Device residency (``runtime.device``): ``io_binding`` chains the stages with OrtValues that
+    stay on the device (default: on when a GPU provider runs the graphs; on CPU it gives the
+    same bytes as the numpy path). ``static_batch`` (with ``static_k`` neighbours) builds the
+    fixed-shape profile: the sessions fix the dynamic axes, so ORT folds the shape arithmetic
+    it would otherwise run on the CPU, and with IO binding every value is preallocated once;
+    such a pipeline runs only that batch. ``cuda_graph`` (needs the profile, default batch 1)
+    adds CUDA graph capture on the CUDA provider. ``optimized_dir``: ORT writes each stage's
+    optimized graph there (to count what it placed where: ``device.count_ops``).
     """
 
     def __init__(self, path: str | Path, providers: Sequence | None = None,
-                 threads: int | None = None, verify: bool = False):
+                 threads: int | None = None, verify: bool = False,
+                 io_binding: bool | None = None, static_batch: int | None = None,
+                 static_k: int = 1, cuda_graph: bool = False, device_id: int = 0,
+                 optimized_dir: str | Path | None = None):
         import onnxruntime as ort
         from transformers import CLIPTokenizer
 
@@ -77,14 +90,15 @@ class OnnxPipeline:
         fp16 = self.manifest["dtype"] == "float16"
         self.providers = list(providers) if providers else choose_providers(
             fp16=fp16, cache_dir=self.path / "trt_cache")
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            so.intra_op_num_threads = int(threads)
-            so.inter_op_num_threads = 1
+        if cuda_graph:
+            static_batch = static_batch or 1
+            self.providers = device.with_cuda_graph(self.providers)
+        static = (int(static_batch), int(static_k)) if static_batch else None
         self.sessions = {}
         for name in stage_names(self.manifest):
             f = self.path / self.manifest["stages"][name]["file"]
+            opt = Path(optimized_dir) / f"{name}.onnx" if optimized_dir else None
+            so = device.session_options(threads, static, opt)
             self.sessions[name] = ort.InferenceSession(str(f), so, providers=self.providers)
         self.tokenizer = CLIPTokenizer.from_pretrained(self.path / "tokenizer")
         self.latent_shape = tuple(self.manifest["latent_shape"])
@@ -93,6 +107,19 @@ class OnnxPipeline:
         h = self.manifest["stages"]["unet_encoder"]["outputs"][0]["shape"]
         self.h_shape = tuple(h[1:])                                    # (C, h', w')
         self.timings: dict[str, float] = {}
+        self.static = static
+        self.device = device.device_of(self.active_providers)
+        if io_binding is None:
+            io_binding = self.device != "cpu" or cuda_graph
+        if cuda_graph and not io_binding:
+            raise ValueError("CUDA graphs need io_binding (fixed input and output addresses)")
+        self.chain = device.DeviceChain(self.sessions, self.manifest, self.device, device_id,
+                                        static if io_binding else None,
+                                        cuda_graph) if io_binding else None
+
+    @property
+    def io_binding(self) -> bool:
+        return self.chain is not None
 
     @property
     def has_adapter(self) -> bool:
@@ -134,14 +161,19 @@ class OnnxPipeline:
 
     def h_adapter(self, h: np.ndarray, h_retr: np.ndarray, lam: np.ndarray) -> np.ndarray:
         """Paper Eq. 5: h + lam * g(h, h_retr); h_retr (B, k, C, h', w'), lam (B,)."""
-        if h_retr.ndim != 5 or h_retr.shape[0] != h.shape[0] or h_retr.shape[2:] != h.shape[1:]:
-            raise ValueError(f"h_retr must be (B, k, {', '.join(map(str, h.shape[1:]))}) with "
-                             f"B={h.shape[0]}, got {h_retr.shape}")
-        lam = np.asarray(lam, dtype=np.float32).reshape(-1)
-        if lam.shape[0] != h.shape[0]:
-            raise ValueError(f"lam must have one value per sample ({h.shape[0]}), got {lam.shape}")
+        lam = self._check_retrieved(h.shape[0], h_retr, lam)
         return self.run("h_adapter", {"h_tgt": h, "h_retr": h_retr.astype(np.float32),
                                       "lam": lam})[0]
+
+    def _check_retrieved(self, batch: int, h_retr: np.ndarray, lam) -> np.ndarray:
+        """The adapter's inputs checked against the batch and h's shape; lam as float32 (B,)."""
+        if h_retr.ndim != 5 or h_retr.shape[0] != batch or h_retr.shape[2:] != self.h_shape:
+            raise ValueError(f"h_retr must be (B, k, {', '.join(map(str, self.h_shape))}) with "
+                             f"B={batch}, got {h_retr.shape}")
+        lam = np.asarray(lam, dtype=np.float32).reshape(-1)
+        if lam.shape[0] != batch:
+            raise ValueError(f"lam must have one value per sample ({batch}), got {lam.shape}")
+        return lam
 
     def unet_decoder(self, h, temb, skips, ehs, z, t) -> np.ndarray:
         feeds = {"h": h, "temb": temb, "encoder_hidden_states": ehs, "sample": z,
@@ -163,23 +195,31 @@ class OnnxPipeline:
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         t0 = time.perf_counter()
-        ehs, _ = self.encode_prompt(prompts)
-        z = initial_noise(seeds, self.latent_shape)                    # (B, 4, h, w)
-        t = np.full((len(prompts),), self.timestep, dtype=np.int64)    # (B,)
-        h, temb, skips = self.unet_encoder(z, t, ehs)
+        self.timings = {}
         if h_retr is not None:
             h_retr = np.asarray(h_retr, dtype=np.float32)
-            if slerp_w is not None:
-                h = slerp_inject(h, h_retr[:, 0], slerp_w)
-            elif self.has_adapter:
-                if lam is None:
-                    raise ValueError("the H-adapter needs lam (B,): the retrieval similarity")
-                h = self.h_adapter(h, h_retr, lam)
-            else:
+            if slerp_w is None and not self.has_adapter:
                 raise ValueError("retrieved features given, but the export has no H-adapter "
                                  "and no slerp strength was set")
-        z0 = self.unet_decoder(h, temb, skips, ehs, z, t)
-        images = to_uint8(self.vae_decoder(z0))
+            if slerp_w is None and lam is None:
+                raise ValueError("the H-adapter needs lam (B,): the retrieval similarity")
+        z = initial_noise(seeds, self.latent_shape)                    # (B, 4, h, w)
+        t = np.full((len(prompts),), self.timestep, dtype=np.int64)    # (B,)
+        if self.chain is not None:
+            if h_retr is not None and slerp_w is None:
+                lam = self._check_retrieved(z.shape[0], h_retr, lam)
+            image, z0 = self.chain.generate(self.tokenize(prompts), z, t, h_retr, lam, slerp_w,
+                                            self.timings)
+            images = to_uint8(image)
+            z0 = z0.numpy() if return_latents else None
+        else:
+            ehs, _ = self.encode_prompt(prompts)
+            h, temb, skips = self.unet_encoder(z, t, ehs)
+            if h_retr is not None:
+                h = (slerp_inject(h, h_retr[:, 0], slerp_w) if slerp_w is not None
+                     else self.h_adapter(h, h_retr, lam))
+            z0 = self.unet_decoder(h, temb, skips, ehs, z, t)
+            images = to_uint8(self.vae_decoder(z0))
         self.timings["end_to_end"] = (time.perf_counter() - t0) * 1e3
         return (images, z0) if return_latents else images
 
