@@ -14,6 +14,7 @@ from .errors import (
     InvalidInputError,
     OverloadedError,
     QueueTimeoutError,
+    RecoveringError,
     ServerError,
     UnavailableError,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "Neighbour",
     "OverloadedError",
     "QueueTimeoutError",
+    "RecoveringError",
     "RetryPolicy",
     "ServerError",
     "UnavailableError",

@@ -36,6 +36,13 @@ class QueueTimeoutError(UnavailableError):
     timeout expired"): the server is behind. Retried with backoff, then raised."""
 
 
+class RecoveringError(UnavailableError):
+    """A model of the ensemble is down and being brought back: its Python-backend process died
+    (INTERNAL "Stub process ... is not healthy") or the server's supervisor has unloaded it to
+    reload it (NOT_FOUND "... has no available versions" / "is not ready"). Transient, like
+    UNAVAILABLE: retried with backoff, then raised. ``status`` keeps the server's own code."""
+
+
 class DeadlineExceededError(ImageRAGTurboError, TimeoutError):
     """The request did not complete within its timeout (DEADLINE_EXCEEDED)."""
 
@@ -53,8 +60,21 @@ def from_triton(exc) -> ImageRAGTurboError:
            "DEADLINE_EXCEEDED": DeadlineExceededError}.get(name or "", ServerError)
     if cls is ServerError and "Deadline Exceeded" in msg:
         cls, name = DeadlineExceededError, "DEADLINE_EXCEEDED"
-    if cls is UnavailableError and "maximum queue size" in msg:
+    if cls is ServerError and _recovering(name, msg):
+        cls = RecoveringError
+    elif cls is UnavailableError and "maximum queue size" in msg:
         cls = OverloadedError
     elif cls is UnavailableError and "timeout expired" in msg.lower():
         cls = QueueTimeoutError
     return cls(msg, name)
+
+
+def _recovering(status: str | None, msg: str) -> bool:
+    """The server's words for a model that is down but coming back (tritonserver 2.51): a
+    dead stub, or an ensemble (or a model) unloaded for a reload. A model name that was never
+    served ("... is not found") stays a ServerError."""
+    if status == "INTERNAL":
+        return "Stub process" in msg and "is not healthy" in msg
+    if status in ("NOT_FOUND", "UNAVAILABLE"):
+        return "has no available versions" in msg or "is not ready" in msg
+    return False

@@ -66,10 +66,15 @@ class GenerationResult:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retries on UNAVAILABLE only (server starting, restarting, queue full): attempt n waits
-    min(max_backoff, initial_backoff * multiplier**(n-1)) seconds, with +-``jitter`` of it."""
+    """Retries on UNAVAILABLE only (server starting, restarting, queue full, a model being
+    healed: :class:`RecoveringError`): attempt n waits min(max_backoff, initial_backoff *
+    multiplier**(n-1)) seconds, with +-``jitter`` of it.
 
-    max_attempts: int = 4
+    The default's 8 attempts wait about 7 s in all (0.1, 0.2, 0.4, 0.8, 1.6, 2, 2): longer
+    than ``serve``'s supervisor takes to reload a model whose process died (README, "Faults"),
+    so a client with the default rides out such an outage without seeing an error."""
+
+    max_attempts: int = 8
     initial_backoff: float = 0.1
     max_backoff: float = 2.0
     multiplier: float = 2.0
@@ -303,6 +308,7 @@ class AsyncImageRAGTurboClient(_Base):
 
         self._mod = grpcclient  # InferInput / InferRequestedOutput are shared
         self._client = aioclient.InferenceServerClient(**self._kw)
+        self._pending: set = set()  # requests whose callers were cancelled, still running
 
     async def _call(self, fn, *args, **kw):
         from tritonclient.utils import InferenceServerException
@@ -311,12 +317,32 @@ class AsyncImageRAGTurboClient(_Base):
         while True:
             attempt += 1
             try:
-                return await fn(*args, **kw)
+                return await self._shielded(fn(*args, **kw))
             except InferenceServerException as e:
                 err = from_triton(e)
             if not isinstance(err, UnavailableError) or attempt >= self.retry.max_attempts:
                 raise err
             await asyncio.sleep(self.retry.delay(attempt))
+
+    async def _shielded(self, call):
+        """Await ``call`` so that cancelling the caller does not cancel the RPC.
+
+        Why: tritonserver 2.51 (the nvidia-pytriton build) can crash with SIGSEGV when a gRPC
+        inference is cancelled (a race fixed in later Triton releases, triton-inference-server/
+        server#7368, #8034; seen here within two rounds of cancelling queued requests). So a
+        cancelled task raises CancelledError at once, while its request finishes on the server
+        in the background (its answer dropped) and frees its place in the queue when done:
+        the next request waits only for work already accepted, never for a server restart.
+        ``close()`` waits for such requests before closing the channel."""
+        task = asyncio.ensure_future(call)
+        self._pending.add(task)
+        task.add_done_callback(self._forget)
+        return await asyncio.shield(task)
+
+    def _forget(self, task) -> None:
+        self._pending.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: an abandoned request's error is not a warning
 
     async def generate(self, prompt: str, *, seed: int | None = None, k: int | None = None,
                        strength: float | None = None, timeout: float | None = None
@@ -366,6 +392,10 @@ class AsyncImageRAGTurboClient(_Base):
             await asyncio.sleep(interval)
 
     async def close(self) -> None:
+        """Wait (up to the client's timeout) for requests whose callers were cancelled, so
+        closing the channel does not cancel them on the server, then close it."""
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=self.timeout)
         await self._client.close()
 
     async def __aenter__(self) -> AsyncImageRAGTurboClient:

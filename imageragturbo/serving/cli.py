@@ -41,6 +41,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .repository import render_repository
     from .server import TritonServer
     from .session import repository_dir
+    from .supervisor import Supervisor
 
     if args.profile == "gpu" and not args.render_only:
         raise ValueError("the gpu profile runs in NVIDIA's Triton container (onnxruntime "
@@ -68,20 +69,32 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"serve: starting tritonserver ({assets.model}) on {args.host}: gRPC {server.grpc_port}, "
           f"HTTP {server.http_port}", file=sys.stderr, flush=True)
     server.start()
+    supervisor = None
     try:
         server.wait_ready(args.ready_timeout)
         print(f"serving {assets.model} at {server.url} (gRPC); try:\n"
               f"  imageragturbo generate --url {server.url} \"a red circle\" -o out.png\n"
               "Ctrl-C stops the server.", flush=True)
-        while server.process.poll() is None:
+        if args.no_supervise:
+            while server.process.poll() is None:
+                time.sleep(0.5)
+            print(f"serve: tritonserver exited with code {server.process.returncode}; log "
+                  f"{server.log_path}", file=sys.stderr)
+            return 1
+        # Heals a dead stub (reload) or a dead or stuck server (restart): README, "Faults".
+        supervisor = Supervisor(server, canary_every=args.canary_interval,
+                                ready_timeout=args.ready_timeout).start()
+        while supervisor.alive:
             time.sleep(0.5)
-        print(f"serve: tritonserver exited with code {server.process.returncode}; log "
+        print(f"serve: could not bring tritonserver back ({supervisor.error}); log "
               f"{server.log_path}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nserve: stopping tritonserver (unloading models)", file=sys.stderr, flush=True)
         return 0
     finally:
+        if supervisor is not None:
+            supervisor.stop()
         rc = server.stop()
         if rc is not None:
             print(f"serve: stopped (exit code {rc})", file=sys.stderr)
@@ -225,6 +238,12 @@ def add_parsers(sub, bench) -> None:
                         "symlink for cpu, copy for gpu so the folder can be shipped)")
     _server_args(s)
     s.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose")
+    s.add_argument("--canary-interval", type=float, default=5.0,
+                   help="seconds between the supervisor's canary requests through the ensemble "
+                        "(it also watches the stub processes every 0.5 s)")
+    s.add_argument("--no-supervise", action="store_true",
+                   help="no supervisor: a dead stub or server stays dead (serve exits 1 when "
+                        "tritonserver does)")
     s.add_argument("--tls-cert", type=Path, default=None,
                    help="serve gRPC over TLS with this certificate (PEM; with --tls-key)")
     s.add_argument("--tls-key", type=Path, default=None, help="the certificate's private key")

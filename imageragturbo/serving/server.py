@@ -6,11 +6,19 @@ assembled from the wheel's parts (docs/design.md, "Facts about the
 machines"). The server is started from this interpreter's environment (its ``bin`` first on
 PATH), so the Python backend's model.py files import this environment's numpy, onnxruntime,
 hnswlib and ``imageragturbo``. It binds 127.0.0.1 unless told otherwise.
+
+Model control is explicit and restricted: the server loads every model at start
+(``--model-control-mode=explicit --load-model=*``) and accepts load and unload only with a
+header whose value is a secret this object draws for each server (``--grpc-restricted-protocol``
+and ``--http-restricted-api``), so ``serve``'s supervisor can reload a broken model and an
+outside client cannot unload anything.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -102,6 +110,9 @@ def _port_in_use(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+ADMIN_KEY = "imageragturbo-admin"  # the header that carries the model-control secret
+
+
 class TritonServer:
     """A tritonserver process serving ``repository``: ``start()``, ``wait_ready()``,
     ``stop()``, or use it as a context manager (started and ready on entry, stopped on exit).
@@ -114,7 +125,8 @@ class TritonServer:
                  log_path: str | Path | None = None, cache: str | Path = "runs/serve",
                  log_verbose: int = 0, extra_args: list[str] | None = None,
                  metrics_port: int | None = None, tls_cert: str | Path | None = None,
-                 tls_key: str | Path | None = None, tls_ca: str | Path | None = None):
+                 tls_key: str | Path | None = None, tls_ca: str | Path | None = None,
+                 exit_timeout: int = 30):
         self.repository = Path(repository).resolve()
         self.host = host
         self.grpc_port = grpc_port or free_port()
@@ -136,6 +148,14 @@ class TritonServer:
         self.extra_args = list(extra_args or [])
         self.process: subprocess.Popen | None = None
         self.binary: TritonBinary | None = None
+        # Seconds Triton waits for in-flight work at shutdown. A model whose stub was killed
+        # never finishes unloading in this Triton (2.51): a server that healed one waits this
+        # long and exits 1.
+        self.exit_timeout = int(exit_timeout)
+        # The model-control secret: only this process knows it (it is on tritonserver's command
+        # line, so readable by the same user through /proc, not by clients over the network).
+        self._admin_secret = secrets.token_hex(16)
+        self._started = False
 
     @property
     def metrics_url(self) -> str:
@@ -159,6 +179,10 @@ class TritonServer:
                 "--allow-metrics=true", "--allow-gpu-metrics=false",
                 f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
                 "--strict-readiness=true", "--exit-on-error=true",
+                f"--exit-timeout-secs={self.exit_timeout}",
+                "--model-control-mode=explicit", "--load-model=*",
+                f"--grpc-restricted-protocol=model-repository:{ADMIN_KEY}={self._admin_secret}",
+                f"--http-restricted-api=model-repository:{ADMIN_KEY}={self._admin_secret}",
                 f"--log-verbose={self.log_verbose}", *self._tls_args(), *self.extra_args]
 
     def _tls_args(self) -> list[str]:
@@ -199,7 +223,9 @@ class TritonServer:
                                   "choose another with --grpc-port / --http-port")
         self.binary = find_tritonserver(self.cache)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "wb")
+        # A restart (by the supervisor) appends, so the log of the failure stays.
+        log = open(self.log_path, "ab" if self._started else "wb")
+        self._started = True
         try:
             # Own process group, so Ctrl-C in a terminal reaches us, and we stop it in order.
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
@@ -207,6 +233,79 @@ class TritonServer:
         finally:
             log.close()
         return self
+
+    @property
+    def http_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.http_port}"
+
+    def _post(self, path: str, body: dict | None = None, admin: bool = False,
+              timeout: float = 60.0) -> dict:
+        """POST to Triton's HTTP API (plain HTTP on the server's host, so it works under TLS and
+        mutual TLS, which cover gRPC); ServerError with Triton's message on failure."""
+        import urllib.error
+        import urllib.request
+
+        headers = {"Content-Type": "application/json"}
+        if admin:
+            headers[ADMIN_KEY] = self._admin_secret
+        req = urllib.request.Request(self.http_url + path, data=json.dumps(body or {}).encode(),
+                                     headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                text = r.read().decode() or "{}"
+                return json.loads(text)
+        except urllib.error.HTTPError as e:
+            try:
+                msg = json.loads(e.read().decode()).get("error", "")
+            except ValueError:
+                msg = ""
+            raise ServerError(f"{path}: HTTP {e.code} {msg}".strip()) from None
+        except (urllib.error.URLError, OSError) as e:
+            raise ServerError(f"{path}: {e}") from None
+
+    def unload_model(self, name: str, timeout: float = 60.0) -> None:
+        """Unload ``name`` (its dependents, the ensemble, go with it): model control with the
+        secret header."""
+        self._post(f"/v2/repository/models/{name}/unload", admin=True, timeout=timeout)
+
+    def load_model(self, name: str, timeout: float = 120.0) -> None:
+        """Load (or reload) ``name`` from the repository; Triton loads its dependents again."""
+        self._post(f"/v2/repository/models/{name}/load", admin=True, timeout=timeout)
+
+    def stub_processes(self) -> dict[str, list[int]]:
+        """The live Python-backend stub processes of this server, {model name: [pid, ...]}
+        (children of tritonserver whose arguments name a model's ``model.py``; exited and
+        zombie stubs are left out)."""
+        out: dict[str, list[int]] = {}
+        if self.process is None:
+            return out
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) != self.process.pid or fields[0] in ("Z", "X"):
+                    continue
+                cmd = (stat.parent / "cmdline").read_bytes().split(b"\0")
+            except (OSError, ValueError, IndexError):
+                continue
+            model = next((Path(a.decode()).parent.parent.name for a in cmd
+                          if a.endswith(b"model.py")), None)
+            if model:
+                out.setdefault(model, []).append(int(stat.parent.name))
+        return out
+
+    def kill(self) -> None:
+        """SIGKILL tritonserver and its stubs (its own process group): for a server that is
+        stuck, when waiting out its exit timeout would only lengthen the outage."""
+        p = self.process
+        if p is None:
+            return
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        p.wait()
+        self.process = None
 
     def log_tail(self, lines: int = 40) -> str:
         try:
