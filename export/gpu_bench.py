@@ -252,6 +252,7 @@ def bench_ort(res: dict, name: str, make: Callable, batches: Sequence[int], k: i
         pipe = make()
         tag = f" b{pipe.static[0]}" if pipe.static else ""           # one profile per batch
         info = {"active": pipe.active_providers,
+                "graph_stages": {tag.strip() or "all": list(getattr(pipe, "graph_stages", []))},
                 "setup_seconds": {tag.strip() or "all": round(time.perf_counter() - t0, 1)},
                 "memory_source": "nvidia-smi memory.used delta (GPU-wide)"}
         if opt_dir is not None:
@@ -374,10 +375,7 @@ def run_gpu_bench(out: str | Path | None = None, providers=("cuda",), repeats: i
 
             if graph:
                 bench_ort(res, "ort_cuda_graph", make, [b], k, warmup, repeats, opt_dir=opt)
-                if any(r["config"] == "ort_cuda_graph" and r["batch"] == b
-                       for r in res["runs"]):
-                    name = None
-            if name:  # no CUDA graphs asked for, or ORT refused them (recorded): without
+            if name:  # the same profile without CUDA graphs, for the comparison
                 bench_ort(res, name, lambda m=make: m(graph=False), [b], k, warmup, repeats,
                           opt_dir=opt)
             res.setdefault("static_seconds", {})[str(b)] = round(time.perf_counter() - t0, 1)

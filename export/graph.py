@@ -185,8 +185,30 @@ def to_fp16(model, fp32_attention: bool):
                                      node_block_list=sorted(block | set(keep)),
                                      disable_shape_infer=True)
     _drop_fp16_round_trips(model)
+    dedupe_nodes(model)
     OnnxModel.graph_topological_sort(model.graph)
     return model
+
+
+def dedupe_nodes(model) -> int:
+    """Drop nodes that repeat an earlier node exactly (op, inputs, outputs, attributes).
+    onnxruntime's converter before 1.32 casts an fp16 tensor to fp32 once per blocked consumer,
+    all with the same node and output name, so a tensor feeding two attention-core nodes gave
+    "two nodes with same node name" (seen with onnxruntime-gpu 1.31.1); 1.32 shares one cast.
+    Returns the number of nodes dropped."""
+    seen, keep = set(), []
+    for node in model.graph.node:
+        key = (node.op_type, node.domain, tuple(node.input), tuple(node.output),
+               tuple(a.SerializeToString() for a in node.attribute))
+        if key in seen:
+            continue
+        seen.add(key)
+        keep.append(node)
+    dropped = len(model.graph.node) - len(keep)
+    if dropped:
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return dropped
 
 
 def _drop_fp16_round_trips(model) -> int:

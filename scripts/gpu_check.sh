@@ -23,7 +23,7 @@
 #   5. the fp16-vs-fp32 parity tests (`pytest tests/test_export.py -k fp16`, CPU);
 #   6. a one-screen summary: the table, Memcpy nodes per graph, what ORT warned about CUDA
 #      graphs and Memcpy, the tests' result, the time taken.
-# Budget: 8 minutes on an H200 (IRT_BENCH_TIMEOUT, default 360 s, and IRT_TEST_TIMEOUT,
+# IRT_BATCHES (default "1 4") the batch sizes. Budget: 8 minutes on an H200 (IRT_BENCH_TIMEOUT, default 360 s, and IRT_TEST_TIMEOUT,
 # default 100 s, bound steps 4 and 5). IRT_REPEATS (default 10) timed runs per figure.
 # Files in $OUT: gpu_check.log, sdturbo_gpu.{json,png,txt}, pytest_fp16.log, ort_warnings.txt.
 # IRT_CHECK_DEVICE=cpu runs steps 4-6 on the CPU provider with the SD 2.1-layout toy, after step
@@ -52,6 +52,12 @@ if [ ! -d "$ORT_DIR/onnxruntime" ]; then
     rm -rf "$ORT_DIR" && mkdir -p "$ORT_DIR" || die "cannot make $ORT_DIR"
     cat gpu_ort/ort.tar.xz.part-* | xz -d | tar -x -C "$ORT_DIR" || die "unpacking failed" 2
 fi
+# onnxruntime.transformers (the fp16 converter the export uses) may travel apart, small
+for t in gpu_ort/*.tar.xz; do
+    [ -f "$t" ] && { tar -xJf "$t" -C "$ORT_DIR" || die "unpacking $t failed" 2; }
+done
+[ -f "$ORT_DIR/onnxruntime/transformers/float16.py" ] \
+    || die "$ORT_DIR has no onnxruntime/transformers (the export's fp16 converter)" 2
 [ -f "$ORT_DIR/onnxruntime/__init__.py" ] || die "$ORT_DIR/onnxruntime is not a package" 2
 export PYTHONPATH="$ORT_DIR:$PYTHONPATH"
 NV_LIBS=$("$PY" - <<'EOF'
@@ -87,7 +93,7 @@ if "CUDAExecutionProvider" not in ort.get_available_providers():
 x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 3])
 y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2, 3])
 g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
-m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 with tempfile.NamedTemporaryFile(suffix=".onnx") as f:
     onnx.save(m, f.name)
     s = ort.InferenceSession(f.name, providers=["CUDAExecutionProvider"])
@@ -98,7 +104,7 @@ EOF
 
 step "4. bench sdturbo-gpu (export once, then every configuration)"
 timeout --signal=INT --kill-after=20 "${IRT_BENCH_TIMEOUT:-360}" \
-    "$PY" -m imageragturbo.cli bench sdturbo-gpu --device "$DEVICE" --batch 1 4 --k 1 \
+    "$PY" -m imageragturbo.cli bench sdturbo-gpu --device "$DEVICE" --batch ${IRT_BATCHES:-1 4} --k 1 \
     --repeats "${IRT_REPEATS:-10}" --warmup 3 --report "$OUT" \
     --out "${IRT_EXPORT:-/tmp/irt-sdturbo-$DEVICE}" --reuse-export
 BENCH_RC=$?

@@ -454,3 +454,37 @@ def test_gpu_profile_of_an_fp16_export_references_only_graphs_that_load(sd21_fp1
                     for i in sess.get_inputs()}
             for out in sess.run(None, feed):
                 assert np.isfinite(out).all(), (link, name)
+
+
+def test_repeated_casts_from_older_fp16_converters_are_merged(tmp_path):
+    """onnxruntime's fp16 converter before 1.32 (the CUDA 13 build, 1.31.1) writes one identical
+    Cast per blocked consumer of an fp16 tensor, same node and output name, and ONNX Runtime
+    refuses the graph ("two nodes with same node name"). ``dedupe_nodes`` keeps one."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from imageragturbo.export.graph import dedupe_nodes
+
+    cast = helper.make_node("Cast", ["x"], ["x32"], to=TensorProto.FLOAT, name="x_cast")
+    nodes = [cast, helper.make_node("Relu", ["x32"], ["a"], name="relu"),
+             helper.make_node("Cast", ["x"], ["x32"], to=TensorProto.FLOAT, name="x_cast"),
+             helper.make_node("Neg", ["x32"], ["b"], name="neg")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16,
+                                                                     [2])],
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2])
+                           for n in ("a", "b")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with pytest.raises(Exception, match="same node name|x32"):
+        _cpu_session_of(m, tmp_path / "dup.onnx")
+    assert dedupe_nodes(m) == 1
+    onnx.checker.check_model(m, full_check=True)
+    out = _cpu_session_of(m, tmp_path / "ok.onnx").run(
+        None, {"x": np.array([1, -2], dtype=np.float16)})
+    assert out[0].tolist() == [1.0, 0.0] and out[1].tolist() == [-1.0, 2.0]
+
+
+def _cpu_session_of(model, path):
+    import onnx
+
+    onnx.save(model, path)
+    return _cpu_session(path)

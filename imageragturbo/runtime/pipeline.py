@@ -90,15 +90,30 @@ class OnnxPipeline:
         fp16 = self.manifest["dtype"] == "float16"
         self.providers = list(providers) if providers else choose_providers(
             fp16=fp16, cache_dir=self.path / "trt_cache")
+        graph_providers = None
         if cuda_graph:
             static_batch = static_batch or 1
-            self.providers = device.with_cuda_graph(self.providers)
+            graph_providers = device.with_cuda_graph(self.providers)
         static = (int(static_batch), int(static_k)) if static_batch else None
         self.sessions = {}
+        self.graph_stages: list[str] = []  # stages captured as CUDA graphs
         for name in stage_names(self.manifest):
             f = self.path / self.manifest["stages"][name]["file"]
             opt = Path(optimized_dir) / f"{name}.onnx" if optimized_dir else None
             so = device.session_options(threads, static, opt)
+            if graph_providers is not None:
+                # ORT captures a graph only when every node runs on the GPU provider; a stage
+                # with a CPU fallback left (the text encoder's argmax over token ids) runs
+                # without one rather than failing the whole pipeline.
+                try:
+                    self.sessions[name] = ort.InferenceSession(str(f), so,
+                                                               providers=graph_providers)
+                    self.graph_stages.append(name)
+                    continue
+                except Exception as e:  # noqa: BLE001 - ORT raises its own Fail type
+                    if "graph capture" not in str(e):
+                        raise
+                    so = device.session_options(threads, static, opt)
             self.sessions[name] = ort.InferenceSession(str(f), so, providers=self.providers)
         self.tokenizer = CLIPTokenizer.from_pretrained(self.path / "tokenizer")
         self.latent_shape = tuple(self.manifest["latent_shape"])
