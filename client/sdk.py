@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from io import BytesIO
 import numpy as np
 
 from .errors import (
+    DeadlineExceededError,
     InvalidInputError,
     UnavailableError,
     from_triton,
@@ -162,6 +164,24 @@ def parse_results(result, prompts: list[str]) -> list[GenerationResult]:
     return out
 
 
+# tritonserver 2.51 (the nvidia-pytriton build) can crash or leave an inference in flight for
+# good when gRPC cancels one (triton-inference-server/server#7368, #8034), and an expired gRPC
+# deadline is such a cancellation. So the SDK keeps the caller's deadline itself: the caller
+# gets DeadlineExceededError on time, while the request finishes on the server and its answer
+# is dropped. The RPC still carries a far deadline, so a server that never answers cannot hold
+# a request open for ever.
+FAR_DEADLINE = 600.0  # seconds, at least; 10x the caller's timeout when that is longer
+
+
+def _deadline(timeout: float | None) -> float:
+    return FAR_DEADLINE if timeout is None else max(FAR_DEADLINE, 10 * timeout)
+
+
+def _deadline_error(timeout: float | None) -> DeadlineExceededError:
+    return DeadlineExceededError(f"no answer within {timeout} s (the request was abandoned by "
+                                 "the client, not cancelled on the server)", "DEADLINE_EXCEEDED")
+
+
 def _outputs(module) -> list:
     return [module.InferRequestedOutput(n) for n in OUTPUTS]
 
@@ -212,6 +232,7 @@ class ImageRAGTurboClient(_Base):
 
         self._mod = grpcclient
         self._client = grpcclient.InferenceServerClient(**self._kw)
+        self._pending: set = set()  # Events of requests abandoned past their deadline
 
     def _call(self, fn, *args, **kw):
         from tritonclient.utils import InferenceServerException
@@ -246,15 +267,31 @@ class ImageRAGTurboClient(_Base):
         prompt."""
         prompts = _check_prompts(prompts)
         inputs = build_inputs(self._mod, prompts, seeds, k, strength)
-        res = self._call(self._client.infer, self.model_name, inputs, outputs=_outputs(self._mod),
-                         client_timeout=self._timeout(timeout))
+        res = self._call(self._infer, inputs, self._timeout(timeout))
         return parse_results(res, prompts)
 
     def infer_raw(self, inputs: list, timeout: float | None = None):
         """Send prepared ``tritonclient.grpc.InferInput`` objects as they are (no client-side
         checks): for tests and callers with their own tensors."""
-        return self._call(self._client.infer, self.model_name, inputs,
-                          outputs=_outputs(self._mod), client_timeout=self._timeout(timeout))
+        return self._call(self._infer, inputs, self._timeout(timeout))
+
+    def _infer(self, inputs: list, timeout: float | None):
+        """One inference whose deadline the client keeps (see ``_deadline``): past
+        ``timeout`` it raises DeadlineExceededError and drops the answer when it comes."""
+        done, box = threading.Event(), {}
+
+        def callback(result, error):
+            box["result"], box["error"] = result, error
+            done.set()
+
+        self._client.async_infer(self.model_name, inputs, callback, outputs=_outputs(self._mod),
+                                 client_timeout=_deadline(timeout))
+        if not done.wait(timeout):
+            self._pending = {e for e in self._pending if not e.is_set()} | {done}
+            raise _deadline_error(timeout)
+        if box["error"] is not None:
+            raise box["error"]
+        return box["result"]
 
     def is_live(self, timeout: float = 5.0) -> bool:
         """The server process answers (False when it cannot be reached)."""
@@ -288,6 +325,11 @@ class ImageRAGTurboClient(_Base):
             time.sleep(interval)
 
     def close(self) -> None:
+        """Wait (up to the client's timeout) for requests abandoned past their deadline, so
+        closing the channel does not cancel them on the server, then close it."""
+        end = time.monotonic() + (self.timeout or 0)
+        for e in self._pending:
+            e.wait(max(0.0, end - time.monotonic()))
         self._client.close()
 
     def __enter__(self) -> ImageRAGTurboClient:
@@ -317,7 +359,7 @@ class AsyncImageRAGTurboClient(_Base):
         while True:
             attempt += 1
             try:
-                return await self._shielded(fn(*args, **kw))
+                return await fn(*args, **kw)
             except InferenceServerException as e:
                 err = from_triton(e)
             if not isinstance(err, UnavailableError) or attempt >= self.retry.max_attempts:
@@ -357,14 +399,20 @@ class AsyncImageRAGTurboClient(_Base):
                              ) -> list[GenerationResult]:
         prompts = _check_prompts(prompts)
         inputs = build_inputs(self._mod, prompts, seeds, k, strength)
-        res = await self._call(self._client.infer, self.model_name, inputs,
-                               outputs=_outputs(self._mod), client_timeout=self._timeout(timeout))
+        res = await self._call(self._infer, inputs, self._timeout(timeout))
         return parse_results(res, prompts)
 
     async def infer_raw(self, inputs: list, timeout: float | None = None):
-        return await self._call(self._client.infer, self.model_name, inputs,
-                                outputs=_outputs(self._mod),
-                                client_timeout=self._timeout(timeout))
+        return await self._call(self._infer, inputs, self._timeout(timeout))
+
+    async def _infer(self, inputs: list, timeout: float | None):
+        """One inference whose deadline the client keeps (see ``_deadline``)."""
+        call = self._client.infer(self.model_name, inputs, outputs=_outputs(self._mod),
+                                  client_timeout=_deadline(timeout))
+        try:
+            return await asyncio.wait_for(self._shielded(call), timeout)
+        except asyncio.TimeoutError:
+            raise _deadline_error(timeout) from None
 
     async def is_live(self, timeout: float = 5.0) -> bool:
         from tritonclient.utils import InferenceServerException

@@ -270,6 +270,39 @@ def test_sdk_raises_typed_errors_for_invalid_input_and_deadline(client, server):
     assert client.generate(PROMPTS[0], seed=0).array.shape == (64, 64, 3)
 
 
+def _ensemble_successes(url: str) -> int:
+    with grpcclient.InferenceServerClient(url) as c:
+        stats = c.get_inference_statistics("imageragturbo", as_json=True)
+    return int(stats["model_stats"][0]["inference_stats"]["success"].get("count", 0))
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_request_past_its_deadline_is_abandoned_not_cancelled_on_the_server(server, kind):
+    """The SDK keeps the caller's deadline itself: DeadlineExceededError on time, while the
+    request runs to completion on the server (its success is counted there), because a gRPC
+    cancellation can crash tritonserver 2.51 or leave an inference in flight for good."""
+    import time
+
+    before = _ensemble_successes(server.url)
+    t0 = time.perf_counter()
+    if kind == "sync":
+        with ImageRAGTurboClient(server.url, retry=RetryPolicy(max_attempts=1)) as c:
+            with pytest.raises(DeadlineExceededError, match="abandoned"):
+                c.generate_batch(PROMPTS * 2, seeds=0, timeout=0.001)
+    else:
+        async def late():
+            async with AsyncImageRAGTurboClient(server.url,
+                                                retry=RetryPolicy(max_attempts=1)) as ac:
+                with pytest.raises(DeadlineExceededError, match="abandoned"):
+                    await ac.generate_batch(PROMPTS * 2, seeds=0, timeout=0.001)
+        asyncio.run(late())
+    assert time.perf_counter() - t0 < 30
+    deadline = time.monotonic() + 30
+    while _ensemble_successes(server.url) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _ensemble_successes(server.url) == before + 1
+
+
 def test_health_checks_report_live_and_ready(client, server):
     assert client.is_live() and client.is_ready()
     assert server.url.startswith("127.0.0.1:")

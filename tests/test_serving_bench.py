@@ -30,7 +30,7 @@ def test_bench_serve_reports_both_ratios_and_every_composing_model(assets, serve
         model=str(assets["model"]), export=assets["adapter"], index=assets["index"],
         data=None, random_weights=False, retrieval_items=None, quiet=True, url=server.url,
         concurrency=[1, 4], requests=8, warmup=2, k=1, threads=1, max_batch_size=4,
-        queue_delay_us=0, ready_timeout=60, json=True)
+        queue_delay_us=0, light_queue_delay_us=0, ready_timeout=60, json=True)
     res = bench_serve(args)
     assert [s["concurrency"] for s in res["serving"]] == [1, 4]
     assert res["in_process"]["batch"] == 4 and res["in_process"]["batch_images_per_s"] > 0
@@ -42,3 +42,24 @@ def test_bench_serve_reports_both_ratios_and_every_composing_model(assets, serve
         assert all(r["compute_infer_ms"] > 0 for r in s["per_model"].values())
     table = format_table(res)
     assert "per model at concurrency 4" in table and "vae_decoder" in table
+
+
+def test_heavy_stages_and_light_steps_get_their_own_batching_delay(assets, tmp_path):
+    """The UNet encoder, UNet decoder and VAE decoder wait ``queue_delay_us`` to fill a batch,
+    every other composing model ``light_queue_delay_us`` (the measured trade-off between
+    latency at concurrency 1 and throughput under load); None makes them equal."""
+    from imageragturbo.serving.repository import (
+        HEAVY_STAGES,
+        RenderOptions,
+        load_configs,
+        render_repository,
+    )
+
+    opts = RenderOptions(queue_delay_us=1234, light_queue_delay_us=56)
+    repo = render_repository(assets["adapter"], assets["index"], tmp_path / "r", "cpu", opts)
+    delays = {name: c.dynamic_batching.max_queue_delay_microseconds
+              for name, c in load_configs(repo).items() if c.HasField("dynamic_batching")}
+    assert set(delays) == COMPOSING
+    assert all(delays[n] == (1234 if n in HEAVY_STAGES else 56) for n in delays), delays
+    assert RenderOptions(queue_delay_us=700, light_queue_delay_us=None).light_queue_delay_us \
+        == 700

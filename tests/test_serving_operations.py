@@ -205,9 +205,11 @@ def test_overload_gets_a_fast_typed_error_not_a_timeout(assets, tmp_path, case):
     from imageragturbo.client import OverloadedError, QueueTimeoutError
     from imageragturbo.serving.repository import RenderOptions
 
-    opts = (RenderOptions(max_queue_size=1, max_batch_size=1, queue_delay_us=0)
+    opts = (RenderOptions(max_queue_size=1, max_batch_size=1, queue_delay_us=0,
+                          light_queue_delay_us=0)
             if case == "queue_full" else
-            RenderOptions(max_batch_size=1, queue_delay_us=0, queue_timeout_us=50_000))
+            RenderOptions(max_batch_size=1, queue_delay_us=0, light_queue_delay_us=0,
+                          queue_timeout_us=50_000))
     expected = OverloadedError if case == "queue_full" else QueueTimeoutError
     repo = render_repository(assets["adapter"], assets["index"], tmp_path / "repo", "cpu", opts)
     s = TritonServer(repo, log_path=tmp_path / "ov.log", cache=assets["root"] / "cache")

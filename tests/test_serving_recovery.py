@@ -165,9 +165,11 @@ def test_killed_stubs_heal_while_an_sdk_client_sees_no_error(own_server):
 def test_canary_names_a_dead_stub_and_the_sdk_maps_it_to_recovering(own_server):
     """Without the watch, a request after a killed stub gets INTERNAL "Stub process
     'retriever_0_0' is not healthy"; the SDK raises it as RecoveringError (retryable), and the
-    supervisor's canary finds the model in that message and reloads it."""
+    supervisor's canary finds the model in that message and reloads it. Every instance's stub
+    is killed (with one left, Triton routes around the dead one)."""
     server = own_server()
-    os.kill(server.stub_processes()["retriever"][0], signal.SIGKILL)
+    for pid in server.stub_processes()["retriever"]:
+        os.kill(pid, signal.SIGKILL)
     with ImageRAGTurboClient(server.url, timeout=60, retry=NO_RETRY) as c:
         with pytest.raises(RecoveringError, match="is not healthy") as info:
             c.generate(PROMPTS[0], seed=1, k=1)

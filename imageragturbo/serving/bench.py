@@ -135,6 +135,7 @@ def bench_serve(args: argparse.Namespace) -> dict:
                                 max(20, args.requests // 2), 3, batch=args.max_batch_size)
     opts = RenderOptions(max_batch_size=args.max_batch_size, threads=args.threads,
                          queue_delay_us=args.queue_delay_us,
+                         light_queue_delay_us=args.light_queue_delay_us,
                          max_queue_size=max(64, 4 * max(args.concurrency)))
     cm = (contextlib.nullcontext(None) if args.url else
           running_server(assets, opts, ready_timeout=args.ready_timeout, quiet=quiet))
@@ -155,6 +156,7 @@ def bench_serve(args: argparse.Namespace) -> dict:
         "model": str(args.model if not args.random_weights else "tiny-random"),
         "export": str(assets.export_dir), "k": args.k, "threads_per_stage": args.threads,
         "max_batch_size": args.max_batch_size, "queue_delay_us": args.queue_delay_us,
+        "light_queue_delay_us": args.light_queue_delay_us,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "in_process": inproc, "serving": serving,
         "overhead_ratio_p50": round(c1["p50_ms"] / inproc["p50_ms"], 2),

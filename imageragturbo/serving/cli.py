@@ -20,6 +20,7 @@ def _options(args: argparse.Namespace):
 
     return RenderOptions(
         max_batch_size=args.max_batch_size, queue_delay_us=args.queue_delay_us,
+        light_queue_delay_us=args.light_queue_delay_us,
         queue_timeout_us=int(args.queue_timeout * 1e6), max_queue_size=args.max_queue_size,
         default_k=args.default_k, max_k=args.max_k, threads=args.threads,
         instances=args.instances, trt_cache=args.trt_cache, injection=args.injection)
@@ -165,11 +166,24 @@ def _server_args(p: argparse.ArgumentParser, ports: bool = True) -> None:
                    help="seconds to wait for every model to load before giving up")
 
 
+def _delay_args(p: argparse.ArgumentParser) -> None:
+    from .repository import RenderOptions
+
+    d = RenderOptions()
+    p.add_argument("--queue-delay-us", type=int, default=d.queue_delay_us,
+                   help="how long the dynamic batcher of the UNet encoder, UNet decoder and "
+                        "VAE decoder waits to fill a batch (microseconds)")
+    p.add_argument("--light-queue-delay-us", type=int, default=d.light_queue_delay_us,
+                   help="the same for the light steps (preprocess, text encoder, retriever, "
+                        "adapter, postprocess); default: --queue-delay-us")
+
+
 def _render_args(p: argparse.ArgumentParser) -> None:
+    from .repository import RenderOptions
+
     p.add_argument("--max-batch-size", type=int, default=8,
                    help="largest batch per request and per dynamic batch")
-    p.add_argument("--queue-delay-us", type=int, default=2000,
-                   help="how long the dynamic batcher waits to fill a batch (microseconds)")
+    _delay_args(p)
     p.add_argument("--queue-timeout", type=float, default=30.0,
                    help="seconds a request may wait in a model's queue before it is rejected "
                         "(UNAVAILABLE)")
@@ -184,7 +198,9 @@ def _render_args(p: argparse.ArgumentParser) -> None:
                         "top-1 neighbour (paper Eq. 3; STRENGTH = 1 - w, default 0.2)")
     p.add_argument("--threads", type=int, default=1,
                    help="cpu profile: ONNX Runtime intra-op threads per stage")
-    p.add_argument("--instances", type=int, default=1, help="instances of each ONNX stage")
+    p.add_argument("--instances", type=int, default=RenderOptions().instances,
+                   help="instances of every composing model (one lets this Triton stall a "
+                        "queued batch for ~500 ms)")
     p.add_argument("--trt-cache", default="/tmp/imageragturbo-trt-cache",
                    help="gpu profile: TensorRT engine cache folder (inside the container)")
 
@@ -294,8 +310,7 @@ def add_parsers(sub, bench) -> None:
     b.add_argument("--threads", type=int, default=1,
                    help="ONNX Runtime threads per stage, served and in-process")
     b.add_argument("--max-batch-size", type=int, default=8, help="server's max batch size")
-    b.add_argument("--queue-delay-us", type=int, default=2000,
-                   help="dynamic batcher's wait to fill a batch")
+    _delay_args(b)
     b.add_argument("--ready-timeout", type=float, default=300.0)
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=_clean_errors(_cmd_bench_serve))

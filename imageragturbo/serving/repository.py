@@ -34,6 +34,9 @@ PROFILES = ("cpu", "gpu")
 ENSEMBLE = "imageragturbo"
 ONNX_STAGES = ("text_encoder", "unet_encoder", "h_adapter", "unet_decoder", "vae_decoder")
 PYTHON_MODELS = ("preprocess", "retriever", "postprocess")
+# The stages where most of a request's compute is, and so where batching pays: their dynamic
+# batcher waits ``queue_delay_us`` for a batch, the light steps ``light_queue_delay_us``.
+HEAVY_STAGES = ("unet_encoder", "unet_decoder", "vae_decoder")
 MARKER = ".imageragturbo-repository"  # a rendered folder; safe to replace on the next render
 DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64",
           "int32": "TYPE_INT32", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
@@ -44,14 +47,24 @@ class RenderOptions:
     """Knobs of the rendered configs (the CLI exposes each)."""
 
     max_batch_size: int = 8            # per request and per dynamic batch
-    queue_delay_us: int = 2000         # how long the dynamic batcher waits to fill a batch
+    # How long the dynamic batcher waits to fill a batch: of the UNet encoder, UNet decoder and
+    # VAE decoder (``queue_delay_us``) and of the light steps (pre/postprocess, text encoder,
+    # retriever, adapter; None: the same). 0: a batch is whatever is queued when an instance
+    # frees up, which under load is a full one anyway. Measured on 2 CPU cores (README,
+    # "Serving overhead"): 2000 us cost 2.6x the in-process latency at concurrency 1 (eight
+    # waits); with two instances per model, 0 gives 1.4x and the in-process batch-8 throughput.
+    queue_delay_us: int = 0
+    light_queue_delay_us: int | None = None
     queue_timeout_us: int = 30_000_000  # a request queued longer is rejected (UNAVAILABLE)
     max_queue_size: int = 64           # queued requests per model before UNAVAILABLE
     default_k: int = 1                 # neighbours when a request sends no K
     max_k: int = 16                    # largest K a request may ask for
     max_prompt_chars: int = 2000       # longer prompts are rejected (77 tokens are used anyway)
     threads: int = 1                   # cpu: ONNX Runtime intra-op threads per stage
-    instances: int = 1                 # instances of each ONNX stage
+    # Instances of every composing model. Two, because with one this Triton (2.51) often
+    # leaves a batch queued for ~500 ms when its only instance frees up (its batcher's
+    # default wait; seen on every round of 12 concurrent requests, README "Serving overhead").
+    instances: int = 2
     ef: int | None = None              # hnswlib query beam (default: the index's)
     verify_index: bool = True          # sha256 of the index files at load
     trt_cache: str = "/tmp/imageragturbo-trt-cache"  # gpu: TensorRT engine cache root
@@ -67,9 +80,13 @@ class RenderOptions:
         if not 0 <= self.default_k <= self.max_k:
             raise ValueError(f"default k must be in [0, max k={self.max_k}], got "
                              f"{self.default_k}")
-        for name in ("queue_delay_us", "queue_timeout_us", "max_queue_size", "threads",
+        if self.light_queue_delay_us is None:
+            self.light_queue_delay_us = self.queue_delay_us
+        for name in ("queue_delay_us", "light_queue_delay_us", "queue_timeout_us",
+                     "max_queue_size", "threads",
                      "instances", "max_prompt_chars"):
-            if getattr(self, name) < (0 if name in ("queue_delay_us", "threads") else 1):
+            if getattr(self, name) < (0 if name in ("queue_delay_us", "light_queue_delay_us",
+                                                    "threads") else 1):
                 raise ValueError(f"{name.replace('_', ' ')} must be positive, got "
                                  f"{getattr(self, name)}")
 
@@ -159,11 +176,14 @@ def render_repository(export_dir: str | Path, index_dir: str | Path, out: str | 
     img = stages["vae_decoder"]["outputs"][0]["shape"]                        # (B, 3, H, W)
     skips = [f"skip_{i}" for i in range(int(m["num_skips"]))]
     has_adapter = "h_adapter" in stages and opt.injection == "adapter"
-    batching = _template("dynamic_batching.pbtxt.in").substitute(
-        queue_delay_us=opt.queue_delay_us, queue_timeout_us=opt.queue_timeout_us,
-        max_queue_size=opt.max_queue_size)
+    def batching(delay_us: int) -> str:
+        return _template("dynamic_batching.pbtxt.in").substitute(
+            queue_delay_us=delay_us, queue_timeout_us=opt.queue_timeout_us,
+            max_queue_size=opt.max_queue_size)
+
     common = {
-        "profile": profile, "max_batch_size": opt.max_batch_size, "dynamic_batching": batching,
+        "profile": profile, "max_batch_size": opt.max_batch_size, "instances": opt.instances,
+        "dynamic_batching": batching(opt.light_queue_delay_us),
         "image_height": img[2], "image_width": img[3],
         "max_length": m["max_length"], "latent_dims": ", ".join(map(str, m["latent_shape"])),
         "latent_shape": ",".join(map(str, m["latent_shape"])), "timestep": m["timestep"],
@@ -200,8 +220,10 @@ def render_repository(export_dir: str | Path, index_dir: str | Path, out: str | 
             shutil.copy2(SOURCE / "h_slerp" / "1" / "model.py", d / "1" / "model.py")
             continue
         st = stages[name]
+        heavy = name in HEAVY_STAGES
         d = write(name, stage_tpl.substitute(
             common, name=name, inputs=_tensor_block(st["inputs"]),
+            dynamic_batching=batching(opt.queue_delay_us if heavy else opt.light_queue_delay_us),
             outputs=_tensor_block(st["outputs"]), instances=opt.instances,
             threads=opt.threads, trt_cache=opt.trt_cache,
             trt_workspace_bytes=opt.trt_workspace_bytes,
