@@ -194,6 +194,11 @@ def test_a_dead_server_process_is_restarted_on_the_same_port(own_server):
         with ImageRAGTurboClient(server.url, timeout=60,
                                  retry=RetryPolicy(max_attempts=30, max_backoff=1.0)) as c:
             assert c.generate(PROMPTS[0], seed=1, k=1).array.shape[2] == 3
+        # the client can be served before the supervisor's own readiness poll (every 0.5 s)
+        # has seen the restarted server and marked the restart done
+        deadline = time.monotonic() + 10
+        while not (sup.events and sup.events[0].ok) and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert [e.kind for e in sup.events] == ["restart"] and sup.events[0].ok
         assert server.grpc_port == port and sup.error is None
     finally:
