@@ -249,7 +249,10 @@ def test_a_cancelled_async_request_frees_its_slot_without_crashing_the_server(ow
           f"{[(round(a * 1e3), round(b * 1e3)) for a, b in timings]} ms, then {settled * 1e3:.0f}"
           " ms")
     assert all(cancel < 0.05 for cancel, _ in timings)
-    assert all(nxt < busy12 + 3 * idle + 0.2 for _, nxt in timings), (busy12, timings)
+    # + 0.6 s: this Triton's batcher now and then holds a queued batch ~500 ms when an instance
+    # frees up (README, "Serving overhead"); what this guards against, waiting for the abandoned
+    # requests' 60 s timeout or for a server restart, is far longer
+    assert all(nxt < busy12 + 3 * idle + 0.6 for _, nxt in timings), (busy12, timings)
     assert settled < 3 * idle + 0.1, (idle, settled)
     assert server.process.poll() is None and server.process.pid == pid
     assert server.stop(timeout=15) == 0
