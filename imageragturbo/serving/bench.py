@@ -136,6 +136,8 @@ def bench_serve(args: argparse.Namespace) -> dict:
     opts = RenderOptions(max_batch_size=args.max_batch_size, threads=args.threads,
                          queue_delay_us=args.queue_delay_us,
                          light_queue_delay_us=args.light_queue_delay_us,
+                         **({} if getattr(args, "instances", None) is None
+                            else {"instances": args.instances}),
                          max_queue_size=max(64, 4 * max(args.concurrency)))
     cm = (contextlib.nullcontext(None) if args.url else
           running_server(assets, opts, ready_timeout=args.ready_timeout, quiet=quiet))
@@ -157,6 +159,7 @@ def bench_serve(args: argparse.Namespace) -> dict:
         "export": str(assets.export_dir), "k": args.k, "threads_per_stage": args.threads,
         "max_batch_size": args.max_batch_size, "queue_delay_us": args.queue_delay_us,
         "light_queue_delay_us": args.light_queue_delay_us,
+        "instances": opts.instances,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "in_process": inproc, "serving": serving,
         "overhead_ratio_p50": round(c1["p50_ms"] / inproc["p50_ms"], 2),

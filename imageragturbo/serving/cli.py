@@ -311,6 +311,8 @@ def add_parsers(sub, bench) -> None:
                    help="ONNX Runtime threads per stage, served and in-process")
     b.add_argument("--max-batch-size", type=int, default=8, help="server's max batch size")
     _delay_args(b)
+    b.add_argument("--instances", type=int, default=None,
+                   help="instances of every composing model (default: serve's)")
     b.add_argument("--ready-timeout", type=float, default=300.0)
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=_clean_errors(_cmd_bench_serve))
