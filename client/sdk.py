@@ -177,6 +177,16 @@ def _deadline(timeout: float | None) -> float:
     return FAR_DEADLINE if timeout is None else max(FAR_DEADLINE, 10 * timeout)
 
 
+def _remaining(end: float | None, timeout: float | None) -> float | None:
+    """Seconds left before ``end`` (None: no deadline); at least a millisecond."""
+    return None if end is None else max(1e-3, end - time.monotonic())
+
+
+def _close_wait(timeout: float | None) -> float:
+    """How long ``close()`` waits for abandoned requests: the client's timeout, or 60 s."""
+    return 60.0 if timeout is None else timeout
+
+
 def _deadline_error(timeout: float | None) -> DeadlineExceededError:
     return DeadlineExceededError(f"no answer within {timeout} s (the request was abandoned by "
                                  "the client, not cancelled on the server)", "DEADLINE_EXCEEDED")
@@ -232,21 +242,27 @@ class ImageRAGTurboClient(_Base):
 
         self._mod = grpcclient
         self._client = grpcclient.InferenceServerClient(**self._kw)
-        self._pending: set = set()  # Events of requests abandoned past their deadline
+        self._pending: set = set()  # Events of requests in flight (abandoned ones included)
+        self._lock = threading.Lock()
 
-    def _call(self, fn, *args, **kw):
+    def _call(self, fn, inputs: list, timeout: float | None):
+        """``fn(inputs, remaining)`` with retries on UNAVAILABLE, all within one deadline:
+        ``timeout`` bounds the whole call, backoff included, not each attempt."""
         from tritonclient.utils import InferenceServerException
 
+        end = None if timeout is None else time.monotonic() + timeout
         attempt = 0
         while True:
             attempt += 1
             try:
-                return fn(*args, **kw)
+                return fn(inputs, _remaining(end, timeout))
             except InferenceServerException as e:
                 err = from_triton(e)
-            if not isinstance(err, UnavailableError) or attempt >= self.retry.max_attempts:
+            pause = self.retry.delay(attempt)
+            if (not isinstance(err, UnavailableError) or attempt >= self.retry.max_attempts
+                    or (end is not None and time.monotonic() + pause >= end)):
                 raise err
-            time.sleep(self.retry.delay(attempt))
+            time.sleep(pause)
 
     def generate(self, prompt: str, *, seed: int | None = None, k: int | None = None,
                  strength: float | None = None, timeout: float | None = None
@@ -279,15 +295,24 @@ class ImageRAGTurboClient(_Base):
         """One inference whose deadline the client keeps (see ``_deadline``): past
         ``timeout`` it raises DeadlineExceededError and drops the answer when it comes."""
         done, box = threading.Event(), {}
+        with self._lock:
+            self._pending.add(done)
 
         def callback(result, error):
             box["result"], box["error"] = result, error
             done.set()
+            with self._lock:
+                self._pending.discard(done)
 
-        self._client.async_infer(self.model_name, inputs, callback, outputs=_outputs(self._mod),
-                                 client_timeout=_deadline(timeout))
+        try:
+            self._client.async_infer(self.model_name, inputs, callback,
+                                     outputs=_outputs(self._mod),
+                                     client_timeout=_deadline(timeout))
+        except BaseException:
+            with self._lock:
+                self._pending.discard(done)
+            raise
         if not done.wait(timeout):
-            self._pending = {e for e in self._pending if not e.is_set()} | {done}
             raise _deadline_error(timeout)
         if box["error"] is not None:
             raise box["error"]
@@ -325,10 +350,13 @@ class ImageRAGTurboClient(_Base):
             time.sleep(interval)
 
     def close(self) -> None:
-        """Wait (up to the client's timeout) for requests abandoned past their deadline, so
-        closing the channel does not cancel them on the server, then close it."""
-        end = time.monotonic() + (self.timeout or 0)
-        for e in self._pending:
+        """Wait (up to the client's timeout, or 60 s without one) for requests abandoned past
+        their deadline, so closing the channel does not cancel them on the server, then close
+        it."""
+        end = time.monotonic() + _close_wait(self.timeout)
+        with self._lock:
+            pending = list(self._pending)
+        for e in pending:
             e.wait(max(0.0, end - time.monotonic()))
         self._client.close()
 
@@ -352,19 +380,23 @@ class AsyncImageRAGTurboClient(_Base):
         self._client = aioclient.InferenceServerClient(**self._kw)
         self._pending: set = set()  # requests whose callers were cancelled, still running
 
-    async def _call(self, fn, *args, **kw):
+    async def _call(self, fn, inputs: list, timeout: float | None):
+        """As the blocking client's: retries on UNAVAILABLE within one overall deadline."""
         from tritonclient.utils import InferenceServerException
 
+        end = None if timeout is None else time.monotonic() + timeout
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await fn(*args, **kw)
+                return await fn(inputs, _remaining(end, timeout))
             except InferenceServerException as e:
                 err = from_triton(e)
-            if not isinstance(err, UnavailableError) or attempt >= self.retry.max_attempts:
+            pause = self.retry.delay(attempt)
+            if (not isinstance(err, UnavailableError) or attempt >= self.retry.max_attempts
+                    or (end is not None and time.monotonic() + pause >= end)):
                 raise err
-            await asyncio.sleep(self.retry.delay(attempt))
+            await asyncio.sleep(pause)
 
     async def _shielded(self, call):
         """Await ``call`` so that cancelling the caller does not cancel the RPC.
@@ -443,7 +475,7 @@ class AsyncImageRAGTurboClient(_Base):
         """Wait (up to the client's timeout) for requests whose callers were cancelled, so
         closing the channel does not cancel them on the server, then close it."""
         if self._pending:
-            await asyncio.wait(set(self._pending), timeout=self.timeout)
+            await asyncio.wait(set(self._pending), timeout=_close_wait(self.timeout))
         await self._client.close()
 
     async def __aenter__(self) -> AsyncImageRAGTurboClient:

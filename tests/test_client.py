@@ -58,6 +58,25 @@ def test_unreachable_server_raises_unavailable_after_capped_backoff():
     assert 0.5 <= waited < 5, waited  # two waits: 0.2 s, then min(0.3, 0.4) s
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_the_timeout_bounds_the_whole_call_retries_included(kind):
+    """Retries on UNAVAILABLE stay inside the caller's timeout: 50 allowed attempts with 0.3 s
+    pauses would take 15 s; a 1 s timeout ends the call with the last error within it."""
+    url = f"127.0.0.1:{free_port()}"  # nothing listens there
+    policy = RetryPolicy(max_attempts=50, initial_backoff=0.3, max_backoff=0.3, jitter=0.0)
+    t0 = time.monotonic()
+    with pytest.raises(UnavailableError):
+        if kind == "sync":
+            with ImageRAGTurboClient(url, retry=policy, timeout=1.0) as c:
+                c.generate("a red circle", seed=0)
+        else:
+            async def run():
+                async with AsyncImageRAGTurboClient(url, retry=policy, timeout=1.0) as c:
+                    await c.generate("a red circle", seed=0)
+            asyncio.run(run())
+    assert time.monotonic() - t0 < 2.0
+
+
 def test_async_client_raises_unavailable_for_unreachable_server():
     async def run():
         url = f"127.0.0.1:{free_port()}"

@@ -72,6 +72,18 @@ def test_io_binding_gives_the_numpy_path_s_image_bytes_on_cpu(exports, dtype):
     assert set(bound.timings) == {*runtime.manifest.STAGES, "end_to_end"} - {"h_adapter"}
 
 
+def test_latents_returned_by_the_fixed_shape_profile_survive_the_next_call(exports):
+    """The fixed-shape profile reuses one preallocated z0 buffer; on the CPU numpy() of it is
+    a view, so the pipeline must hand back a copy that the next request cannot overwrite."""
+    static = runtime.OnnxPipeline(exports["fp32"], providers=CPU, threads=1, io_binding=True,
+                                  static_batch=2)
+    _, first = static.generate(PROMPTS, SEEDS, return_latents=True)
+    kept = first.copy()
+    _, second = static.generate(PROMPTS[::-1], [3, 4], return_latents=True)
+    assert not np.array_equal(kept, second)
+    assert np.array_equal(first, kept)
+
+
 def test_fixed_shape_profile_leaves_no_shape_node_in_the_optimized_fp16_graphs(exports,
                                                                               tmp_path):
     """With the batch and k axes fixed (``add_free_dimension_override_by_name``) ORT folds

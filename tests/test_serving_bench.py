@@ -63,3 +63,17 @@ def test_heavy_stages_and_light_steps_get_their_own_batching_delay(assets, tmp_p
     assert all(delays[n] == (1234 if n in HEAVY_STAGES else 56) for n in delays), delays
     assert RenderOptions(queue_delay_us=700, light_queue_delay_us=None).light_queue_delay_us \
         == 700
+
+
+def test_the_light_steps_wait_follows_the_heavy_one_unless_given():
+    """`serve --queue-delay-us N` alone sets both waits (the help says so); with
+    --light-queue-delay-us the light steps get their own."""
+    from imageragturbo.cli import build_parser
+    from imageragturbo.serving.cli import _options
+
+    parser = build_parser()
+    one = _options(parser.parse_args(["serve", "--queue-delay-us", "2000"]))
+    two = _options(parser.parse_args(["serve", "--queue-delay-us", "2000",
+                                      "--light-queue-delay-us", "100"]))
+    assert (one.queue_delay_us, one.light_queue_delay_us) == (2000, 2000)
+    assert (two.queue_delay_us, two.light_queue_delay_us) == (2000, 100)

@@ -226,7 +226,9 @@ class OnnxPipeline:
             image, z0 = self.chain.generate(self.tokenize(prompts), z, t, h_retr, lam, slerp_w,
                                             self.timings)
             images = to_uint8(image)
-            z0 = z0.numpy() if return_latents else None
+            # a copy: on the CPU, numpy() of the preallocated fixed-shape buffer is a view that
+            # the next call overwrites
+            z0 = np.array(z0.numpy(), copy=True) if return_latents else None
         else:
             ehs, _ = self.encode_prompt(prompts)
             h, temb, skips = self.unet_encoder(z, t, ehs)

@@ -94,8 +94,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print("\nserve: stopping tritonserver (unloading models)", file=sys.stderr, flush=True)
         return 0
     finally:
-        if supervisor is not None:
-            supervisor.stop()
+        try:
+            if supervisor is not None:
+                supervisor.stop(timeout=10.0)
+        except KeyboardInterrupt:  # a second Ctrl-C: still stop the server below
+            pass
         rc = server.stop()
         if rc is not None:
             print(f"serve: stopped (exit code {rc})", file=sys.stderr)
@@ -173,7 +176,7 @@ def _delay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-delay-us", type=int, default=d.queue_delay_us,
                    help="how long the dynamic batcher of the UNet encoder, UNet decoder and "
                         "VAE decoder waits to fill a batch (microseconds)")
-    p.add_argument("--light-queue-delay-us", type=int, default=d.light_queue_delay_us,
+    p.add_argument("--light-queue-delay-us", type=int, default=None,
                    help="the same for the light steps (preprocess, text encoder, retriever, "
                         "adapter, postprocess); default: --queue-delay-us")
 

@@ -152,8 +152,9 @@ class TritonServer:
         # never finishes unloading in this Triton (2.51): a server that healed one waits this
         # long and exits 1.
         self.exit_timeout = int(exit_timeout)
-        # The model-control secret: only this process knows it (it is on tritonserver's command
-        # line, so readable by the same user through /proc, not by clients over the network).
+        # The model-control secret: clients over the network never see it, but it is on
+        # tritonserver's command line, so any local user can read it through /proc (unless
+        # /proc is mounted with hidepid): on a shared host, local users can unload models.
         self._admin_secret = secrets.token_hex(16)
         self._started = False
 

@@ -92,10 +92,12 @@ class Supervisor:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop watching; wait up to ``timeout`` seconds (None: until done) for a check, a
+        reload or a restart in progress to finish (the thread is a daemon)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout)
             self._thread = None
 
     @property
@@ -108,6 +110,7 @@ class Supervisor:
 
     def _run(self) -> None:
         next_canary = time.monotonic() + self.canary_every
+        failures = 0
         while not self._stop.wait(self.interval):
             try:
                 self.check()
@@ -118,6 +121,14 @@ class Supervisor:
                 self.error = str(e)
                 self._say(f"giving up: {e}")
                 return
+            except Exception as e:  # noqa: BLE001 - one odd answer must not end supervision
+                failures += 1
+                self._say(f"check failed ({type(e).__name__}: {e}); {failures} in a row")
+                if failures >= 10:
+                    self.error = f"{failures} checks in a row failed, last: {e}"
+                    return
+            else:
+                failures = 0
 
     # ------------------------------------------------------------------ checks
 
