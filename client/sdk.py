@@ -177,7 +177,7 @@ def _deadline(timeout: float | None) -> float:
     return FAR_DEADLINE if timeout is None else max(FAR_DEADLINE, 10 * timeout)
 
 
-def _remaining(end: float | None, timeout: float | None) -> float | None:
+def _remaining(end: float | None) -> float | None:
     """Seconds left before ``end`` (None: no deadline); at least a millisecond."""
     return None if end is None else max(1e-3, end - time.monotonic())
 
@@ -255,7 +255,7 @@ class ImageRAGTurboClient(_Base):
         while True:
             attempt += 1
             try:
-                return fn(inputs, _remaining(end, timeout))
+                return fn(inputs, _remaining(end))
             except InferenceServerException as e:
                 err = from_triton(e)
             pause = self.retry.delay(attempt)
@@ -389,7 +389,7 @@ class AsyncImageRAGTurboClient(_Base):
         while True:
             attempt += 1
             try:
-                return await fn(inputs, _remaining(end, timeout))
+                return await fn(inputs, _remaining(end))
             except InferenceServerException as e:
                 err = from_triton(e)
             pause = self.retry.delay(attempt)

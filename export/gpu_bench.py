@@ -375,9 +375,9 @@ def run_gpu_bench(out: str | Path | None = None, providers=("cuda",), repeats: i
 
             if graph:
                 bench_ort(res, "ort_cuda_graph", make, [b], k, warmup, repeats, opt_dir=opt)
-            if name:  # the same profile without CUDA graphs, for the comparison
-                bench_ort(res, name, lambda m=make: m(graph=False), [b], k, warmup, repeats,
-                          opt_dir=opt)
+            # the same profile without CUDA graphs, for the comparison
+            bench_ort(res, name, lambda m=make: m(graph=False), [b], k, warmup, repeats,
+                      opt_dir=opt)
             res.setdefault("static_seconds", {})[str(b)] = round(time.perf_counter() - t0, 1)
             _free(gpu)
             save(res)

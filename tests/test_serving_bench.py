@@ -30,7 +30,8 @@ def test_bench_serve_reports_both_ratios_and_every_composing_model(assets, serve
         model=str(assets["model"]), export=assets["adapter"], index=assets["index"],
         data=None, random_weights=False, retrieval_items=None, quiet=True, url=server.url,
         concurrency=[1, 4], requests=8, warmup=2, k=1, threads=1, max_batch_size=4,
-        queue_delay_us=0, light_queue_delay_us=0, ready_timeout=60, json=True)
+        queue_delay_us=0, light_queue_delay_us=0, instances=None, ready_timeout=60,
+        json=True)
     res = bench_serve(args)
     assert [s["concurrency"] for s in res["serving"]] == [1, 4]
     assert res["in_process"]["batch"] == 4 and res["in_process"]["batch_images_per_s"] > 0

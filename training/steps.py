@@ -14,9 +14,11 @@ import torch
 from torch import nn
 
 from imageragturbo import shapesworld as sw
-from imageragturbo.defaults import to_unit as _pixels_to_unit
 from imageragturbo.model.clip_scorer import ClipScorer
-from imageragturbo.model.stages import OneStepStudent  # noqa: F401 - the recipes' import
+from imageragturbo.model.stages import (
+    OneStepStudent,  # noqa: F401 - the recipes' import
+    images_to_unit,
+)
 
 from . import ladd
 
@@ -56,9 +58,8 @@ def training_data(cfg, cache: Path) -> tuple[np.ndarray, list[str]]:
     return imgs, caps
 
 
-def to_unit(images: np.ndarray) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
-    return _pixels_to_unit(torch.from_numpy(images).permute(0, 3, 1, 2).float())
+# uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1], as the recipes know it
+to_unit = images_to_unit
 
 
 def augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from imageragturbo.defaults import to_unit
+from .stages import images_to_unit
 
 
 @dataclass
@@ -67,9 +67,8 @@ class ClipScorer(nn.Module):
 
     @staticmethod
     def to_input(images_uint8: np.ndarray) -> torch.Tensor:
-        """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
-        x = torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2).float()
-        return to_unit(x)
+        """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1] (``stages.images_to_unit``)."""
+        return images_to_unit(images_uint8)
 
     def save_pretrained(self, path: str | Path) -> None:
         from safetensors.torch import save_file

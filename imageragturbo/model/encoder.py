@@ -17,12 +17,11 @@ from imageragturbo.defaults import (  # noqa: F401 - SERVED_PARTS: part of this 
     INDEX_PARTS,
     SERVED_PARTS,
     files_identity,
-    to_unit,
 )
 
 from .family import Components, load_components, resolve
 from .pipeline import encode_prompt
-from .stages import UNetEncoder
+from .stages import UNetEncoder, images_to_unit
 
 
 def model_identity(path: Path, parts: tuple[str, ...] = INDEX_PARTS) -> str:
@@ -51,7 +50,7 @@ class TorchRetrievalEncoder:
     def encode_images(self, images: list) -> np.ndarray:
         size = self.c.vae.config.sample_size
         arr = np.stack([np.asarray(im.convert("RGB").resize((size, size))) for im in images])
-        x = to_unit(torch.from_numpy(arr).permute(0, 3, 1, 2).float())             # (B, 3, H, W)
+        x = images_to_unit(arr)                                                     # (B, 3, H, W)
         z = self.c.vae.encode(x.to(self.c.vae.dtype)).latent_dist.mode()
         return (z * self.c.vae.config.scaling_factor).float().numpy()              # (B, C, h, w)
 

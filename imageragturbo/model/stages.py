@@ -24,16 +24,17 @@ consumer calls.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
-from imageragturbo.defaults import STUDENT_TIMESTEP
+from imageragturbo.defaults import STUDENT_TIMESTEP, to_unit
 
 from .h_space import HAdapter
 from .unet_split import UNetDecoder, UNetEncoder, one_step_z0
 
 __all__ = ["TextEncoder", "UNetEncoder", "HAdapter", "UNetDecoder", "VAEDecoder",
-           "OneStepStudent", "one_step_z0"]
+           "OneStepStudent", "one_step_z0", "images_to_unit"]
 
 
 class TextEncoder(nn.Module):
@@ -49,6 +50,13 @@ class TextEncoder(nn.Module):
         out = self.text_encoder(input_ids)
         pooled = nn.functional.normalize(out.pooler_output.float(), dim=-1)  # (B, D)
         return out.last_hidden_state, pooled
+
+
+def images_to_unit(images) -> torch.Tensor:
+    """uint8 images (B, H, W, 3), numpy -> float (B, 3, H, W) in [-1, 1]: what the VAE encoder
+    and the scorer's image tower take (the inverse of ``VAEDecoder`` + ``from_unit``)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    return to_unit(x)
 
 
 class VAEDecoder(nn.Module):

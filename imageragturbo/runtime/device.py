@@ -118,7 +118,7 @@ class DeviceChain:
         self.ort = ort
         self.sessions, self.manifest = sessions, manifest
         self.device, self.device_id = device, int(device_id)
-        self.static, self.cuda_graph = static, cuda_graph
+        self.static = static
         self.outputs = {s: [o.name for o in sess.get_outputs()] for s, sess in sessions.items()}
         self.run_options = {}
         for adapter, gid in GRAPH_ID.items():
@@ -211,7 +211,9 @@ class DeviceChain:
     def generate(self, ids: np.ndarray, z: np.ndarray, t: np.ndarray,
                  h_retr: np.ndarray | None = None, lam: np.ndarray | None = None,
                  slerp_w: float | None = None, timings: dict | None = None):
-        """(image (B, 3, H, W) float32 on the host, z0 on the host). ``h_retr``/``lam``: the
+        """(image (B, 3, H, W) float32 on the host, z0 as an OrtValue on the device: in the
+        fixed-shape profile both are the preallocated buffers, which the next call overwrites,
+        so copy what must outlive it). ``h_retr``/``lam``: the
         H-adapter (paper Eq. 5); ``h_retr`` with ``slerp_w``: slerp (paper Eq. 3) on the host,
         the one round trip, as the training-free mode has no graph."""
         timings = {} if timings is None else timings

@@ -136,8 +136,7 @@ def bench_serve(args: argparse.Namespace) -> dict:
     opts = RenderOptions(max_batch_size=args.max_batch_size, threads=args.threads,
                          queue_delay_us=args.queue_delay_us,
                          light_queue_delay_us=args.light_queue_delay_us,
-                         **({} if getattr(args, "instances", None) is None
-                            else {"instances": args.instances}),
+                         instances=args.instances or RenderOptions.instances,
                          max_queue_size=max(64, 4 * max(args.concurrency)))
     cm = (contextlib.nullcontext(None) if args.url else
           running_server(assets, opts, ready_timeout=args.ready_timeout, quiet=quiet))
