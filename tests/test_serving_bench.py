@@ -31,7 +31,7 @@ def test_bench_serve_reports_both_ratios_and_every_composing_model(assets, serve
         data=None, random_weights=False, retrieval_items=None, quiet=True, url=server.url,
         concurrency=[1, 4], requests=8, warmup=2, k=1, threads=1, max_batch_size=4,
         queue_delay_us=0, light_queue_delay_us=0, instances=None, ready_timeout=60,
-        json=True)
+        json=True, bursts=2, burst_size=3)
     res = bench_serve(args)
     assert [s["concurrency"] for s in res["serving"]] == [1, 4]
     assert res["in_process"]["batch"] == 4 and res["in_process"]["batch_images_per_s"] > 0
@@ -41,8 +41,11 @@ def test_bench_serve_reports_both_ratios_and_every_composing_model(assets, serve
         # every timed and warm-up request passed through each composing model once
         assert all(r["requests"] == 10 for n, r in s["per_model"].items() if n in COMPOSING)
         assert all(r["compute_infer_ms"] > 0 for r in s["per_model"].values())
+    b = res["bursts"]
+    assert (b["bursts"], b["size"]) == (2, 3) and 0 < b["median_ms"] <= b["max_ms"]
     table = format_table(res)
     assert "per model at concurrency 4" in table and "vae_decoder" in table
+    assert "2 bursts of 3 at once" in table
 
 
 def test_heavy_stages_and_light_steps_get_their_own_batching_delay(assets, tmp_path):

@@ -115,6 +115,26 @@ async def _load(url: str, concurrency: int, requests: int, warmup: int, k: int) 
             "images_per_s": round(requests / wall, 2)}
 
 
+async def _bursts(url: str, bursts: int, size: int, k: int) -> dict:
+    """``bursts`` times, ``size`` requests sent at once and awaited together: the median and
+    the slowest burst, and how many took over 3x the median. This catches what a steady load
+    hides: Triton 2.51's batcher now and then holding a queued batch ~500 ms when an instance
+    frees up (README, "Serving overhead")."""
+    from imageragturbo.client import AsyncImageRAGTurboClient
+
+    async with AsyncImageRAGTurboClient(url, timeout=120) as client:
+        await client.generate(PROMPTS[0], seed=0, k=k)
+        times = []
+        for _ in range(bursts):
+            t0 = time.perf_counter()
+            await asyncio.gather(*(client.generate(PROMPTS[i % len(PROMPTS)], seed=i, k=k)
+                                   for i in range(size)))
+            times.append((time.perf_counter() - t0) * 1e3)
+    med = _pct(times, 50)
+    return {"bursts": bursts, "size": size, "median_ms": round(med, 1),
+            "max_ms": round(max(times), 1), "over_3x_median": sum(t > 3 * med for t in times)}
+
+
 def bench_serve(args: argparse.Namespace) -> dict:
     from .assets import prepare
     from .repository import RenderOptions
@@ -151,6 +171,8 @@ def bench_serve(args: argparse.Namespace) -> dict:
             # includes the warm-up requests; Triton counts per model, not per timed request
             run["per_model"] = breakdown(before, _model_stats(url))
             serving.append(run)
+        bursts = (asyncio.run(_bursts(url, args.bursts, args.burst_size, args.k))
+                  if args.bursts else None)
     c1 = next((s for s in serving if s["concurrency"] == 1), serving[0])
     cmax = max(serving, key=lambda s: s["concurrency"])
     return {
@@ -165,6 +187,7 @@ def bench_serve(args: argparse.Namespace) -> dict:
         "throughput_ratio": round(cmax["images_per_s"] / inproc["batch_images_per_s"], 2),
         "throughput_ratio_concurrency": cmax["concurrency"],
         "load_generator": "tritonclient.grpc.aio via imageragturbo.client",
+        **({"bursts": bursts} if bursts else {}),
     }
 
 
@@ -190,4 +213,9 @@ def format_table(res: dict) -> str:
             lines.append(f"  {name:14s} {r['queue_ms']:7.2f} {r['compute_input_ms']:7.2f} "
                          f"{r['compute_infer_ms']:7.2f} {r['compute_output_ms']:7.2f} "
                          f"{r['mean_batch']:6.2f}")
+    if "bursts" in res:
+        b = res["bursts"]
+        lines.append(f"{b['bursts']} bursts of {b['size']} at once: median {b['median_ms']:.0f} "
+                     f"ms, slowest {b['max_ms']:.0f} ms, {b['over_3x_median']} over 3x the "
+                     "median")
     return "\n".join(lines)

@@ -316,6 +316,10 @@ def add_parsers(sub, bench) -> None:
     _delay_args(b)
     b.add_argument("--instances", type=int, default=None,
                    help="instances of every composing model (default: serve's)")
+    b.add_argument("--bursts", type=int, default=0,
+                   help="then send this many bursts of --burst-size requests at once and "
+                        "report the slowest (batcher holds show there)")
+    b.add_argument("--burst-size", type=int, default=13, help="requests per burst")
     b.add_argument("--ready-timeout", type=float, default=300.0)
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=_clean_errors(_cmd_bench_serve))

@@ -207,6 +207,7 @@ class Supervisor:
                                         "already (a restart clears them)")
         ev = Event("reload", list(models), reason, time.monotonic())
         self._say(f"reloading {', '.join(models)} ({reason})")
+        old = self.server.stub_processes()
         try:
             for m in models:
                 self.server.unload_model(m)
@@ -220,7 +221,12 @@ class Supervisor:
             return self.restart(models, f"{reason}; reload failed: {e}")
         ev.seconds, ev.ok = time.monotonic() - ev.started, True
         self.events.append(ev)
-        self._known = self.server.stub_processes()
+        # Only the stubs the reload started are the models' now: the old instances' stubs
+        # (another instance's included) are still being torn down and would look "gone".
+        live = self.server.stub_processes()
+        for m in models:
+            live[m] = [pid for pid in live.get(m, []) if pid not in old.get(m, [])]
+        self._known = live
         self._canary_failures = 0
         self._say(f"reloaded {', '.join(models)} in {ev.seconds:.1f} s")
         return ev
