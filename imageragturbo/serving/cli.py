@@ -165,6 +165,10 @@ def _server_args(p: argparse.ArgumentParser, ports: bool = True) -> None:
     if ports:
         p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
         p.add_argument("--http-port", type=int, default=8000, help="HTTP port (health checks)")
+    _ready_timeout_arg(p)
+
+
+def _ready_timeout_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ready-timeout", type=float, default=300.0,
                    help="seconds to wait for every model to load before giving up")
 
@@ -289,8 +293,7 @@ def add_parsers(sub, bench) -> None:
                    help="use a running server at HOST:PORT instead of starting one")
     d.add_argument("-o", "--output", type=Path, default=Path("outputs/demo/serving_demo.png"),
                    help="PNG grid to write")
-    d.add_argument("--ready-timeout", type=float, default=300.0,
-                   help="seconds to wait for the server to load")
+    _ready_timeout_arg(d)
     d.set_defaults(func=_clean_errors(_cmd_demo))
 
     b = bench.add_parser(
@@ -320,7 +323,7 @@ def add_parsers(sub, bench) -> None:
                    help="then send this many bursts of --burst-size requests at once and "
                         "report the slowest (batcher holds show there)")
     b.add_argument("--burst-size", type=int, default=13, help="requests per burst")
-    b.add_argument("--ready-timeout", type=float, default=300.0)
+    _ready_timeout_arg(b)
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=_clean_errors(_cmd_bench_serve))
 
@@ -340,6 +343,6 @@ def add_parsers(sub, bench) -> None:
     so.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     so.add_argument("--invalid-every", type=int, default=5,
                     help="every N-th request is invalid (0: none)")
-    so.add_argument("--ready-timeout", type=float, default=300.0)
+    _ready_timeout_arg(so)
     so.add_argument("--json", action="store_true", help="print one JSON object")
     so.set_defaults(func=_clean_errors(_cmd_bench_soak))
