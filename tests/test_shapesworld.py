@@ -176,3 +176,22 @@ def test_perturb_changes_exactly_one_stated_attribute():
         if old.cell != new.cell:
             diff.append("cell")
         assert diff == [what], (it.caption, what, diff)
+
+
+def test_data_build_and_data_grid_commands_write_their_sample_grids(tmp_path, capsys):
+    """The CLI end to end: `data build` writes the splits and samples.png, `data grid` a PNG
+    of the asked split (both draw through the shared caption-grid helper)."""
+    from PIL import Image
+
+    from imageragturbo.cli import main
+
+    out = tmp_path / "sw"
+    assert main(["data", "build", "--out", str(out), "--train", "6", "--retrieval", "4",
+                 "--eval", "5", "--workers", "1", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["grid"] == str(out / "samples.png")
+    assert Image.open(out / "samples.png").size[0] > 0
+    grid = tmp_path / "grid.png"
+    assert main(["data", "grid", "--split", "train", "--n", "4", "--output", str(grid)]) == 0
+    assert capsys.readouterr().out.strip() == str(grid)
+    assert Image.open(grid).size[0] > 0

@@ -146,7 +146,7 @@ def load_manifest(root: str | os.PathLike, split: str) -> list[dict]:
 def sample_grid(items: Sequence[Item], path: str | os.PathLike, cols: int = 6,
                 tile: int = 128) -> Path:
     """A PNG grid of rendered samples with their captions underneath."""
-    from .grids import caption_grid
+    from ..grids import caption_grid
 
     return caption_grid([np.asarray(render(it.scene, tile)) for it in items],
                         [it.caption for it in items], path, cols, tile)
