@@ -217,6 +217,16 @@ class _Base:
         self._kw = dict(url=url, verbose=verbose, ssl=tls, root_certificates=root_certificates,
                         private_key=private_key, certificate_chain=certificate_chain)
 
+    def _pause_or_raise(self, err: Exception, attempt: int, end: float | None) -> float:
+        """After failed attempt number ``attempt``: the backoff before the next one, or ``err``
+        raised when it is not UNAVAILABLE, the attempts are spent, or the pause would run past
+        the call's deadline ``end`` (monotonic; None: no deadline)."""
+        pause = self.retry.delay(attempt)
+        if (not isinstance(err, UnavailableError) or attempt >= self.retry.max_attempts
+                or (end is not None and time.monotonic() + pause >= end)):
+            raise err
+        return pause
+
     def _timeout(self, timeout):
         t = self.timeout if timeout is None else timeout
         if t is not None and t <= 0:
@@ -258,11 +268,7 @@ class ImageRAGTurboClient(_Base):
                 return fn(inputs, _remaining(end))
             except InferenceServerException as e:
                 err = from_triton(e)
-            pause = self.retry.delay(attempt)
-            if (not isinstance(err, UnavailableError) or attempt >= self.retry.max_attempts
-                    or (end is not None and time.monotonic() + pause >= end)):
-                raise err
-            time.sleep(pause)
+            time.sleep(self._pause_or_raise(err, attempt, end))
 
     def generate(self, prompt: str, *, seed: int | None = None, k: int | None = None,
                  strength: float | None = None, timeout: float | None = None
@@ -392,11 +398,7 @@ class AsyncImageRAGTurboClient(_Base):
                 return await fn(inputs, _remaining(end))
             except InferenceServerException as e:
                 err = from_triton(e)
-            pause = self.retry.delay(attempt)
-            if (not isinstance(err, UnavailableError) or attempt >= self.retry.max_attempts
-                    or (end is not None and time.monotonic() + pause >= end)):
-                raise err
-            await asyncio.sleep(pause)
+            await asyncio.sleep(self._pause_or_raise(err, attempt, end))
 
     async def _shielded(self, call):
         """Await ``call`` so that cancelling the caller does not cancel the RPC.

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -64,14 +63,6 @@ def own_server(assets, tmp_path):
     assert not left, f"processes left behind: {left}"
 
 
-def _http_ready(server) -> bool:
-    try:
-        with urllib.request.urlopen(f"{server.http_url}/v2/health/ready", timeout=1) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 class _Load:
     """A background SDK client (default retry policy) sending the same request in a loop,
     and a readiness poller: what an application and a load balancer would see."""
@@ -99,7 +90,7 @@ class _Load:
 
     def _ready(self):
         while not self._stop.is_set():
-            if not _http_ready(self.server):
+            if not self.server.http_ok("/v2/health/ready", timeout=1):
                 self.not_ready.append(time.monotonic())
             time.sleep(0.05)
 
@@ -150,7 +141,7 @@ def test_killed_stubs_heal_while_an_sdk_client_sees_no_error(own_server):
                                 round(min(t for t in load.served if t > healed) - killed, 2))
                 assert ev.ok and ev.kind == "reload" and ev.models == [model], sup.events
                 assert any(t > killed for t in load.not_ready), f"{model}: readiness stayed true"
-                assert _http_ready(server)
+                assert server.http_ok("/v2/health/ready", timeout=1)
                 assert model in server.stub_processes() and pid not in \
                     server.stub_processes()[model]
             time.sleep(0.5)

@@ -141,9 +141,10 @@ def prepare(model: str = DEFAULT_MODEL, export_dir: Path | None = None,
 
     manifest = json.loads((idx / "manifest.json").read_text())
     src = manifest.get("model_source")
-    # the same weights (identity) under another path, e.g. the installed package's copy
-    same_weights = manifest.get("model_id") == model_files_id(model, index=True)
-    if src is not None and _folder(src) != _folder(model) and not same_weights:
+    # another path may hold the same weights (identity), e.g. the installed package's copy;
+    # hashed only then, since it reads every weight file
+    if (src is not None and _folder(src) != _folder(model)
+            and manifest.get("model_id") != model_files_id(model, index=True)):
         raise ValueError(f"index {idx} was built for model {src!r}, not {model!r}; give the "
                          "matching --index or remove it to rebuild")
     return Assets(model, exp, idx)

@@ -227,7 +227,7 @@ def render_repository(export_dir: str | Path, index_dir: str | Path, out: str | 
         d = write(name, stage_tpl.substitute(
             common, name=name, inputs=_tensor_block(st["inputs"]),
             dynamic_batching=batching(opt.queue_delay_us if heavy else opt.light_queue_delay_us),
-            outputs=_tensor_block(st["outputs"]), instances=opt.instances,
+            outputs=_tensor_block(st["outputs"]),
             threads=opt.threads, trt_cache=opt.trt_cache,
             trt_workspace_bytes=opt.trt_workspace_bytes,
             warmup=_warmup_block(st["inputs"], warm_batches)))

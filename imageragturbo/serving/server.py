@@ -113,6 +113,14 @@ def _port_in_use(host: str, port: int) -> bool:
 ADMIN_KEY = "imageragturbo-admin"  # the header that carries the model-control secret
 
 
+def http_error_message(e) -> str:
+    """The ``error`` Triton put in an HTTP error answer's JSON body ("" when there is none)."""
+    try:
+        return json.loads(e.read().decode()).get("error", "")
+    except ValueError:
+        return ""
+
+
 class TritonServer:
     """A tritonserver process serving ``repository``: ``start()``, ``wait_ready()``,
     ``stop()``, or use it as a context manager (started and ready on entry, stopped on exit).
@@ -159,16 +167,19 @@ class TritonServer:
         self._started = False
 
     @property
+    def _client_host(self) -> str:
+        """Where a local client reaches the server (a wildcard bind is reached on loopback)."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+    @property
     def metrics_url(self) -> str:
         """Triton's Prometheus endpoint."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"http://{host}:{self.metrics_port}/metrics"
+        return f"http://{self._client_host}:{self.metrics_port}/metrics"
 
     @property
     def url(self) -> str:
         """host:port of the gRPC endpoint (what the SDK takes)."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"{host}:{self.grpc_port}"
+        return f"{self._client_host}:{self.grpc_port}"
 
     def command(self) -> list[str]:
         b = self.binary
@@ -237,8 +248,20 @@ class TritonServer:
 
     @property
     def http_url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"http://{host}:{self.http_port}"
+        return f"http://{self._client_host}:{self.http_port}"
+
+    def http_ok(self, path: str, timeout: float = 2.0) -> bool:
+        """Whether a GET of ``path`` on Triton's HTTP API answers 200 (e.g.
+        ``/v2/health/ready``, ``/v2/models/<name>/ready``); False when it answers otherwise or
+        not at all."""
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.http_url + path, timeout=timeout) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
 
     def _post(self, path: str, body: dict | None = None, admin: bool = False,
               timeout: float = 60.0) -> dict:
@@ -257,11 +280,7 @@ class TritonServer:
                 text = r.read().decode() or "{}"
                 return json.loads(text)
         except urllib.error.HTTPError as e:
-            try:
-                msg = json.loads(e.read().decode()).get("error", "")
-            except ValueError:
-                msg = ""
-            raise ServerError(f"{path}: HTTP {e.code} {msg}".strip()) from None
+            raise ServerError(f"{path}: HTTP {e.code} {http_error_message(e)}".strip()) from None
         except (urllib.error.URLError, OSError) as e:
             raise ServerError(f"{path}: {e}") from None
 
@@ -316,16 +335,7 @@ class TritonServer:
 
     def is_ready(self) -> bool:
         if self.tls:  # gRPC needs a client certificate under mutual TLS: ask HTTP instead
-            import urllib.error
-            import urllib.request
-
-            host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-            try:
-                with urllib.request.urlopen(
-                        f"http://{host}:{self.http_port}/v2/health/ready", timeout=2.0) as r:
-                    return r.status == 200
-            except (urllib.error.URLError, OSError):
-                return False
+            return self.http_ok("/v2/health/ready")
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
 

@@ -13,35 +13,28 @@ from pathlib import Path
 
 import numpy as np
 
-VALID = ("a red circle in the top left corner", "two blue squares",
-         "a small green triangle left of a yellow circle", "a purple square in the middle",
-         "three cyan stars", "a big yellow square on a plain background")
+from .bench import PROMPTS, _pct
+
+VALID = PROMPTS + ("three cyan stars", "a big yellow square on a plain background")
 INVALID = (("   ", {}), ("a" * 5000, {}), ("a red star", {"strength": float("nan")}),
            ("a red star", {"k": 99}))
 
 
-def process_memory(pid: int) -> dict[str, int]:
-    """Resident set size (kB) of ``pid`` and of each of its child processes, by name."""
+def process_memory(server) -> dict[str, int]:
+    """Resident set size (kB) of ``server``'s tritonserver and of each of its live Python-backend
+    stubs ("stub:<model>:<pid>")."""
     def rss(p: int) -> int:
-        for line in Path(f"/proc/{p}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        except OSError:   # exited since it was listed
+            pass
         return 0
 
-    out = {"tritonserver": rss(pid)}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) != pid:  # ppid
-                continue
-            child = int(stat.parent.name)
-            cmd = (stat.parent / "cmdline").read_bytes().split(b"\0")
-            # the stub's arguments hold the model's path: name it by the model's folder
-            name = next((Path(a.decode()).parent.parent.name for a in cmd
-                         if a.endswith(b"model.py")), f"pid{child}")
-            out[f"stub:{name}:{child}"] = rss(child)
-        except (OSError, ValueError, IndexError):
-            continue
+    out = {"tritonserver": rss(server.process.pid)}
+    for model, pids in server.stub_processes().items():
+        out.update({f"stub:{model}:{pid}": rss(pid) for pid in pids})
     return out
 
 
@@ -85,8 +78,8 @@ async def _soak(url: str, requests: int, concurrency: int, invalid_every: int) -
     return {"outcomes": kinds, "unexpected": unexpected[:20],
             "unexpected_count": sum(v for k, v in kinds.items()
                                     if k not in ("image", "INVALID_ARGUMENT")),
-            "p50_ms": round(float(np.percentile(lat, 50)), 2) if lat else None,
-            "p99_ms": round(float(np.percentile(lat, 99)), 2) if lat else None,
+            "p50_ms": round(_pct(lat, 50), 2) if lat else None,
+            "p99_ms": round(_pct(lat, 99), 2) if lat else None,
             "seconds": round(wall, 1), "requests_per_s": round(requests / wall, 1)}
 
 
@@ -97,9 +90,9 @@ def soak(server, requests: int, concurrency: int, invalid_every: int = 5,
     if requests < 1 or concurrency < 1:
         raise ValueError("requests and concurrency must be >= 1")
     asyncio.run(_soak(server.url, warmup, min(concurrency, warmup), 0))
-    start = process_memory(server.process.pid)
+    start = process_memory(server)
     res = asyncio.run(_soak(server.url, requests, concurrency, invalid_every))
-    end = process_memory(server.process.pid)
+    end = process_memory(server)
     growth = {k: round(100.0 * (end[k] - v) / v, 1) for k, v in start.items()
               if k in end and v > 0}
     res.update({"requests": requests, "concurrency": concurrency,

@@ -37,7 +37,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from .repository import ENSEMBLE
-from .server import ServerError, TritonServer
+from .server import ServerError, TritonServer, http_error_message
 
 _STUB = re.compile(r"Stub process '(.+)_\d+_\d+' is not healthy")
 CANARY_PROMPT = "a red circle"
@@ -160,10 +160,7 @@ class Supervisor:
                 data = r.read()
                 n = int(r.headers.get("Inference-Header-Content-Length") or len(data))
         except urllib.error.HTTPError as e:
-            try:
-                return json.loads(e.read().decode()).get("error") or f"HTTP {e.code}"
-            except ValueError:
-                return f"HTTP {e.code}"
+            return http_error_message(e) or f"HTTP {e.code}"
         except (urllib.error.URLError, OSError) as e:
             return f"no answer: {e}"
         try:
@@ -192,12 +189,7 @@ class Supervisor:
     # ------------------------------------------------------------------ recovery
 
     def _ready(self, model: str) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.server.http_url}/v2/models/{model}/ready",
-                                        timeout=5.0) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return self.server.http_ok(f"/v2/models/{model}/ready", timeout=5.0)
 
     def heal(self, models: list[str], reason: str) -> Event:
         """Reload each of ``models`` (unload, load), then the ensemble if it did not come back;
