@@ -1,6 +1,7 @@
 """Fixtures shared by test modules: the served ensemble on real tritonservers (a random-weight
 tiny export with an H-adapter, one without, and a 40-item ShapesWorld index), started once per
-session and stopped at its end."""
+session and stopped at its end; the SD 2.1-layout toy exported fp32 and fp16 (export and device
+tests)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from imageragturbo import runtime
 from imageragturbo import shapesworld as sw
+from imageragturbo.cli import main
 from imageragturbo.client import (
     ImageRAGTurboClient,
 )
@@ -24,6 +26,21 @@ from imageragturbo.serving.server import TritonServer
 # ----------------------------------------------------------------------------- fixtures
 
 
+def _trained_like_adapter(channels: int, seed: int) -> HAdapter:
+    """A fresh adapter is the identity (zero output projection); give it random output
+    weights so the parity test checks a graph that actually changes h."""
+    torch.manual_seed(seed)
+    ad = HAdapter(adapter_config_for_channels(channels))
+    torch.nn.init.normal_(ad.proj_out.weight, std=0.05)
+    return ad.eval()
+
+
+@pytest.fixture(scope="session")
+def trained_like_adapter():
+    """``_trained_like_adapter`` for test modules' own fixtures."""
+    return _trained_like_adapter
+
+
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
     """A random-weight tiny model with a non-trivial H-adapter (saved as a diffusers folder),
@@ -34,12 +51,10 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
     c = oe.random_tiny_components(seed=0)
     channels = int(c.unet.config.block_out_channels[-1])
-    torch.manual_seed(1)
-    adapter = HAdapter(adapter_config_for_channels(channels))
-    torch.nn.init.normal_(adapter.proj_out.weight, std=0.05)  # not the identity
+    adapter = _trained_like_adapter(channels, 1)  # not the identity
     folder = root / "model"
     family.save_sd_folder(c, folder)
-    adapter.eval().save_pretrained(folder / "h_adapter")
+    adapter.save_pretrained(folder / "h_adapter")
     with_adapter = oe.export_from_model(folder, root / "onnx-adapter", progress=False)
     without = oe.export_model(oe.random_tiny_components(seed=0), root / "onnx-slerp",
                               source="tiny-random", progress=False)
@@ -98,3 +113,33 @@ def client(server):
         yield c
 
 
+@pytest.fixture(scope="session")
+def sd21(tmp_path_factory):
+    """An SD 2.1-layout diffusers folder (with an h_adapter subfolder), exported through the
+    CLI with a tiny external-data threshold, so every graph takes the >2 GB path."""
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("sd21-layout")
+    c = family.sd21_layout_tiny(seed=0)
+    family.save_sd_folder(c, folder)
+    _trained_like_adapter(int(c.unet.config.block_out_channels[-1]), 2).save_pretrained(
+        folder / "h_adapter")
+    out = tmp_path_factory.mktemp("onnx-sd21") / "export"
+    rc = main(["export", "--model", str(folder), "--out", str(out), "--quiet",
+               "--external-data-threshold", "100000"])
+    assert rc == 0
+    c = family.load_components(folder)
+    return c, out, runtime.OnnxPipeline(out, threads=1), folder
+
+
+@pytest.fixture(scope="session")
+def sd21_fp16(sd21, tmp_path_factory):
+    """The ``sd21`` fixture's model folder (non-trivial adapter included) exported again with
+    ``--fp16`` through the CLI, with the same 100 kB external-data threshold. Only exported
+    here: the tests open the graphs themselves, so a graph that does not load fails a test,
+    not the fixture."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("onnx-sd21-fp16") / "export"
+    rc = main(["export", "--model", str(sd21[3]), "--out", str(out), "--fp16", "--quiet",
+               "--external-data-threshold", "100000"])
+    assert rc == 0
+    return out

@@ -11,12 +11,8 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from imageragturbo import runtime
-from imageragturbo.export import onnx_export as oe
-from imageragturbo.model import family
-from imageragturbo.model.h_space import HAdapter, adapter_config_for
 from imageragturbo.runtime import device
 
 CPU = ["CPUExecutionProvider"]
@@ -24,16 +20,10 @@ PROMPTS, SEEDS = ["a red circle left of a blue square", "three green triangles"]
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    """The SD 2.1-layout toy with an adapter that changes h, exported fp32 and fp16."""
-    torch.set_num_threads(1)
-    c = family.sd21_layout_tiny(seed=0)
-    torch.manual_seed(2)
-    c.h_adapter = HAdapter(adapter_config_for(c.unet))
-    torch.nn.init.normal_(c.h_adapter.proj_out.weight, std=0.05)
-    root = tmp_path_factory.mktemp("device")
-    return {dt: oe.export_model(c, root / dt, fp16=dt == "fp16", progress=False)
-            for dt in ("fp32", "fp16")}
+def exports(sd21, sd21_fp16):
+    """The SD 2.1-layout toy with an adapter that changes h, exported fp32 and fp16 (the
+    session's exports, conftest)."""
+    return {"fp32": sd21[1], "fp16": sd21_fp16}
 
 
 def _cases(h_shape):

@@ -18,51 +18,22 @@ from imageragturbo import runtime
 from imageragturbo.checksums import sha256_file
 from imageragturbo.cli import main
 from imageragturbo.export import onnx_export as oe
-from imageragturbo.model import family
-from imageragturbo.model.h_space import HAdapter, adapter_config_for_channels
 from imageragturbo.model.pipeline import student_generate
 from imageragturbo.runtime.manifest import load_manifest
 
 FP32_BOUND = 1e-4  # max abs difference ONNX Runtime vs PyTorch per stage, fp32
 
 
-def _trained_like_adapter(channels: int, seed: int) -> HAdapter:
-    """A fresh adapter is the identity (zero output projection); give it random output
-    weights so the parity test checks a graph that actually changes h."""
-    torch.manual_seed(seed)
-    ad = HAdapter(adapter_config_for_channels(channels))
-    torch.nn.init.normal_(ad.proj_out.weight, std=0.05)
-    return ad.eval()
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, trained_like_adapter):
     """The default tiny architecture, random weights, with an adapter; exported once (fp32,
     graphs inline)."""
     torch.set_num_threads(1)
     c = oe.random_tiny_components(seed=0)
-    c.h_adapter = _trained_like_adapter(int(c.unet.config.block_out_channels[-1]), 1)
+    c.h_adapter = trained_like_adapter(int(c.unet.config.block_out_channels[-1]), 1)
     out = oe.export_model(c, tmp_path_factory.mktemp("onnx-tiny"), source="tiny-random",
                           progress=False)
     return c, out, runtime.OnnxPipeline(out, threads=1)
-
-
-@pytest.fixture(scope="module")
-def sd21(tmp_path_factory):
-    """An SD 2.1-layout diffusers folder (with an h_adapter subfolder), exported through the
-    CLI with a tiny external-data threshold, so every graph takes the >2 GB path."""
-    torch.set_num_threads(1)
-    folder = tmp_path_factory.mktemp("sd21-layout")
-    c = family.sd21_layout_tiny(seed=0)
-    family.save_sd_folder(c, folder)
-    _trained_like_adapter(int(c.unet.config.block_out_channels[-1]), 2).save_pretrained(
-        folder / "h_adapter")
-    out = tmp_path_factory.mktemp("onnx-sd21") / "export"
-    rc = main(["export", "--model", str(folder), "--out", str(out), "--quiet",
-               "--external-data-threshold", "100000"])
-    assert rc == 0
-    c = family.load_components(folder)
-    return c, out, runtime.OnnxPipeline(out, threads=1), folder
 
 
 def _stage_diffs(c, pipe, batch: int, k: int = 3) -> dict[str, float]:
@@ -298,20 +269,6 @@ def test_export_from_a_folder_records_the_weight_files_identity(sd21):
 # 3.2e-4 / 3.3e-4, vae_decoder 0.8e-3 / 1.5e-3: one to two fp16 steps (2^-10 ~ 9.8e-4) of the
 # output's scale. The bound, 5e-3 (about five fp16 steps), leaves 3.3x over the worst of them.
 FP16_REL_BOUND = 5e-3
-
-
-@pytest.fixture(scope="module")
-def sd21_fp16(sd21, tmp_path_factory):
-    """The ``sd21`` fixture's model folder (non-trivial adapter included) exported again with
-    ``--fp16`` through the CLI, with the same 100 kB external-data threshold. Only exported
-    here: the tests open the graphs themselves, so a graph that does not load fails a test,
-    not the fixture."""
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("onnx-sd21-fp16") / "export"
-    rc = main(["export", "--model", str(sd21[3]), "--out", str(out), "--fp16", "--quiet",
-               "--external-data-threshold", "100000"])
-    assert rc == 0
-    return out
 
 
 def _cpu_session(path):

@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,39 +67,17 @@ print("served without torch")
 '''
 
 
-@pytest.fixture(scope="module")
-def export_and_index(tmp_path_factory):
-    import torch
-
-    from imageragturbo import shapesworld as sw
-    from imageragturbo.export import onnx_export as oe
-    from imageragturbo.model import family, load_retrieval_encoder
-    from imageragturbo.model.h_space import HAdapter, adapter_config_for
-    from imageragturbo.retriever import build_index, shapesworld_pairs
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("request-path")
-    c = oe.random_tiny_components(seed=0)
-    folder = family.save_sd_folder(c, root / "model")
-    HAdapter(adapter_config_for(c.unet)).save_pretrained(folder / "h_adapter")
-    export = oe.export_from_model(folder, root / "export", progress=False)
-    data = sw.build_dataset(root / "sw", {"retrieval": 12}, workers=1, progress=False)
-    index = build_index(shapesworld_pairs(data), load_retrieval_encoder(folder), root / "index",
-                        progress=False, model_source=str(folder))
-    return root, folder, export, index
-
-
-def test_serving_an_existing_export_and_index_imports_no_torch(export_and_index):
-    root, folder, export, index = export_and_index
+def test_serving_an_existing_export_and_index_imports_no_torch(assets, tmp_path):
+    """The session's model folder, adapter export and index (conftest's ``assets``)."""
     args = {"modules": REQUEST_MODULES,
             "backends": [str(ROOT / f) for f in REQUEST_FILES if f.startswith("model_repo")],
-            "model": str(folder), "export": str(export), "index": str(index),
-            "out": str(root / "repo")}
+            "model": str(assets["model"]), "export": str(assets["adapter"]),
+            "index": str(assets["index"]), "out": str(tmp_path / "repo")}
     r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True,
-                       text=True, cwd=root, timeout=300)
+                       text=True, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().endswith("served without torch")
-    assert (root / "repo" / "imageragturbo" / "config.pbtxt").is_file()
+    assert (tmp_path / "repo" / "imageragturbo" / "config.pbtxt").is_file()
 
 
 def _top_level_imports(path: Path) -> set[str]:
