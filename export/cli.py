@@ -62,15 +62,16 @@ def _cmd_bench_gpu(args: argparse.Namespace) -> int:
         return 0
     from .gpu_report import format_summary, write_report
 
+    written: dict = {}   # the report, rewritten after each configuration (a killed run keeps it)
     res = gpu_bench.run_gpu_bench(args.out, args.providers, args.repeats, args.warmup,
                                   args.batch, args.k, args.upcast_attention,
                                   progress=not args.json, reuse_export=args.reuse_export,
                                   cuda_graph=not args.no_cuda_graph,
                                   torch_eager=not args.no_torch, device=args.device,
-                                  checkpoint=(lambda r: write_report(r, args.report))
-                                  if args.report else None)
+                                  checkpoint=(lambda r: written.update(write_report(
+                                      r, args.report))) if args.report else None)
     if args.report:
-        paths = write_report(res, args.report)
+        paths = written or write_report(res, args.report)  # written already after the last one
         print("wrote " + ", ".join(str(p) for p in paths.values()))
     print(json.dumps(res) if args.json else format_summary(res))
     return 0

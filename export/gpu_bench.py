@@ -175,7 +175,8 @@ def bench_torch_eager(c: family.Components, res: dict, batches: Sequence[int], k
     computation each graph holds), chained as ``OnnxPipeline.generate`` chains the graphs, a
     synchronize after each stage so the per-stage times add up. ``device="cpu"`` (fp32) is
     the smoke test's way through the same code."""
-    from imageragturbo.defaults import STUDENT_TIMESTEP, from_unit
+    from imageragturbo.defaults import STUDENT_TIMESTEP
+    from imageragturbo.model.pipeline import to_uint8_images, tokenize
     from imageragturbo.runtime.request import initial_noise
 
     from .onnx_export import stage_specs
@@ -204,8 +205,7 @@ def bench_torch_eager(c: family.Components, res: dict, batches: Sequence[int], k
             tm[name] = (time.perf_counter() - s) * 1e3
             return out
 
-        ids = c.tokenizer(prompts, padding="max_length", truncation=True, max_length=77,
-                          return_tensors="pt").input_ids.to(dev)
+        ids = tokenize(c.tokenizer, prompts).to(dev)
         z = torch.from_numpy(initial_noise(seeds, lat)).to(dev, dtype)
         t = torch.full((len(seeds),), STUDENT_TIMESTEP, dtype=torch.long, device=dev)
         ehs, _ = stage("text_encoder", ids)
@@ -214,8 +214,7 @@ def bench_torch_eager(c: family.Components, res: dict, batches: Sequence[int], k
             h = stage("h_adapter", h, h_retr, lam)
         z0 = stage("unet_decoder", h, temb, *skips, ehs, z, t)
         img = stage("vae_decoder", z0)
-        from_unit(img.float().clamp(-1, 1)).round().to(torch.uint8).permute(
-            0, 2, 3, 1).cpu().numpy()
+        to_uint8_images(img)
         tm["end_to_end"] = (time.perf_counter() - t0) * 1e3
         return tm
 
@@ -263,10 +262,8 @@ def bench_ort(res: dict, name: str, make: Callable, batches: Sequence[int], k: i
             cfg = res["configs"].setdefault(name + suffix, {"memory_mib": {}})
             for key, val in info.items():
                 cfg[key] = {**cfg.get(key, {}), **val} if isinstance(val, dict) else val
-            if bound and pipe.chain is None:    # the same sessions, values kept on the GPU
-                pipe.chain = device.DeviceChain(pipe.sessions, pipe.manifest, pipe.device)
-            elif bound is False:
-                pipe.chain = None
+            if bound is not None:    # the same sessions, values kept on the GPU or not
+                pipe.io_binding = bound
             for b in batches:
                 prompts, seeds, h_retr, lam = _inputs(b, k, pipe.h_shape)
                 for retrieval in (False, True):

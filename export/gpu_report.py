@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-STAGE_ORDER = ("text_encoder", "unet_encoder", "h_adapter", "unet_decoder", "vae_decoder")
+from imageragturbo.runtime.manifest import STAGES as STAGE_ORDER
+
 EAGER = "torch_eager"
 ORT_TARGET = 0.6          # ONNX Runtime end to end at batch 1, as a fraction of eager PyTorch's
 RETRIEVAL_TARGET = 1.02   # with retrieval + adapter, as a multiple of without

@@ -29,6 +29,7 @@ REQUEST_FILES = [
     "imageragturbo/serving/repository.py", "imageragturbo/serving/server.py",
     "imageragturbo/runtime/__init__.py", "imageragturbo/runtime/pipeline.py",
     "imageragturbo/runtime/request.py", "imageragturbo/runtime/manifest.py",
+    "imageragturbo/runtime/device.py",
     "retriever/__init__.py", "retriever/index.py",
     "client/__init__.py", "client/sdk.py", "client/errors.py",
     *[str(p.relative_to(ROOT)) for p in sorted(ROOT.glob("model_repository/*/1/model.py"))],

@@ -46,9 +46,13 @@ def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
 @torch.no_grad()
 def decode_latents(c: Components, z0: torch.Tensor) -> np.ndarray:
     """Latents -> uint8 images (B, H, W, 3)."""
-    x = VAEDecoder(c.vae)(z0)                                          # (B, 3, H, W) in [-1, 1]
+    return to_uint8_images(VAEDecoder(c.vae)(z0))
+
+
+def to_uint8_images(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1], any float dtype or device -> uint8 (B, H, W, 3) on the host."""
     x = from_unit(x.float().clamp(-1, 1)).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()                        # (B, H, W, 3)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 @torch.no_grad()

@@ -106,15 +106,13 @@ def device_of(providers: Sequence[str]) -> str:
 
 class DeviceChain:
     """The stages of one ``OnnxPipeline`` run with IO binding on ``device`` (see the module
-    docstring). ``static`` = (batch, k) preallocates every value and binds once; ``cuda_graph``
-    marks sessions built with CUDA graphs (then only that shape can run)."""
+    docstring). ``static`` = (batch, k) preallocates every value and binds once (what sessions
+    built with CUDA graphs need: ``OnnxPipeline`` checks that)."""
 
     def __init__(self, sessions: dict, manifest: dict, device: str = "cpu", device_id: int = 0,
-                 static: tuple[int, int] | None = None, cuda_graph: bool = False):
+                 static: tuple[int, int] | None = None):
         import onnxruntime as ort
 
-        if cuda_graph and static is None:
-            raise ValueError("CUDA graphs need the fixed-shape profile (static batch and k)")
         self.ort = ort
         self.sessions, self.manifest = sessions, manifest
         self.device, self.device_id = device, int(device_id)

@@ -128,13 +128,22 @@ class OnnxPipeline:
             io_binding = self.device != "cpu" or cuda_graph
         if cuda_graph and not io_binding:
             raise ValueError("CUDA graphs need io_binding (fixed input and output addresses)")
-        self.chain = device.DeviceChain(self.sessions, self.manifest, self.device, device_id,
-                                        static if io_binding else None,
-                                        cuda_graph) if io_binding else None
+        self.device_id = device_id
+        self.chain = None
+        self.io_binding = io_binding
 
     @property
     def io_binding(self) -> bool:
         return self.chain is not None
+
+    @io_binding.setter
+    def io_binding(self, on: bool) -> None:
+        """Switch IO binding on or off on the same sessions (the bench compares both)."""
+        if on and self.chain is None:
+            self.chain = device.DeviceChain(self.sessions, self.manifest, self.device,
+                                            self.device_id, self.static)
+        elif not on:
+            self.chain = None
 
     @property
     def has_adapter(self) -> bool:

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from imageragturbo.runtime.device import session_options
+
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -21,12 +23,7 @@ class TritonPythonModel:
         cfg = json.loads(args["model_config"])
         p = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        threads = int(p.get("intra_op_threads", "0") or 0)
-        if threads:
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
+        so = session_options(int(p.get("intra_op_threads", "0") or 0))  # 0: ORT's default
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.rank = {i.name: len(i.shape) for i in self.session.get_inputs()}
         self.inputs = [i["name"] for i in cfg["input"]]
