@@ -114,20 +114,14 @@ def run(model: str = DEFAULT_MODEL, pipeline: str = "student", steps: int = 1,
     prompts = [it.caption for it in items]
     if pipeline in ("adapter", "slerp"):
         from .quality import neighbours, student_images
+        from .runtime.request import retrieval_controls
 
         if k < 1:
             raise ValueError(f"k must be >= 1 for the {pipeline} pipeline, got {k}")
         _, _, h, scores = neighbours(model, comps, prompts, k, index, progress)
-        if pipeline == "adapter":
-            lam = (1.0 if strength is None else float(strength)) * scores[:, 0]
-            images = student_images(comps, prompts, seeds, h, lam, desc="adapter",
-                                    progress=progress)
-        else:
-            w = 1.0 - (0.2 if strength is None else float(strength))
-            if not 0.0 <= w <= 1.0:
-                raise ValueError(f"slerp strength must be in [0, 1], got {strength}")
-            images = student_images(comps, prompts, seeds, h[:, :1], slerp_w=w, desc="slerp",
-                                    progress=progress)
+        lam, w = retrieval_controls(scores, strength, has_adapter=pipeline == "adapter")
+        images = student_images(comps, prompts, seeds, h if lam is not None else h[:, :1],
+                                lam, slerp_w=w, desc=pipeline, progress=progress)
     else:
         images = generate(comps, prompts, seeds, pipeline, steps, guidance, progress=progress)
     # Real renders of other scenes of the same prompt distribution (the retrieval split's

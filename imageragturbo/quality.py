@@ -98,14 +98,19 @@ def neighbours(model: str, c, prompts: Sequence[str], k: int, index=None, progre
 def onnx_latency(c, index, k_values=(0, 1, 4), repeats: int = 30, threads: int = 1) -> dict:
     """Median ms of one batch-1 request through the in-process ONNX Runtime pipeline (the
     served graphs), text encoding and retrieval included, for each k (0: no retrieval): the
-    timing of ``bench serve``'s in-process side, on a fresh export of ``c``."""
+    timing of ``bench serve``'s in-process side, on a fresh export of ``c``, one pipeline and
+    the loaded ``index`` for every k."""
+    from imageragturbo import runtime
     from imageragturbo.export import onnx_export
-    from imageragturbo.serving.bench import in_process_latency
+    from imageragturbo.serving.bench import _pct, batch1_ms, in_process_request
 
     with tempfile.TemporaryDirectory() as tmp:
         export = onnx_export.export_model(c, Path(tmp) / "export", source="bench-quality",
                                           progress=False)
-        return {f"k{k}": in_process_latency(export, index.path, k, threads, repeats, 3)["p50_ms"]
+        pipe = runtime.OnnxPipeline(export, providers=runtime.choose_providers(["cpu"]),
+                                    threads=threads)
+        return {f"k{k}": round(_pct(batch1_ms(in_process_request(pipe, index, k), repeats, 3),
+                                    50), 3)
                 for k in k_values}
 
 

@@ -21,6 +21,33 @@ def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q))
 
 
+def in_process_request(pipe, index, k: int):
+    """``one(prompts, seeds)``: a whole request in process on ``pipe`` (text encoder, retrieval
+    of ``k`` neighbours from ``index`` when k > 0, one step, uint8)."""
+    from imageragturbo import runtime
+
+    def one(prompts, seeds):
+        if k > 0:
+            _, pooled = pipe.encode_prompt(prompts)
+            h_retr, scores, _ = runtime.retrieve(index, pooled, k)
+            lam, w = runtime.retrieval_controls(scores, None, pipe.has_adapter)
+            pipe.generate(prompts, seeds, h_retr=h_retr, lam=lam, slerp_w=w)
+        else:
+            pipe.generate(prompts, seeds)
+    return one
+
+
+def batch1_ms(one, repeats: int, warmup: int) -> list[float]:
+    """Milliseconds of ``repeats`` single-prompt requests ``one`` after ``warmup`` untimed."""
+    times = []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        one([PROMPTS[i % len(PROMPTS)]], [i])
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def in_process_latency(export_dir, index_dir, k: int, threads: int, repeats: int,
                        warmup: int, batch: int = 8) -> dict:
     """The same request in process: tokenize, text encoder, retrieval, one step, uint8; at
@@ -31,22 +58,8 @@ def in_process_latency(export_dir, index_dir, k: int, threads: int, repeats: int
     pipe = runtime.OnnxPipeline(export_dir, providers=runtime.choose_providers(["cpu"]),
                                 threads=threads)
     index = runtime.load_index(index_dir, int(pipe.manifest["text_dim"]), pipe.h_shape)
-
-    def one(prompts, seeds):
-        if k > 0:
-            _, pooled = pipe.encode_prompt(prompts)
-            h_retr, scores, _ = runtime.retrieve(index, pooled, k)
-            lam, w = runtime.retrieval_controls(scores, None, pipe.has_adapter)
-            pipe.generate(prompts, seeds, h_retr=h_retr, lam=lam, slerp_w=w)
-        else:
-            pipe.generate(prompts, seeds)
-
-    times, batch_times = [], []
-    for i in range(warmup + repeats):
-        t0 = time.perf_counter()
-        one([PROMPTS[i % len(PROMPTS)]], [i])
-        if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1e3)
+    one = in_process_request(pipe, index, k)
+    times, batch_times = batch1_ms(one, repeats, warmup), []
     for i in range(warmup + max(3, repeats // batch)):
         prompts = [PROMPTS[(i + j) % len(PROMPTS)] for j in range(batch)]
         t0 = time.perf_counter()
