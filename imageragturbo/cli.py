@@ -9,9 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from imageragturbo.defaults import DEFAULT_MODEL
-
-DEFAULT_DATA = Path("data/shapesworld")
+from imageragturbo.defaults import DATA_ROOT, DEFAULT_MODEL, index_dir_of
 
 # Modules that add their own subcommands: each defines ``add_parsers(sub, bench)`` where
 # ``sub`` is the top-level subparsers object and ``bench`` the ``bench`` group's. They must
@@ -193,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "world.json (vocabulary, split statistics, manifest checksums) and "
                     "samples.png. The same seed gives the same bytes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    b.add_argument("--out", type=Path, default=DEFAULT_DATA, help="output folder")
+    b.add_argument("--out", type=Path, default=DATA_ROOT, help="output folder")
     b.add_argument("--seed", type=int, default=0, help="world seed")
     b.add_argument("--resolution", type=int, default=64, help="image side in pixels")
     b.add_argument("--train", type=int, default=20000, help="training items (long tail)")
@@ -274,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--strength", type=float, default=None,
                    help="adapter: scales lambda (default 1); slerp: 1 - w (default 0.2)")
     r.add_argument("--index", type=Path, default=None,
-                   help="retrieval index (default: data/index/shapesworld-<model>)")
+                   help=f"retrieval index (default: {index_dir_of('<model>')})")
     r.add_argument("--steps", type=int, default=1, help="denoising steps (student: 1)")
     r.add_argument("--guidance", type=float, default=4.0, help="teacher CFG scale")
     r.add_argument("--n", type=int, default=500, help="evaluation prompts")
@@ -317,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n", type=int, default=500, help="evaluation prompts")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--index", type=Path, default=None,
-                   help="retrieval index (default: data/index/shapesworld-<model>, built when "
+                   help=f"retrieval index (default: {index_dir_of('<model>')}, built when "
                         "missing)")
     q.add_argument("--control", type=Path, default=None,
                    help="the no-retrieval control run's export folder (train adapter --control)")

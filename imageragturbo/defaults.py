@@ -16,7 +16,9 @@ the request path (``serve``, the Triton backends, the SDK's CLI) can use them wi
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import time
 from pathlib import Path
 
 DEFAULT_MODEL = "tiny-shapes"
@@ -27,6 +29,7 @@ LORA_DIR = "unet_lora"
 STUDENT_TIMESTEP = 999  # SD-Turbo's single step (EulerDiscrete, trailing spacing): t = 999
 ONNX_ROOT = Path("runs/onnx")          # exports: runs/onnx/<model name>
 INDEX_ROOT = Path("data/index")        # indexes: data/index/shapesworld-<model name>
+DATA_ROOT = Path("data/shapesworld")   # the generated ShapesWorld data set (all splits)
 PIXEL_HALF = 127.5                     # uint8 [0, 255] <-> [-1, 1]
 
 INDEX_PARTS = ("text_encoder", "vae", "unet")
@@ -72,14 +75,30 @@ def resolve(model: str | Path) -> Path:
 
 def files_identity(path: Path, parts: tuple[str, ...] = INDEX_PARTS) -> str:
     """'<folder name>:<12 hex>' from the weights and configs of the subfolders ``parts``
-    (missing subfolders add nothing, so a folder without an adapter keeps its identity)."""
-    h = hashlib.sha256()
+    (missing subfolders add nothing, so a folder without an adapter keeps its identity).
+    Start-up asks it several times (export, index, training check each read every weight), so
+    the digest is kept per process while no file's inode, size or modification time changes;
+    files modified in the last 2 s are always read again, since a rewrite within the clock's
+    granularity would keep the time (git's "racily clean" rule)."""
+    base = Path(path).resolve()
+    files = []
     for sub in parts:
-        for f in sorted((Path(path) / sub).glob("*")):
+        for f in sorted((base / sub).glob("*")):
             if f.suffix in (".safetensors", ".json", ".bin"):
-                h.update(f.name.encode())
-                h.update(f.read_bytes())
-    return f"{Path(path).name}:{h.hexdigest()[:12]}"
+                st = f.stat()
+                files.append((f, st.st_ino, st.st_size, st.st_mtime_ns))
+    fresh = any(time.time_ns() - m < 2_000_000_000 for *_, m in files)
+    digest = (_files_digest.__wrapped__ if fresh else _files_digest)(tuple(files))
+    return f"{Path(path).name}:{digest}"
+
+
+@functools.lru_cache(maxsize=32)
+def _files_digest(files: tuple[tuple[Path, int, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for f, *_ in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def model_files_id(source, index: bool = False) -> str | None:

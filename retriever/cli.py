@@ -10,9 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from imageragturbo.defaults import DEFAULT_MODEL, index_dir_of
-
-DEFAULT_DATA = Path("data/shapesworld")
+from imageragturbo.defaults import DATA_ROOT, DEFAULT_MODEL, index_dir_of
 
 # Kept equal to retriever.index.DEFAULT_* (checked by the tests); repeated here so that
 # --help needs no numpy.
@@ -132,7 +130,7 @@ def add_parsers(sub, bench) -> None:
     src.add_argument("--pairs", type=Path, default=None,
                      help="your own pairs: .jsonl (caption, image, optional id per line) or "
                           ".parquet (needs pyarrow); image paths relative to the file")
-    src.add_argument("--data", type=Path, default=DEFAULT_DATA,
+    src.add_argument("--data", type=Path, default=DATA_ROOT,
                      help="a ShapesWorld folder from `imageragturbo data build`")
     b.add_argument("--split", default="retrieval", help="ShapesWorld split to index")
     b.add_argument("--out", type=Path, default=None,

@@ -250,15 +250,14 @@ def test_export_from_a_folder_records_the_weight_files_identity(sd21):
     identity leaves them out (retraining the adapter does not invalidate the index)."""
     import json
 
-    from imageragturbo.defaults import model_files_id
-    from imageragturbo.model.encoder import INDEX_PARTS, SERVED_PARTS, model_identity
+    from imageragturbo.defaults import INDEX_PARTS, SERVED_PARTS, files_identity, model_files_id
 
     _, out, _, folder = sd21
     m = json.loads((out / "manifest.json").read_text())
     assert (folder / "h_adapter").is_dir()
-    assert m["model_files_id"] == model_identity(folder, SERVED_PARTS)
-    assert model_files_id(folder, index=True) == model_identity(folder, INDEX_PARTS)
-    assert m["model_files_id"] != model_identity(folder, INDEX_PARTS)
+    assert m["model_files_id"] == files_identity(folder, SERVED_PARTS)
+    assert model_files_id(folder, index=True) == files_identity(folder, INDEX_PARTS)
+    assert m["model_files_id"] != files_identity(folder, INDEX_PARTS)
 
 
 # ----------------------------------------------------------------------------- fp16 graphs

@@ -218,3 +218,30 @@ def test_a_model_folder_with_pickled_weights_is_refused_with_the_path(sd21_folde
         family.load_components(folder)
     planted.unlink()
     assert family.load_components(folder).unet is not None
+
+
+def test_weight_identity_is_hashed_once_yet_follows_every_rewrite(tmp_path):
+    """``files_identity`` keeps a digest per process (start-up asks it for export, index and
+    training alike) but never a stale one: a same-size rewrite changes the identity, and files
+    written in the last 2 s are read again every time."""
+    import os
+    import time
+
+    from imageragturbo import defaults
+
+    unet = tmp_path / "m" / "unet"
+    unet.mkdir(parents=True)
+    w = unet / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(b"a" * 64)
+    fresh = defaults.files_identity(tmp_path / "m", ("unet",))
+    hits = defaults._files_digest.cache_info().hits
+    assert defaults.files_identity(tmp_path / "m", ("unet",)) == fresh
+    assert defaults._files_digest.cache_info().hits == hits          # fresh: read again
+    old = time.time() - 3600
+    os.utime(w, (old, old))
+    first = defaults.files_identity(tmp_path / "m", ("unet",))
+    assert defaults.files_identity(tmp_path / "m", ("unet",)) == first == fresh
+    assert defaults._files_digest.cache_info().hits == hits + 1      # settled: cached
+    w.write_bytes(b"b" * 64)                                         # same size, in place
+    os.utime(w, (old + 1, old + 1))
+    assert defaults.files_identity(tmp_path / "m", ("unet",)) != first

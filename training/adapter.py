@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imageragturbo.defaults import DEFAULT_MODEL, STUDENT_TIMESTEP
+from imageragturbo.defaults import DATA_ROOT, DEFAULT_MODEL, STUDENT_TIMESTEP
 from imageragturbo.model import family
 from imageragturbo.model.h_space import HAdapter, adapter_config_for, count_parameters
 from imageragturbo.model.lora import add_decoder_lora, lora_parameters, save_decoder_lora
@@ -65,7 +65,7 @@ class AdapterRun(StagedRun):
     config_file = "adapter.json"
 
     def __init__(self, run_dir: str | Path, cfg: AdapterConfig | None = None,
-                 index: str | Path | None = None, data: str | Path = "data/shapesworld",
+                 index: str | Path | None = None, data: str | Path = DATA_ROOT,
                  progress: bool = True, reconfigure: bool = False):
         super().__init__(run_dir, cfg or AdapterConfig(), progress, reconfigure)
         self.model_dir = family.resolve(self.cfg.model)

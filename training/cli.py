@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-from imageragturbo.defaults import DEFAULT_MODEL
+from imageragturbo.defaults import DATA_ROOT, DEFAULT_MODEL, index_dir_of
 
 
 def _cmd_train_base(args: argparse.Namespace) -> int:
@@ -113,8 +113,8 @@ def add_parsers(sub, bench) -> None:
                         "with teacher_unet/)")
     a.add_argument("--index", type=Path, default=None,
                    help="retrieval index built with this model (default: "
-                        "data/index/shapesworld-<model>, built when missing)")
-    a.add_argument("--data", type=Path, default=Path("data/shapesworld"),
+                        f"{index_dir_of('<model>')}, built when missing)")
+    a.add_argument("--data", type=Path, default=DATA_ROOT,
                    help="ShapesWorld folder whose retrieval split the default index is built "
                         "from (rendered when missing)")
     a.add_argument("--stages", default=None,

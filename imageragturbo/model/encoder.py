@@ -12,22 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imageragturbo.defaults import (  # noqa: F401 - SERVED_PARTS: part of this module's API
-    DEFAULT_MODEL,
-    INDEX_PARTS,
-    SERVED_PARTS,
-    files_identity,
-)
+from imageragturbo.defaults import DEFAULT_MODEL, INDEX_PARTS, files_identity
 
 from .family import Components, load_components, resolve
 from .pipeline import encode_prompt
 from .stages import UNetEncoder, images_to_unit
-
-
-def model_identity(path: Path, parts: tuple[str, ...] = INDEX_PARTS) -> str:
-    """'<folder name>:<12 hex>' over the subfolders ``parts`` (``defaults.files_identity``):
-    by default the parts whose outputs an index caches."""
-    return files_identity(path, parts)
 
 
 class TorchRetrievalEncoder:
@@ -40,7 +29,7 @@ class TorchRetrievalEncoder:
     @classmethod
     def load(cls, model: str | Path = DEFAULT_MODEL) -> TorchRetrievalEncoder:
         path = resolve(model)
-        return cls(load_components(path), model_identity(path))
+        return cls(load_components(path), files_identity(path, INDEX_PARTS))
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> np.ndarray:

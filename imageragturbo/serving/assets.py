@@ -9,10 +9,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from imageragturbo.defaults import DEFAULT_MODEL, VARIANTS, export_dir_of, index_dir_of
+from imageragturbo.defaults import DATA_ROOT, DEFAULT_MODEL, VARIANTS, export_dir_of, index_dir_of
 
 DEFAULT_RUNS = Path("runs/serve")
-DEFAULT_DATA = Path("data/shapesworld")
 RANDOM_MODEL = "tiny-random"
 
 
@@ -94,7 +93,7 @@ def ensure_export(model: str, export_dir: Path | None = None, fp16: bool = False
     return out
 
 
-def ensure_index(model: str, index_dir: Path | None = None, data: Path = DEFAULT_DATA,
+def ensure_index(model: str, index_dir: Path | None = None, data: Path = DATA_ROOT,
                  retrieval_items: int | None = None, quiet: bool = False) -> Path:
     """The model's retrieval index over the ShapesWorld retrieval split (built, with the split
     when ``data`` lacks it, the first time, and again when the weights changed since)."""
@@ -129,7 +128,7 @@ def ensure_index(model: str, index_dir: Path | None = None, data: Path = DEFAULT
 
 
 def prepare(model: str = DEFAULT_MODEL, export_dir: Path | None = None,
-            index_dir: Path | None = None, data: Path = DEFAULT_DATA,
+            index_dir: Path | None = None, data: Path = DATA_ROOT,
             random_weights: bool = False, retrieval_items: int | None = None,
             fp16: bool = False, quiet: bool = False) -> Assets:
     """Export and index for ``model``, made when missing. An existing index built for

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from imageragturbo.defaults import DEFAULT_MODEL
+from imageragturbo.defaults import DATA_ROOT, DEFAULT_MODEL, export_dir_of, index_dir_of
 
 
 def _options(args: argparse.Namespace):
@@ -146,12 +146,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="serve the default tiny architecture with random weights (to try the "
                         "stack before tiny-shapes is trained; images are noise-like)")
     p.add_argument("--export", type=Path, default=None,
-                   help="ONNX export folder (default runs/onnx/<model name>; exported there "
-                        "when missing)")
+                   help=f"ONNX export folder (default {export_dir_of('<model name>')}; "
+                        "exported there when missing)")
     p.add_argument("--index", type=Path, default=None,
-                   help="retrieval index folder (default data/index/shapesworld-<model name>; "
+                   help=f"retrieval index folder (default {index_dir_of('<model name>')}; "
                         "built from the ShapesWorld retrieval split when missing)")
-    p.add_argument("--data", type=Path, default=Path("data/shapesworld"),
+    p.add_argument("--data", type=Path, default=DATA_ROOT,
                    help="ShapesWorld folder whose retrieval split the index is built from "
                         "(rendered there when missing)")
     p.add_argument("--retrieval-items", type=int, default=None,
