@@ -94,6 +94,33 @@ class Recipe(StagedRun):
             self._data = training_data(self.cfg, self.dir / "data")
         return self._data
 
+    def reuse_from(self, model: str | Path) -> dict:
+        """Fill the clip and vae stages from an existing model folder (its ``text_encoder``,
+        ``clip_scorer`` and ``vae``, stored fp32 in the run) instead of training them, so that
+        new UNets (another layout, another schedule) can be trained on the same text encoder,
+        retrieval keys, CLIP-score towers and latent space. A stage already done is left as it
+        is. Returns what was reused."""
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModel
+
+        src = family.resolve(model)
+        reused = {}
+        if not self.done("clip"):
+            d = self.dir / "clip"
+            d.mkdir(exist_ok=True)
+            CLIPTextModel.from_pretrained(src / "text_encoder", torch_dtype=torch.float32,
+                                          use_safetensors=True).save_pretrained(d / "text_encoder")
+            ClipScorer.from_pretrained(src / "clip_scorer").float().save_pretrained(
+                d / "clip_scorer")
+            reused["clip"] = self._finish("clip", {"reused_from": str(src), "seconds": 0.0})
+        if not self.done("vae"):
+            vae = AutoencoderKL.from_pretrained(src / "vae", torch_dtype=torch.float32,
+                                                use_safetensors=True)
+            vae.save_pretrained(self.dir / "vae" / "model")
+            reused["vae"] = self._finish("vae", {"reused_from": str(src), "seconds": 0.0,
+                                                 "scaling_factor": vae.config.scaling_factor})
+        return reused
+
     # -- 1. CLIP
     def stage_clip(self) -> dict:
         from transformers import CLIPTextModel

@@ -20,6 +20,8 @@ def _cmd_train_base(args: argparse.Namespace) -> int:
         cfg.threads = args.threads
     stages = args.stages.split(",") if args.stages else list(STAGES)
     recipe = Recipe(args.run_dir, cfg, progress=not args.quiet, reconfigure=args.reconfigure)
+    if args.reuse_from:
+        recipe.reuse_from(args.reuse_from)
     out = recipe.run(stages)
     print(json.dumps(out, indent=2))
     if args.install:
@@ -86,6 +88,10 @@ def add_parsers(sub, bench) -> None:
     b.add_argument("--quick", action="store_true",
                    help="a few steps per stage on 256 items: checks the recipe end to end")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    b.add_argument("--reuse-from", default=None, metavar="MODEL",
+                   help="take the clip and vae stages (text encoder, CLIP-score towers, VAE) "
+                        "from this model folder or variant instead of training them: new "
+                        "UNets on the same text encoder and latent space")
     b.add_argument("--install", action="store_true",
                    help="copy the exported folder to the shipped tiny-shapes weights")
     b.add_argument("--reconfigure", action="store_true",
