@@ -26,6 +26,11 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 VARIANTS = {DEFAULT_MODEL: WEIGHTS_DIR / DEFAULT_MODEL}
 LORA_DIR = "unet_lora"
 
+# Hybrid retrieval: the dense (text-embedding) top RERANK_CANDIDATES re-ordered by the share of
+# the prompt's words and word pairs in each caption (retriever.index.lexical_overlap); 0: dense
+# only. On the first shipped tiny-shapes' index, the top-1 neighbour's own render scored
+# ShapesTIFA 0.781 dense and 0.831 re-ranked from the top 32 (300 evaluation prompts).
+RERANK_CANDIDATES = 32
 STUDENT_TIMESTEP = 999  # SD-Turbo's single step (EulerDiscrete, trailing spacing): t = 999
 ONNX_ROOT = Path("runs/onnx")          # exports: runs/onnx/<model name>
 INDEX_ROOT = Path("data/index")        # indexes: data/index/shapesworld-<model name>

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,28 @@ class HNSWParams:
         for name in ("M", "ef_construction", "ef"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"hnswlib {name} must be >= 1, got {getattr(self, name)}")
+
+
+# --------------------------------------------------------------------------- re-ranking
+
+# Words that say nothing about an image's content (articles, joiners, caption wrappers).
+STOPWORDS = frozenset(
+    "a an the of and or with to in on at is are be there this that it its as well together "
+    "showing shows picture image photo drawing".split())
+
+
+def caption_terms(text: str) -> set[str]:
+    """A text's content words and adjacent content-word pairs, lower-cased: pairs keep a
+    binding ("red circle") that a bag of words loses ("red", "circle")."""
+    words = [w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in STOPWORDS]
+    return set(words) | {f"{a} {b}" for a, b in zip(words, words[1:])}
+
+
+def lexical_overlap(prompt: str, caption: str) -> float:
+    """The share of the prompt's terms (:func:`caption_terms`) that the caption holds, in
+    [0, 1]."""
+    want = caption_terms(prompt)
+    return len(want & caption_terms(caption)) / len(want) if want else 0.0
 
 
 # --------------------------------------------------------------------------- serving
@@ -260,15 +283,32 @@ class RetrievalIndex:
             raise ValueError("query embeddings must be finite and non-zero")
         return np.ascontiguousarray(q / norms)
 
-    def search(self, query_embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, query_embeddings: np.ndarray, k: int, prompts: Sequence[str] | None = None,
+               rerank: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """The ``min(k, len(self))`` nearest items of each query by cosine similarity.
 
         ``query_embeddings`` is [B, D] (or [D]), the pipeline's pooled text embeddings
         (normalised here if they are not). Returns ``ids`` [B, k'] int64 row numbers and
         ``scores`` [B, k'] float32 cosine similarities, best first.
+
+        With ``prompts`` (B texts) and ``rerank`` > k: the dense top ``rerank`` re-ordered by
+        cosine + the share of the prompt's words and word pairs found in the item's caption
+        (:func:`lexical_overlap`), a hybrid dense + lexical retriever (the paper leaves the
+        retriever open). ``scores`` stay the cosines, so lambda (Eq. 5) keeps its meaning.
         """
         if int(k) < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if prompts is not None and int(rerank) > int(k):
+            q = self._queries(query_embeddings)
+            if len(prompts) != q.shape[0]:
+                raise ValueError(f"{len(prompts)} prompts for {q.shape[0]} queries")
+            cand, cos = self.search(q, int(rerank))                       # [B, N] dense
+            k = min(int(k), cand.shape[1])
+            lex = np.array([[lexical_overlap(p, self.captions[i]) for i in row]
+                            for p, row in zip(prompts, cand)], np.float32).reshape(cos.shape)
+            order = np.argsort(-(cos + lex), axis=1, kind="stable")[:, :k]
+            return (np.take_along_axis(cand, order, axis=1),
+                    np.take_along_axis(cos, order, axis=1))
         q = self._queries(query_embeddings)
         k = min(int(k), len(self))
         try:

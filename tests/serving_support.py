@@ -18,7 +18,7 @@ def in_process(pipes, name, prompts, seeds, k=0, strength=None):
     if k == 0:
         return pipe.generate(prompts, seeds), None
     _, pooled = pipe.encode_prompt(prompts)
-    h_retr, scores, nb = runtime.retrieve(index, pooled, k)
+    h_retr, scores, nb = runtime.retrieve(index, pooled, k, prompts)  # re-ranked, as served
     lam, w = runtime.retrieval_controls(scores, strength, pipe.has_adapter)
     return pipe.generate(prompts, seeds, h_retr=h_retr, lam=lam, slerp_w=w), nb
 

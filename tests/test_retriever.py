@@ -457,3 +457,34 @@ def test_every_subcommand_has_help(capsys):
             main(argv)
         assert e.value.code == 0
         assert "usage:" in capsys.readouterr().out
+
+
+def test_caption_terms_keep_word_bindings_a_bag_of_words_loses():
+    from imageragturbo.retriever.index import caption_terms, lexical_overlap
+
+    assert caption_terms("A picture of a red circle") == {"red", "circle", "red circle"}
+    prompt = "a red circle and a blue square"
+    # the same four words, bound the other way round: the pairs tell them apart
+    assert lexical_overlap(prompt, "a blue circle and a red square") < 1.0
+    assert lexical_overlap(prompt, "an image showing a red circle and a blue square") == 1.0
+    assert lexical_overlap("", "a red circle") == 0.0
+
+
+def test_rerank_puts_the_caption_with_the_prompts_words_first_and_keeps_cosines(built):
+    pairs, enc, out = built
+    index = RetrievalIndex.load(out, verify=False)
+    q = enc.encode_text([pairs[5].caption])
+    dense_ids, dense_scores = index.search(q, 40)
+    # a prompt worded as the dense 11th neighbour's caption: only its words can lift it
+    target = int(dense_ids[0, 10])
+    prompt = pairs[target].caption
+    ids, scores = index.search(q, 3, prompts=[prompt], rerank=40)
+    assert ids[0, 0] == target and ids[0, 0] != dense_ids[0, 0]
+    # scores stay the dense cosines (lambda of Eq. 5 keeps its meaning), for the chosen items
+    cos = dict(zip(dense_ids[0].tolist(), dense_scores[0].tolist()))
+    np.testing.assert_allclose(scores[0], [cos[i] for i in ids[0]], rtol=1e-6)
+    # rerank <= k, or no prompts: the dense answer
+    assert np.array_equal(index.search(q, 3, prompts=[prompt], rerank=3)[0], dense_ids[:, :3])
+    assert np.array_equal(index.search(q, 3)[0], dense_ids[:, :3])
+    with pytest.raises(ValueError, match="prompts for"):
+        index.search(np.concatenate([q, q]), 3, prompts=[prompt], rerank=10)

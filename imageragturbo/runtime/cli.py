@@ -12,7 +12,13 @@ import json
 import sys
 from pathlib import Path
 
-from imageragturbo.defaults import DEFAULT_MODEL, ONNX_ROOT, export_dir_of, index_dir_of
+from imageragturbo.defaults import (
+    DEFAULT_MODEL,
+    ONNX_ROOT,
+    RERANK_CANDIDATES,
+    export_dir_of,
+    index_dir_of,
+)
 
 
 def _write_images(images, output: Path) -> list[Path]:
@@ -102,7 +108,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             return student.generate(prompts, seeds, h_retr=h_retr, lam=lam, slerp_w=slerp_w)
     if args.k > 0:
         index = request.load_index(args.index or index_dir_of(args.model), text_dim, h_shape)
-        h_retr, scores, nb = request.retrieve(index, pooled_of(prompts), args.k)
+        h_retr, scores, nb = request.retrieve(index, pooled_of(prompts), args.k, prompts,
+                                              args.rerank)
         lam, slerp_w = request.retrieval_controls(scores, args.strength, has_adapter)
         images = run(h_retr, lam, slerp_w)
         info["neighbours"] = [
@@ -152,6 +159,9 @@ def add_parsers(sub, bench) -> None:
                    help=f"retrieval index folder (default {index_dir_of('<model name>')}, as "
                         "`serve` uses)")
     g.add_argument("--k", type=int, default=0, help="neighbours to retrieve (0: no retrieval)")
+    g.add_argument("--rerank", type=int, default=RERANK_CANDIDATES,
+                   help="re-rank the dense top N neighbours by the prompt's words (0: dense "
+                        "only; the served ensemble's --rerank)")
     g.add_argument("--strength", type=float, default=None,
                    help="retrieval strength (adapter: scales lambda, default 1; slerp: weight "
                         "of the neighbour, default 0.2)")

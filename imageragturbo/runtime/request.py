@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imageragturbo.defaults import from_unit
+from imageragturbo.defaults import RERANK_CANDIDATES, from_unit
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> np.ndarray:
@@ -68,11 +68,14 @@ def load_index(path: str | Path, text_dim: int, h_shape: Sequence[int], ef: int 
     return index
 
 
-def retrieve(index, pooled: np.ndarray, k: int):
-    """Neighbours of each query: (h_retr (B, k, C, h', w'), scores (B, k), Neighbours)."""
+def retrieve(index, pooled: np.ndarray, k: int, prompts: Sequence[str] | None = None,
+             rerank: int = RERANK_CANDIDATES):
+    """Neighbours of each query: (h_retr (B, k, C, h', w'), scores (B, k), Neighbours). With
+    the ``prompts``, the dense top ``rerank`` are re-ranked by their words
+    (``RetrievalIndex.search``); the served retriever does the same."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    ids, scores = index.search(pooled, k)
+    ids, scores = index.search(pooled, k, prompts=prompts, rerank=rerank)
     nb = index.lookup(ids, scores)
     return nb.h.astype(np.float32), nb.scores, nb
 

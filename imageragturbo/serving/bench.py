@@ -29,7 +29,7 @@ def in_process_request(pipe, index, k: int):
     def one(prompts, seeds):
         if k > 0:
             _, pooled = pipe.encode_prompt(prompts)
-            h_retr, scores, _ = runtime.retrieve(index, pooled, k)
+            h_retr, scores, _ = runtime.retrieve(index, pooled, k, prompts)
             lam, w = runtime.retrieval_controls(scores, None, pipe.has_adapter)
             pipe.generate(prompts, seeds, h_retr=h_retr, lam=lam, slerp_w=w)
         else:

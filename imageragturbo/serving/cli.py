@@ -23,7 +23,8 @@ def _options(args: argparse.Namespace):
         light_queue_delay_us=args.light_queue_delay_us,
         queue_timeout_us=int(args.queue_timeout * 1e6), max_queue_size=args.max_queue_size,
         default_k=args.default_k, max_k=args.max_k, threads=args.threads,
-        instances=args.instances, trt_cache=args.trt_cache, injection=args.injection)
+        instances=args.instances, trt_cache=args.trt_cache, injection=args.injection,
+        rerank=args.rerank)
 
 
 def _assets(args: argparse.Namespace):
@@ -199,6 +200,9 @@ def _render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-k", type=int, default=1,
                    help="neighbours retrieved when a request sends no K")
     p.add_argument("--max-k", type=int, default=16, help="largest K a request may ask for")
+    p.add_argument("--rerank", type=int, default=RenderOptions().rerank,
+                   help="hybrid retrieval: re-rank the dense top N by the prompt's words and "
+                        "word pairs (0: dense only)")
     p.add_argument("--injection", choices=["adapter", "slerp"], default="adapter",
                    help="how retrieved H features enter: the trained H-adapter (ImageRAGTurbo; "
                         "a model without one falls back to slerp) or training-free slerp of the "

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
+from imageragturbo.defaults import RERANK_CANDIDATES
 from imageragturbo.runtime.manifest import load_manifest
 
 # Installed: imageragturbo/model_repository (package data); in a checkout: the top-level folder.
@@ -66,6 +67,7 @@ class RenderOptions:
     # default wait; seen on every round of 12 concurrent requests, README "Serving overhead").
     instances: int = 2
     ef: int | None = None              # hnswlib query beam (default: the index's)
+    rerank: int = RERANK_CANDIDATES    # dense candidates re-ranked by the prompt's words; 0: off
     verify_index: bool = True          # sha256 of the index files at load
     trt_cache: str = "/tmp/imageragturbo-trt-cache"  # gpu: TensorRT engine cache root
     trt_workspace_bytes: int = 4 << 30  # gpu: TensorRT builder workspace
@@ -84,9 +86,9 @@ class RenderOptions:
             self.light_queue_delay_us = self.queue_delay_us
         for name in ("queue_delay_us", "light_queue_delay_us", "queue_timeout_us",
                      "max_queue_size", "threads",
-                     "instances", "max_prompt_chars"):
+                     "instances", "max_prompt_chars", "rerank"):
             if getattr(self, name) < (0 if name in ("queue_delay_us", "light_queue_delay_us",
-                                                    "threads") else 1):
+                                                    "threads", "rerank") else 1):
                 raise ValueError(f"{name.replace('_', ' ')} must be positive, got "
                                  f"{getattr(self, name)}")
 
@@ -191,7 +193,7 @@ def render_repository(export_dir: str | Path, index_dir: str | Path, out: str | 
         "has_adapter": "true" if has_adapter else "false",
         "max_prompt_chars": opt.max_prompt_chars, "text_dim": m["text_dim"],
         "h_dims": ", ".join(map(str, h_shape)), "h_shape": ",".join(map(str, h_shape)),
-        "ef": "" if opt.ef is None else opt.ef,
+        "ef": "" if opt.ef is None else opt.ef, "rerank": opt.rerank,
         "verify_index": "true" if opt.verify_index else "false",
         "encoder_skip_outputs": "\n".join(
             f'      output_map {{ key: "{s}" value: "{s}" }}' for s in skips),

@@ -130,6 +130,9 @@ class TritonPythonModel:
                 pb_utils.Tensor("k", np.full((n, 1), k, np.int32)),
                 pb_utils.Tensor("strength", strength.reshape(n, 1)),
                 pb_utils.Tensor("seed", seeds.reshape(n, 1)),
+                # the checked text, for the retriever's lexical re-ranking
+                pb_utils.Tensor("prompt", np.array([p.encode() for p in prompts],
+                                                   np.object_).reshape(n, 1)),
             ]
             responses.append(pb_utils.InferenceResponse(output_tensors=out))
         return responses

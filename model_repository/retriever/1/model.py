@@ -1,8 +1,9 @@
 """retriever: hnswlib neighbours of each prompt and their cached H-space features.
 
 Inputs: pooled FP32 [D] (the text encoder's pooled, L2-normalised embedding: the retrieval key
-the index was built with), k INT32 [1] and strength FP32 [1] (NaN: the default) from
-preprocess. Outputs: h_retr FP32 [k, C, h', w'] (cached at index build time, so no UNet pass
+the index was built with), k INT32 [1], strength FP32 [1] (NaN: the default) and prompt BYTES
+[1] (the checked PROMPT: with the parameter rerank > k, the dense top ``rerank`` are re-ordered
+by its words, as ``imageragturbo.runtime.request.retrieve`` does in-process) from preprocess. Outputs: h_retr FP32 [k, C, h', w'] (cached at index build time, so no UNet pass
 here), lam FP32 [1] and the neighbours' ids, captions and cosine scores.
 
 lam is what the h_adapter step takes: with an H-adapter, lambda = strength x top-1 similarity
@@ -30,6 +31,7 @@ class TritonPythonModel:
         self.has_adapter = p["has_adapter"] == "true"
         self.h_shape = tuple(int(x) for x in p["h_shape"].split(","))
         ef = int(p["ef"]) if p.get("ef") else None
+        self.rerank = int(p.get("rerank") or 0)
         path = Path(args["model_repository"]) / args["model_version"] / "index"
         self.index = RetrievalIndex.load(path, text_dim=int(p["text_dim"]), ef=ef,
                                          verify=p.get("verify", "true") == "true")
@@ -50,7 +52,9 @@ class TritonPythonModel:
             caps = np.zeros((n, 0), np.object_)
             scores = np.zeros((n, 0), np.float32)
         else:
-            rows, sc = self.index.search(pooled, k)
+            prompts = [bytes(b).decode("utf-8") for b in pb_utils.get_input_tensor_by_name(
+                request, "prompt").as_numpy().reshape(-1)]
+            rows, sc = self.index.search(pooled, k, prompts=prompts, rerank=self.rerank)
             nb = self.index.lookup(rows, sc)
             h_retr = nb.h.astype(np.float32)                                # (B, k, C, h', w')
             lam = np.empty(n, np.float32)
