@@ -199,3 +199,49 @@ def test_control_and_ablation_switches_reach_the_configuration():
     cfg = dataclasses.replace(AdapterConfig(), lora=False, perceptual_weight=0.0)
     assert not cfg.lora and cfg.perceptual_weight == 0.0
     assert copy.deepcopy(cfg) == cfg
+
+
+def test_scene_neighbour_is_the_targets_own_scene_jittered_and_trains(tmp_path, model_and_index):
+    """The augmentation neighbour (``scene_neighbour``): each training item's cached h is of a
+    re-render of its own scene (closer to the h of its own render than to any other item's),
+    not the same render, and a run with it trains and exports."""
+    from imageragturbo import shapesworld as sw
+    from imageragturbo.model.unet_split import UNetEncoder
+    from imageragturbo.training.steps import to_unit
+
+    run = _run(tmp_path / "run", model_and_index, scene_neighbour=1.0, real_fraction=0.5,
+               real_input="noise", positional=True)
+    out = run.run()
+    assert out["train"]["steps"] == 4 and np.isfinite(out["train"]["final_distill"])
+    cache = run.cache
+    scene_h = cache["scene_h"].float()                                    # (64, C, h, w)
+    assert scene_h.shape == (64, 96, 4, 4)
+    items = sw.make_split("train", 64, 0)
+    imgs = np.stack([np.asarray(sw.render(it.scene)) for it in items])
+    with torch.no_grad():
+        z = run.c.vae.encode(to_unit(imgs)).latent_dist.mode() * run.c.vae.config.scaling_factor
+        own = UNetEncoder(run.c.unet)(z, torch.zeros(64, dtype=torch.long),
+                                      cache["ehs"].float())[0]
+    a = torch.nn.functional.normalize(scene_h.flatten(1), dim=1)
+    b = torch.nn.functional.normalize(own.flatten(1), dim=1)
+    sim = a @ b.T                                                         # (64, 64)
+    assert (sim.argmax(1) == torch.arange(64)).float().mean() >= 0.9
+    assert not torch.allclose(scene_h, own.half().float())                # jittered, not the same
+
+
+def test_jittered_scenes_keep_their_captions_true():
+    from imageragturbo import shapesworld as sw
+    from imageragturbo import tifa
+
+    items = sw.make_split("train", 40, 3)
+    rng = np.random.default_rng(0)
+    jittered = [sw.jitter(it.scene, rng) for it in items]
+    images = [np.asarray(sw.render(s)) for s in jittered]
+    records = [(it.id, it.caption, it.scene) for it in items]
+    acc = [p["accuracy"] for p in tifa.score(records, images)["per_prompt"]]
+    plain = [p["accuracy"] for p in tifa.score(
+        records, [np.asarray(sw.render(it.scene)) for it in items])["per_prompt"]]
+    assert np.mean(acc) >= np.mean(plain) - 0.02
+    moved = [max(abs(a[1] - b[1]), abs(a[2] - b[2])) for it, s in zip(items, jittered)
+             for a, b in zip(it.scene.objects, s.objects)]
+    assert 0 < max(moved) <= 3 / 64 + 1e-9

@@ -102,11 +102,38 @@ class AdapterRun(StagedRun):
                 ehs.append(out.last_hidden_state.half().cpu())
                 pooled.append(out.pooler_output.float().cpu())
             unc = text(tokenize(c.tokenizer, [""]).to(dev)).last_hidden_state.cpu()
+            ehs = torch.cat(ehs)
+            scene_h = self._scene_features(ehs) if self.cfg.scene_neighbour > 0 else None
             vae.cpu(), text.cpu()
-            save_atomic({"latents": lat.half(), "ehs": torch.cat(ehs), "pooled": torch.cat(pooled),
-                         "uncond": unc.float()}, d / "cache.pt")
+            save_atomic({"latents": lat.half(), "ehs": ehs, "pooled": torch.cat(pooled),
+                         "uncond": unc.float(),
+                         **({"scene_h": scene_h} if scene_h is not None else {})},
+                        d / "cache.pt")
         return self._finish("data", {"items": self.cfg.n_train,
                                      "seconds": time.perf_counter() - t0})
+
+    @torch.no_grad()
+    def _scene_features(self, ehs: torch.Tensor) -> torch.Tensor:
+        """The augmentation neighbour of every training item (``scene_neighbour``): its scene
+        re-rendered with a small jitter (``sw.jitter``), encoded as the index encodes its items,
+        h = f_enc(tau(caption), t=0, VAE latent) (paper Sec. 3.2). (N, C, h, w) fp16. These
+        are never index items: they stand in for a neighbour that shows what the caption does
+        not pin down (layout, size, exact hue), which no retrieved item is guaranteed to."""
+        from imageragturbo import shapesworld as sw
+
+        c, dev = self.c, self.acc.device
+        items = sw.make_split("train", self.cfg.n_train, self.cfg.seed)
+        rng = np.random.default_rng([self.cfg.seed, 77])
+        imgs = np.stack([np.asarray(sw.render(sw.jitter(it.scene, rng), c.vae.config.sample_size))
+                         for it in items])
+        enc = UNetEncoder(c.unet).to(dev)
+        out = []
+        for i in range(0, len(imgs), 256):
+            z = c.vae.encode(to_unit(imgs[i:i + 256]).to(dev)).latent_dist.mode()
+            z = z * c.vae.config.scaling_factor
+            t = torch.zeros(len(z), dtype=torch.long, device=dev)
+            out.append(enc(z, t, ehs[i:i + 256].float().to(dev))[0].half().cpu())
+        return torch.cat(out)
 
     @property
     def cache(self) -> dict:
@@ -206,7 +233,9 @@ class AdapterRun(StagedRun):
             # A scene drawn in both splits renders to the same image: such a neighbour would
             # be the target itself. Search a few extra and drop them (counted in done.json).
             extra = min(4, len(index) - k)
-            cand, cand_scores = index.search(pooled, k + extra)          # [N, k + extra]
+            _, captions = training_data(cfg, self.dir / "data")
+            cand, cand_scores = index.search(pooled, k + extra, prompts=captions,
+                                             rerank=cfg.rerank)          # [N, k + extra]
             lat = self.cache["latents"].numpy()                          # [N, C, h, w] fp16
             ids = np.empty((len(cand), k), np.int64)
             scores = np.empty((len(cand), k), np.float32)
@@ -299,10 +328,20 @@ class AdapterRun(StagedRun):
             z_t, z0, ehs, pooled, s, eps_s = self._dev(z_t, z0, ehs, pooled, s, eps_s)
             if cfg.retrieval == "index":
                 k = int(rng.integers(1, nb_ids.shape[1] + 1))
-                (h_retr,) = self._dev(torch.from_numpy(index.h(nb_ids[tgt, :k])))
+                h_retr = torch.from_numpy(index.h(nb_ids[tgt, :k]))      # (B, k, C, h, w)
                 lam = (torch.from_numpy(nb_scores[tgt, 0]) if cfg.lam == "similarity"
-                       else torch.ones(cfg.batch))
-                (lam,) = self._dev(lam.float())
+                       else torch.ones(cfg.batch)).float()
+                if cfg.scene_neighbour > 0:
+                    # the augmentation: the target's own scene, jittered, in all k slots (k
+                    # copies of one item attend exactly as one); its caption is the target's,
+                    # so lambda (cosine of the two text keys) is 1
+                    scene = np.concatenate([np.ones(n_real, bool), rng.random(
+                        cfg.batch - n_real) < cfg.scene_neighbour])
+                    sel = torch.from_numpy(scene)
+                    own = data["scene_h"][tgt].float().unsqueeze(1).expand_as(h_retr)
+                    h_retr = torch.where(sel.view(-1, 1, 1, 1, 1), own, h_retr.float())
+                    lam = torch.where(sel, torch.ones_like(lam), lam)
+                h_retr, lam = self._dev(h_retr.float(), lam)
 
                 def h_edit(h):
                     return adapter(h, h_retr, lam)

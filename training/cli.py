@@ -41,7 +41,8 @@ def _cmd_train_adapter(args: argparse.Namespace) -> int:
 
     kw = {"model": args.model}
     for key in ("steps", "batch", "k_max", "lora_rank", "synth_prompts", "n_train", "seed",
-                "adv_weight", "distill_weight", "real_fraction", "text_drop"):
+                "adv_weight", "distill_weight", "real_fraction", "text_drop",
+                "scene_neighbour", "real_input", "perceptual_weight", "rerank"):
         if getattr(args, key) is not None:
             kw[key] = getattr(args, key)
     if args.control:
@@ -52,6 +53,8 @@ def _cmd_train_adapter(args: argparse.Namespace) -> int:
         kw["lora"] = False
     if args.no_perceptual:
         kw["perceptual_weight"] = 0.0
+    if args.positional:
+        kw["positional"] = True
     if args.threads:
         kw["threads"] = args.threads
     cfg = AdapterConfig.quick(**kw) if args.quick else AdapterConfig(**kw)
@@ -146,6 +149,22 @@ def add_parsers(sub, bench) -> None:
     a.add_argument("--text-drop", type=float, default=None,
                    help="share of each batch for which the student sees the empty prompt, so "
                         f"the neighbours are its only source of the content (default {A.text_drop:g})")
+    a.add_argument("--scene-neighbour", type=float, default=None,
+                   help="augmentation: share of the teacher targets whose neighbours are a "
+                        "jittered re-render of the prompt's own scene (never an index item); "
+                        "> 0 also gives every real target its scene's re-render "
+                        f"(default {A.scene_neighbour:g})")
+    a.add_argument("--rerank", type=int, default=None,
+                   help="neighbours: re-rank the dense top N by the caption's words, as "
+                        f"served (0: dense only; default {A.rerank})")
+    a.add_argument("--real-input", choices=("noised", "noise"), default=None,
+                   help="the student's input for real pairs: q(z_999 | z_0) or pure noise "
+                        f"(default {A.real_input})")
+    a.add_argument("--perceptual-weight", type=float, default=None,
+                   help=f"beta of Eq. 10 (default {A.perceptual_weight:g}; 0 drops Eq. 9)")
+    a.add_argument("--positional", action="store_true",
+                   help="the adapter's tokens carry their 2-D position (needed to carry a "
+                        "neighbour's layout over)")
     a.add_argument("--control", action="store_true",
                    help="the no-retrieval control: the target's own H feature in place of the "
                         "retrieved ones (same parameters, data, losses and steps)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from imageragturbo.defaults import DEFAULT_MODEL
+from imageragturbo.defaults import DEFAULT_MODEL, RERANK_CANDIDATES
 
 
 @dataclass
@@ -64,6 +64,8 @@ class AdapterConfig:
     #                               rest the teacher's synthetic pairs
     retrieval: str = "index"      # "index": k neighbours from the index; "none": the control
     k_max: int = 4                # neighbours cached per target; each step draws k in 1..k_max
+    rerank: int = RERANK_CANDIDATES  # neighbours: the dense top N re-ranked by the caption's
+    #                               words, as served (0: dense only)
     lam: str = "similarity"       # lambda of Eq. 5: "similarity" (top-1 cosine) or "one"
     lora: bool = True             # LoRA on the decoder's attention projections
     lora_rank: int = 8
@@ -71,6 +73,10 @@ class AdapterConfig:
     real_input: str = "noised"    # real pairs' z_T: q(z_999 | z_0) ("noised") or pure "noise"
     text_drop: float = 0.5        # the student sees the empty prompt for this share of a batch
     positional: bool = False      # the adapter's tokens carry their 2-D position (h_space)
+    scene_neighbour: float = 0.0  # augmentation: share of the teacher targets whose neighbours
+    #                               are a jittered re-render of the target prompt's own scene
+    #                               (never an index item); > 0 also gives every real target its
+    #                               scene's re-render, so its layout is in the neighbour
     steps: int = 1500             # 45 min on 2 CPU cores (1.3 s a step), ~2 min on a GPU
     batch: int = 32
     adapter_lr: float = 1e-3
@@ -89,8 +95,9 @@ class AdapterConfig:
             raise ValueError(f"lam must be 'similarity' or 'one', got {self.lam!r}")
         if self.k_max < 1:
             raise ValueError(f"k_max must be >= 1, got {self.k_max}")
-        if not 0.0 <= self.real_fraction <= 1.0:
-            raise ValueError(f"real_fraction must be in [0, 1], got {self.real_fraction}")
+        for name in ("real_fraction", "scene_neighbour", "text_drop"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
     @classmethod
     def quick(cls, **kw) -> AdapterConfig:

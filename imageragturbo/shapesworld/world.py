@@ -324,6 +324,25 @@ def place(scene: Scene, rng: np.random.Generator, max_tries: int = 200) -> Scene
     raise RuntimeError(f"could not place scene {scene.to_json()} in {max_tries} tries")
 
 
+def jitter(scene: Scene, rng: np.random.Generator, shift: float = 2 / 64,
+           wobble: float = 1 / 64) -> Scene:
+    """The same scene with its layout nudged: every object moved by one shared offset of up
+    to ``shift`` and its own of up to ``wobble`` (fractions of the side; 2 and 1 px at
+    64x64), each centre kept inside the image. Captions stay true (relations and cells are
+    decided by far larger offsets). Adapter training renders these as an augmentation: a
+    neighbour that shows the target's own scene, never an index item."""
+    new = Scene.from_json(scene.to_json())
+    dx, dy = rng.uniform(-shift, shift, 2)
+    objs = []
+    for gid, x, y in new.objects:
+        half = SIZES[new.groups[gid].size] / 2
+        ox, oy = rng.uniform(-wobble, wobble, 2)
+        objs.append((gid, float(np.clip(x + dx + ox, half, 1 - half)),
+                     float(np.clip(y + dy + oy, half, 1 - half))))
+    new.objects = objs
+    return new
+
+
 # --------------------------------------------------------------------------- captions
 
 
