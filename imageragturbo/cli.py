@@ -121,18 +121,23 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
         runs["control (no retrieval)"] = args.control
     results = quality.run(args.model, args.n, args.seed, args.teacher_steps, args.guidance,
                           index=args.index, runs=runs, grid=args.grid,
-                          latency=not args.no_latency, progress=not args.json)
+                          latency=not args.no_latency, progress=args.json != "-",
+                          seeds=args.seeds)
     rows = {k: v for k, v in results.items() if not k.startswith("_")}
     if args.plot:
         tifa.plot_categories(rows, args.plot, title=f"ShapesTIFA by category ({args.model})")
-    if args.json:
+    table = quality.markdown_table(results)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table)
+    if args.json == "-":
         print(json.dumps(results))
-    else:
-        _print_table(rows)
-        for name, r in rows.items():
-            lat = f"  {r['latency_ms']:.1f} ms" if "latency_ms" in r else ""
-            print(f"{name:28s} tail {r['tail']:.3f} rest {r['rest']:.3f}  FD {r['fd']:.2f}  "
-                  f"CLIP {r['clip']:.4f}  NFE {r['nfe']}{lat}")
+        return 0
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1) + "\n")
+    print(table, end="")
     return 0
 
 
@@ -301,13 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
     q = bench_sub.add_parser(
         "quality", help="the paper's Table 2 on ShapesWorld: teacher, student, slerp, "
                         "ImageRAGTurbo, control",
-        description="Generates the evaluation prompts (same prompts and seeds for every row) "
-                    "with the teacher at N steps and at 1 step, the one-step student, the "
-                    "student with slerp injection at w = 0.8 and with the per-prompt oracle w*, "
-                    "ImageRAGTurbo (the installed adapter and decoder LoRA) at k = 1 and k = 4, "
-                    "and any --control / --run folders; measures ShapesTIFA (overall, per "
-                    "category, tail prompts vs the rest), FD, the CLIP-score analogue, NFE, and "
-                    "the one-step ONNX Runtime CPU latency with and without retrieval.",
+        description="Generates the evaluation prompts, each under --seeds noise seeds (same "
+                    "prompts and seeds for every row), with the teacher at N steps and at 1 "
+                    "step, the one-step student, the student with slerp injection at w = 0.8 "
+                    "and with the per-prompt oracle w* (also cross-fitted across seeds, and "
+                    "both with a random non-neighbour: the null oracle), ImageRAGTurbo (the "
+                    "installed adapter and decoder LoRA) at k = 1 and k = 4 and with retrieval "
+                    "off (K = 0), and any --control / --run folders (each with its K = 0 row); "
+                    "measures ShapesTIFA (overall, per category, on prompts whose rarest "
+                    "combination is absent / rare / common in training) with paired bootstrap "
+                    "95% intervals against the student and against retrieval off, FD, the "
+                    "CLIP-score analogue, diversity across seeds, NFE, and the one-step ONNX "
+                    "Runtime CPU latency with and without retrieval.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     q.add_argument("--model", default=DEFAULT_MODEL, help="variant name or diffusers folder")
     q.add_argument("--teacher-steps", type=int, default=50)
@@ -326,7 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a PNG: student | slerp | ImageRAGTurbo | the 4 neighbours | "
                         "render, per prompt")
     q.add_argument("--no-latency", action="store_true", help="skip the ONNX latency columns")
-    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.add_argument("--seeds", type=int, default=3,
+                   help="noise seeds per prompt (seed j of prompt i: seed * 1e6 + i + j * 1e5); "
+                        "a prompt's score is the mean over them")
+    q.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="write every figure, per-prompt scores included, as JSON to PATH "
+                        "(e.g. docs/results/quality.json); bare --json prints it instead of "
+                        "the table")
+    q.add_argument("--markdown", type=Path, default=None, metavar="PATH",
+                   help="write the table as Markdown (e.g. docs/results/quality.md)")
     q.add_argument("--plot", type=Path, default=None, help="write a per-category histogram PNG")
     q.set_defaults(func=_cmd_bench_quality)
 

@@ -1,34 +1,67 @@
 """``imageragturbo bench quality``: the paper's Table 2 and Fig. 3 rebuilt on ShapesWorld, every
-row on the same evaluation prompts and seeds, in one run.
+row on the same evaluation prompts and the same S noise seeds per prompt, in one run, with
+intervals that tell a gain from noise.
 
 Rows: the teacher at N steps and at 1 step; the one-step student as distilled; the student
 with training-free slerp injection of the top-1 neighbour (Eq. 3) at the paper's fixed
-w = 0.8 and with the per-prompt oracle w* over {0.1, ..., 0.9} (the best ShapesTIFA of the nine,
-the paper's upper bound that needs the answer to pick); ImageRAGTurbo (the trained H-adapter
-and decoder LoRA, ``imageragturbo train adapter``) at k = 1 and k = 4; and, when given, the
-no-retrieval control (the same fine-tuning without retrieval) and any ablation runs.
+w = 0.8 and with the per-prompt oracle w* over {0.1, ..., 0.9} (the best ShapesTIFA of the
+nine, per seed: the paper's upper bound that needs the answer to pick), that oracle
+cross-fitted (w* picked on one seed, scored on another) and the same two with a null h (a
+random index item outside the prompt's top 32: what selection on noise alone gains);
+ImageRAGTurbo (the trained H-adapter and decoder LoRA, ``imageragturbo train adapter``) at
+k = 1 and k = 4 and the same weights with retrieval off (K = 0: no adapter, the merged LoRA
+stays); when given, the no-retrieval control, ablation runs (each with its own K = 0 row) and
+rows from ``extra_rows``.
 
-Columns: ShapesTIFA overall, per category, on the tail prompts (holding a combination absent
-or rare in training) and on the rest; FD; the CLIP-score analogue; NFE; and the one-step
-latency through ONNX Runtime on the CPU (median of batch-1 requests, same run) with and
-without retrieval.
+Columns: ShapesTIFA (a prompt's score is the mean over its seeds) overall, per category and on
+the prompts whose rarest colour-shape combination is absent / rare / common in training;
+paired bootstrap 95 % intervals (prompts resampled) against the student and against the row's
+retrieval-off partner; FD; the CLIP-score analogue; diversity (mean pairwise 1 - cosine of the
+CLIP analogue's image features between a prompt's seeds; pixel RMS in the JSON); NFE; and the
+one-step latency through ONNX Runtime on the CPU (median of batch-1 requests, same run) with
+and without retrieval.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from imageragturbo.defaults import DEFAULT_MODEL
 
-from . import evaluate, tifa
+from . import evaluate, stats, tifa
 from . import shapesworld as sw
 from .grids import row_grid
 
 SLERP_GRID = tuple(round(0.1 * i, 1) for i in range(1, 10))   # the paper's {0.1, ..., 0.9}
+CLASSES = ("absent", "rare", "common")                          # rarest first
+STUDENT = "student x1"
+ORACLE = "student + slerp oracle w*"
+NULL_ORACLE = "student + slerp null oracle w* (random h)"
+CROSS_FITTED = ", cross-fitted"
+TUNED_OFF = "ImageRAGTurbo, retrieval off (K = 0)"
+NULL_EXCLUDE = 32        # the null oracle's h comes from outside the prompt's top 32
+SEED_STRIDE = 100_000    # seed j of prompt i: seed * 1_000_000 + i + j * SEED_STRIDE
+
+# an extra row: (prompts, seeds) -> uint8 images (len(prompts), H, W, 3)
+RowFn = Callable[[list, list], np.ndarray]
+
+
+def prompt_class(scene: sw.Scene) -> str:
+    """'absent', 'rare' or 'common': the rarest (in training) colour-shape combination of the
+    scene (absent < rare < common)."""
+    found = {sw.combo_class(g.colour, g.shape) for g in scene.groups}
+    return next((c for c in CLASSES if c in found), "common")
+
+
+def noise_seeds(seed: int, n: int, seeds: int) -> np.ndarray:
+    """(S, N) noise seeds: seed j of prompt i is seed * 1e6 + i + j * 1e5 (j = 0: one-seed)."""
+    if n > SEED_STRIDE:
+        raise ValueError(f"at most {SEED_STRIDE} prompts (the seed grid's stride), got {n}")
+    return (seed * 1_000_000 + np.arange(n)[None] + SEED_STRIDE * np.arange(seeds)[:, None])
 
 
 def with_finetune(model: str, run_export: str | Path):
@@ -68,31 +101,82 @@ def student_images(c, prompts, seeds, h_retr=None, lam=None, slerp_w=None, batch
     return np.concatenate(out)
 
 
-def split_scores(per_prompt: Sequence[dict], items: Sequence[sw.Item]) -> dict:
-    """Mean ShapesTIFA over the tail prompts (an absent or rare combination) and the rest."""
-    acc = np.array([p["accuracy"] for p in per_prompt])
-    tail = np.array([bool(it.scene.tail_combos()) for it in items])
-    return {"tail": float(acc[tail].mean()) if tail.any() else float("nan"),
-            "rest": float(acc[~tail].mean()) if (~tail).any() else float("nan"),
-            "n_tail": int(tail.sum()), "n_rest": int((~tail).sum())}
+def _tile(x: np.ndarray, s: int) -> np.ndarray:
+    """Per-prompt arrays (N, ...) repeated for S seeds, seed-major (S * N, ...)."""
+    return np.concatenate([x] * s)
+
+
+def prompt_embeddings(c, prompts: Sequence[str]) -> np.ndarray:
+    """The pooled (retrieval) text embeddings of the prompts, (N, D)."""
+    import torch
+
+    from .model.pipeline import encode_prompt
+
+    with torch.no_grad():
+        return np.concatenate([encode_prompt(c, list(prompts[a:a + 256]))[1].numpy()
+                               for a in range(0, len(prompts), 256)])
 
 
 def neighbours(model: str, c, prompts: Sequence[str], k: int, index=None, progress=True):
     """The index (``index`` or the model's default, built when missing), and each prompt's k
     neighbours: their cached H features (N, k, C, h, w) float32 and scores (N, k)."""
-    import torch
-
-    from .model.pipeline import encode_prompt
     from .retriever import RetrievalIndex
     from .serving.assets import ensure_index
 
     idx = RetrievalIndex.load(ensure_index(model, Path(index) if index else None,
                                            quiet=not progress))
-    with torch.no_grad():
-        pooled = np.concatenate([encode_prompt(c, list(prompts[a:a + 256]))[1].numpy()
-                                 for a in range(0, len(prompts), 256)])
-    ids, scores = idx.search(pooled, k)
+    ids, scores = idx.search(prompt_embeddings(c, prompts), k)
     return idx, ids, idx.h(ids).astype(np.float32), scores.astype(np.float32)
+
+
+def non_neighbours(idx, pooled: np.ndarray, retrieved: np.ndarray, count: int,
+                   seed: int = 0, exclude: int = NULL_EXCLUDE) -> np.ndarray:
+    """(N, count) distinct index items per prompt drawn at random (fixed RNG) from outside its
+    exact top ``exclude`` and its ``retrieved`` ids."""
+    top, _ = idx.exact_search(pooled, exclude)
+    rng = np.random.default_rng([seed, exclude])
+    out = []
+    for near in np.concatenate([top, retrieved], axis=1):
+        pool = np.setdiff1d(np.arange(len(idx)), near)
+        if len(pool) < count:
+            raise ValueError(f"the null oracle needs {count} index items outside each "
+                             f"prompt's top {exclude}; the index has {len(idx)}")
+        out.append(rng.choice(pool, count, replace=False))
+    return np.stack(out)
+
+
+def oracle_search(generate: Callable[[int, float], np.ndarray], records: Sequence, s: int,
+                  n: int) -> dict:
+    """The per-prompt, per-seed best of the nine slerp strengths by ShapesTIFA.
+    ``generate(m, w)``: the S * N images (seed-major) at SLERP_GRID[m] = w. Returns the best
+    images and w (the oracle), and the cross-fitted images and w (seed j's strength is the one
+    picked on seed j + 1 mod S: with S = 2, picked on one seed and scored on the other both
+    ways; None with one seed)."""
+    accs, ims = [], None
+    for m, w in enumerate(SLERP_GRID):
+        im = generate(m, w)
+        accs.append([p["accuracy"] for p in tifa.score(records, list(im))["per_prompt"]])
+        if ims is None:
+            ims = np.empty((len(SLERP_GRID), *im.shape), im.dtype)
+        ims[m] = im
+    acc = np.asarray(accs).reshape(len(SLERP_GRID), s, n)
+    best = acc.argmax(0)            # the first best: the lowest w among ties
+    grid, flat = np.asarray(SLERP_GRID), np.arange(s * n)
+    out = {"best": ims[best.reshape(-1), flat], "w_best": grid[best],
+           "cross": None, "w_cross": None}
+    if s > 1:
+        cross = np.roll(best, -1, axis=0)
+        out.update(cross=ims[cross.reshape(-1), flat], w_cross=grid[cross])
+    return out
+
+
+def image_features(scorer, images: np.ndarray) -> np.ndarray:
+    """The CLIP-score analogue's image features (those FD uses), (N, D)."""
+    import torch
+
+    with torch.no_grad():
+        return np.concatenate([scorer.image.features(scorer.to_input(images[i:i + 256]))
+                               .numpy() for i in range(0, len(images), 256)])
 
 
 def onnx_latency(c, index, k_values=(0, 1, 4), repeats: int = 30, threads: int = 1) -> dict:
@@ -117,19 +201,31 @@ def onnx_latency(c, index, k_values=(0, 1, 4), repeats: int = 30, threads: int =
 def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: int = 50,
         guidance: float = 4.0, index: str | Path | None = None,
         runs: dict[str, str | Path] | None = None, grid: str | Path | None = None,
-        latency: bool = True, progress: bool = True) -> dict:
-    """Every row on the eval split's first ``n`` prompts with seeds seed*1e6 + i. ``runs``:
-    extra rows {name: a run's export folder} (the control and ablations), each at k = 4 (or
-    without retrieval when named like the control)."""
+        latency: bool = True, progress: bool = True, seeds: int = 3,
+        extra_rows: dict[str, RowFn] | None = None, retrieval_off: dict[str, str] | None = None,
+        extra_nfe: dict[str, int] | None = None) -> dict:
+    """Every row on the eval split's first ``n`` prompts, each under ``seeds`` noise seeds
+    (``noise_seeds``). ``runs``: extra rows {name: a run's export folder} (the control and
+    ablations), each at k = 4 with a "<name>, K = 0" partner (the control, named so, without
+    retrieval). ``extra_rows``: {name: fn(prompts, seeds) -> uint8 images}, called once with
+    the S * N prompts and seeds (seed-major: all prompts at seed 0, then seed 1, ...);
+    ``retrieval_off``: {row: its retrieval-off row} for them (any row name, built-in ones
+    such as ``TUNED_OFF`` included); ``extra_nfe``: their NFE (default 1)."""
     import torch
 
     from .model.clip_scorer import ClipScorer
     from .model.family import load_components, resolve
     from .model.pipeline import decode_latents
 
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
     items = sw.make_split("eval", n, seed)
+    n, s = len(items), seeds
     prompts = [it.caption for it in items]
-    seeds = [seed * 1_000_000 + i for i in range(len(items))]
+    classes = np.array([prompt_class(it.scene) for it in items])
+    grid_seeds = noise_seeds(seed, n, s)
+    P, SD = prompts * s, grid_seeds.reshape(-1).tolist()       # every image, seed-major
+    records = [(it.id, it.caption, it.scene) for it in items] * s
     base = load_components(model, with_teacher=True, retrieval_tuned=False)
     tuned = load_components(model)
     if tuned.h_adapter is None:
@@ -140,75 +236,165 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
     reference = np.stack([np.asarray(sw.render(it.scene)) for it in ref_items])
 
     idx, ids, h4, scores = neighbours(model, base, prompts, 4, index, progress)
-    lam = scores[:, 0].copy()
+    H4, LAM = _tile(h4, s), _tile(scores[:, 0].copy(), s)
+
+    def student(c, h=None, lam=None, w=None, desc="student"):
+        return student_images(c, P, SD, h, lam, slerp_w=w, desc=desc, progress=progress)
 
     images: dict[str, np.ndarray] = {}
     nfe: dict[str, int] = {}
-    images[f"teacher x{teacher_steps}"] = evaluate.generate(
-        base, prompts, seeds, "teacher", teacher_steps, guidance, progress=progress)
-    nfe[f"teacher x{teacher_steps}"] = 2 * teacher_steps  # classifier-free guidance
-    images["teacher x1"] = evaluate.generate(base, prompts, seeds, "teacher", 1, guidance,
+    partner: dict[str, str] = {}
+    teacher = f"teacher x{teacher_steps}"
+    images[teacher] = evaluate.generate(base, P, SD, "teacher", teacher_steps, guidance,
+                                        progress=progress)
+    nfe[teacher] = 2 * teacher_steps  # classifier-free guidance
+    images["teacher x1"] = evaluate.generate(base, P, SD, "teacher", 1, guidance,
                                              progress=progress)
     nfe["teacher x1"] = 2
-    images["student x1"] = student_images(base, prompts, seeds, progress=progress)
-    images["student + slerp w=0.8"] = student_images(base, prompts, seeds, h4[:, :1],
-                                                     slerp_w=0.8, desc="slerp 0.8",
-                                                     progress=progress)
-    # the oracle: per prompt, the best of the nine slerp strengths by ShapesTIFA itself
-    records = [(it.id, it.caption, it.scene) for it in items]
-    best_acc = np.full(n, -1.0)
-    best_w = np.zeros(n)
-    oracle = np.zeros_like(images["student x1"])
-    for w in SLERP_GRID:
-        im = student_images(base, prompts, seeds, h4[:, :1], slerp_w=w, desc=f"slerp {w}",
-                            progress=progress)
-        acc = np.array([p["accuracy"] for p in tifa.score(records, list(im))["per_prompt"]])
-        better = acc > best_acc
-        best_acc[better], best_w[better], oracle[better] = acc[better], w, im[better]
-    images["student + slerp oracle w*"] = oracle
+    images[STUDENT] = student(base)
+    images["student + slerp w=0.8"] = student(base, H4[:, :1], w=0.8, desc="slerp 0.8")
+    # the oracles: per prompt and seed, the best of the nine slerp strengths by ShapesTIFA
+    # itself, with the top-1 neighbour and with a random non-neighbour (a new one per w)
+    null_h = idx.h(non_neighbours(idx, prompt_embeddings(base, prompts), ids,
+                                  len(SLERP_GRID), seed)).astype(np.float32)
+    searches = {
+        ORACLE: lambda m, w: student(base, H4[:, :1], w=w, desc=f"slerp {w}"),
+        NULL_ORACLE: lambda m, w: student(base, _tile(null_h[:, m:m + 1], s), w=w,
+                                          desc=f"null slerp {w}")}
+    w_star = {}
+    for name, gen in searches.items():
+        o = oracle_search(gen, records, s, n)
+        images[name], w_star[name] = o["best"], o["w_best"]
+        if o["cross"] is not None:
+            images[name + CROSS_FITTED], w_star[name + CROSS_FITTED] = o["cross"], o["w_cross"]
     for k in (1, 4):
-        images[f"ImageRAGTurbo k={k}"] = student_images(tuned, prompts, seeds, h4[:, :k], lam,
-                                                        desc=f"ImageRAGTurbo k={k}",
-                                                        progress=progress)
+        name = f"ImageRAGTurbo k={k}"
+        images[name], partner[name] = student(tuned, H4[:, :k], LAM, desc=name), TUNED_OFF
+    images[TUNED_OFF] = student(tuned, desc=TUNED_OFF)        # the merged LoRA, no adapter
     for name, folder in (runs or {}).items():
         c = with_finetune(model, folder)
         if "control" in name:
             # its adapter was trained on the target's own feature, lambda 1: served that way
-            images[name] = _control_images(c, prompts, seeds, progress)
+            images[name] = _control_images(c, P, SD, progress)
         else:
-            images[name] = student_images(c, prompts, seeds, h4, lam, desc=name,
-                                          progress=progress)
-    for name in images:
-        nfe.setdefault(name, 1)
+            images[name] = student(c, H4, LAM, desc=name)
+            partner[name] = f"{name}, K = 0"
+            images[partner[name]] = student(c, desc=partner[name])
+    for name, fn in (extra_rows or {}).items():
+        im = np.asarray(fn(list(P), list(SD)))
+        if im.shape != images[STUDENT].shape or im.dtype != np.uint8:
+            raise ValueError(f"extra row {name!r} gave {im.dtype} {im.shape}, not uint8 "
+                             f"{images[STUDENT].shape} (one image per prompt and seed)")
+        images[name] = im
+    nfe.update(extra_nfe or {})
+    partner.update(retrieval_off or {})
+    for name, off in partner.items():
+        if name not in images or off not in images:
+            raise ValueError(f"retrieval_off pairs {name!r} with {off!r}: no such row")
 
-    results = {}
+    results, acc = {}, {}
     for name, im in images.items():
-        r = evaluate.measure(base, scorer, items, im, reference)
-        r.update(split_scores(r.pop("per_prompt"), items), nfe=nfe[name])
+        r = evaluate.measure(base, scorer, items * s, im, reference)
+        a = np.array([p["accuracy"] for p in r.pop("per_prompt")]).reshape(s, n)
+        acc[name] = a.mean(0)
+        feats = image_features(scorer, im).reshape(s, n, -1)
+        r.update({c: _mean(acc[name][classes == c]) for c in CLASSES})
+        r.update(n_prompts=n, n_images=s * n, nfe=nfe.get(name, 1),
+                 diversity=_mean(stats.seed_spread(feats)),
+                 diversity_pixel_rms=_mean(stats.pixel_spread(im.reshape(s, n, *im.shape[1:]))))
+        r["per_prompt"] = [{"id": it.id, "caption": it.caption, "combo_class": str(c),
+                            "scores": a[:, i].tolist()}
+                           for i, (it, c) in enumerate(zip(items, classes))]
         results[name] = r
-    results["student + slerp oracle w*"]["w_star_histogram"] = {
-        str(w): int((best_w == w).sum()) for w in SLERP_GRID}
+    for name, r in results.items():
+        ref = results[STUDENT]["diversity"]
+        r["diversity_vs_student"] = r["diversity"] / ref if ref else float("nan")
+        r["vs_student"] = {"row": STUDENT, **stats.split_intervals(
+            acc[name], acc[STUDENT], classes, CLASSES)}
+        if name in partner:
+            r["vs_retrieval_off"] = {"row": partner[name], **stats.split_intervals(
+                acc[name], acc[partner[name]], classes, CLASSES)}
+    for name, w in w_star.items():
+        results[name]["w_star_histogram"] = {str(v): int((w == v).sum()) for v in SLERP_GRID}
+    results["_meta"] = {
+        "model": str(model), "n": n, "seeds": s, "seed": seed,
+        "noise_seed": f"seed * 1_000_000 + i + j * {SEED_STRIDE} (prompt i, seed j)",
+        "teacher_steps": teacher_steps, "guidance": guidance,
+        "classes": {c: int((classes == c).sum()) for c in CLASSES},
+        "class_rule": "a prompt's rarest colour-shape combination in training "
+                      "(absent < rare < common)",
+        "bootstrap": {"resamples": stats.RESAMPLES, "level": stats.LEVEL, "seed": 0,
+                      "unit": "prompt (score: mean over its seeds)"},
+        "retrieval_off": partner, "null_oracle_excludes_top": NULL_EXCLUDE,
+        "cross_fit": "seed j uses the w* picked on seed j + 1 mod S",
+        "diversity": "mean over prompts of the mean over seed pairs of 1 - cosine of the "
+                     "CLIP analogue's image features (pixel RMS: values in [0, 1])"}
     if latency:
         lat_base = onnx_latency(base, idx, k_values=(0,))
         lat_tuned = onnx_latency(tuned, idx, k_values=(0, 1, 4))
-        results["student x1"]["latency_ms"] = lat_base["k0"]
+        results[STUDENT]["latency_ms"] = lat_base["k0"]
+        results[TUNED_OFF]["latency_ms"] = lat_tuned["k0"]
         for k in (1, 4):
             results[f"ImageRAGTurbo k={k}"]["latency_ms"] = lat_tuned[f"k{k}"]
         results["_latency"] = {"student_k0": lat_base["k0"], **{
             f"imageragturbo_{key}": v for key, v in lat_tuned.items()},
             "note": "ONNX Runtime CPU, 1 thread, batch 1, median ms"}
     if grid:
+        g = min(8, n)                                                  # seed 0's first prompts
         with torch.no_grad():
-            nb = idx.latents(ids[:8]).astype(np.float32)               # (8, 4, C, h, w)
+            nb = idx.latents(ids[:g]).astype(np.float32)               # (g, 4, C, h, w)
             nb_images = decode_latents(base, torch.from_numpy(nb.reshape(-1, *nb.shape[2:])))
-        rows = {"student x1": images["student x1"][:8],
-                "slerp w=0.8": images["student + slerp w=0.8"][:8],
-                "ImageRAGTurbo k=4": images["ImageRAGTurbo k=4"][:8]}
-        rows.update({f"neighbour {j + 1}": nb_images.reshape(8, 4, *nb_images.shape[1:])[:, j]
+        rows = {STUDENT: images[STUDENT][:g],
+                "slerp w=0.8": images["student + slerp w=0.8"][:g],
+                "ImageRAGTurbo k=4": images["ImageRAGTurbo k=4"][:g]}
+        rows.update({f"neighbour {j + 1}": nb_images.reshape(g, 4, *nb_images.shape[1:])[:, j]
                      for j in range(4)})
-        rows["render"] = np.stack([np.asarray(sw.render(it.scene)) for it in items[:8]])
-        row_grid(rows, prompts[:8], grid)
+        rows["render"] = np.stack([np.asarray(sw.render(it.scene)) for it in items[:g]])
+        row_grid(rows, prompts[:g], grid)
     return results
+
+
+def _mean(x: np.ndarray) -> float:
+    x = np.asarray(x, np.float64)
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if len(x) else float("nan")
+
+
+def _ci(iv: dict | None, split: str = "all") -> str:
+    if not iv or split not in iv:
+        return ""
+    d = iv[split]
+    return f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+
+
+def markdown_table(results: dict) -> str:
+    """The rows as a Markdown table (one row per pipeline) with a line on how it was made."""
+    rows = {k: v for k, v in results.items() if not k.startswith("_")}
+    meta = results.get("_meta", {})
+    cats = [c for c in tifa.CATEGORIES if any(c in r["categories"] for r in rows.values())]
+    head = ["pipeline", "NFE", "ShapesTIFA", "vs student x1 (95% CI)",
+            "vs retrieval off (95% CI)", *CLASSES, *cats, "FD", "CLIP", "diversity", "ms"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows.items():
+        ms = f"{r['latency_ms']:.1f}" if "latency_ms" in r else ""
+        cells = [name, str(r["nfe"]), f"{r['tifa']:.3f}",
+                 "" if name == STUDENT else _ci(r.get("vs_student")),
+                 _ci(r.get("vs_retrieval_off")), *(f"{r[c]:.3f}" for c in CLASSES),
+                 *(f"{r['categories'].get(c, float('nan')):.2f}" for c in cats),
+                 f"{r['fd']:.1f}", f"{r['clip']:.3f}", f"{r['diversity']:.3f}", ms]
+        lines.append("| " + " | ".join(cells) + " |")
+    cls = meta.get("classes", {})
+    pairs = "; ".join(f"{a} vs {b}" for a, b in meta.get("retrieval_off", {}).items())
+    note = (f"{meta.get('n', '?')} evaluation prompts (absent {cls.get('absent', '?')} / rare "
+            f"{cls.get('rare', '?')} / common {cls.get('common', '?')}: the prompt's rarest "
+            f"colour-shape combination in training), {meta.get('seeds', '?')} noise seeds "
+            "each; a prompt's score is the mean over its seeds. Intervals: the difference in "
+            f"mean ShapesTIFA, paired bootstrap over prompts ({stats.RESAMPLES:,} resamples, "
+            f"{stats.LEVEL:.0%}). Retrieval off: {pairs or 'none'}. Diversity: mean pairwise "
+            "1 - cosine of the CLIP analogue's image features across a prompt's seeds."
+            + (" ms: ONNX Runtime CPU, 1 thread, batch 1, median." if "_latency" in results
+               else ""))
+    return note + "\n\n" + "\n".join(lines) + "\n"
 
 
 def _control_images(c, prompts, seeds, progress=True) -> np.ndarray:
