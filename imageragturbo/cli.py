@@ -141,6 +141,15 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_sensitivity(args: argparse.Namespace) -> int:
+    from . import sensitivity
+
+    results = {m: sensitivity.run(m, args.n, args.seed, progress=not args.json)
+               for m in (args.model or [DEFAULT_MODEL])}
+    print(json.dumps(results) if args.json else sensitivity.markdown(results), end="")
+    return 0
+
+
 def _print_table(results: dict[str, dict]) -> None:
     from .tifa import CATEGORIES
 
@@ -347,6 +356,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the table as Markdown (e.g. docs/results/quality.md)")
     q.add_argument("--plot", type=Path, default=None, help="write a per-category histogram PNG")
     q.set_defaults(func=_cmd_bench_quality)
+
+    sens = bench_sub.add_parser(
+        "sensitivity", help="which route through the student's UNet carries the prompt: h, "
+                            "skips or the decoder's text",
+        description="Forward passes of the one-step student (as distilled): the relative "
+                    "change of z_0 when h is zeroed, replaced by the top-1 neighbour's "
+                    "(slerp w = 0) or by another prompt's, and when the skips or the "
+                    "decoder's text come from another prompt. An H-space edit can only "
+                    "work where the decoder reads h.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sens.add_argument("--model", action="append", default=None, metavar="MODEL",
+                      help=f"variant or diffusers folder; repeatable (default {DEFAULT_MODEL})")
+    sens.add_argument("--n", type=int, default=64, help="evaluation prompts")
+    sens.add_argument("--seed", type=int, default=0)
+    sens.add_argument("--json", action="store_true", help="print one JSON object")
+    sens.set_defaults(func=_cmd_bench_sensitivity)
 
     for name in PLUGINS:
         try:

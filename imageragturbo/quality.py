@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imageragturbo.defaults import DEFAULT_MODEL
+from imageragturbo.defaults import DEFAULT_MODEL, RERANK_CANDIDATES
 
 from . import evaluate, stats, tifa
 from . import shapesworld as sw
@@ -117,15 +117,18 @@ def prompt_embeddings(c, prompts: Sequence[str]) -> np.ndarray:
                                for a in range(0, len(prompts), 256)])
 
 
-def neighbours(model: str, c, prompts: Sequence[str], k: int, index=None, progress=True):
+def neighbours(model: str, c, prompts: Sequence[str], k: int, index=None, progress=True,
+               rerank: int = RERANK_CANDIDATES):
     """The index (``index`` or the model's default, built when missing), and each prompt's k
-    neighbours: their cached H features (N, k, C, h, w) float32 and scores (N, k)."""
+    neighbours as served (the dense top ``rerank`` re-ranked by the prompt's words; 0: dense
+    only): their cached H features (N, k, C, h, w) float32 and scores (N, k)."""
     from .retriever import RetrievalIndex
     from .serving.assets import ensure_index
 
     idx = RetrievalIndex.load(ensure_index(model, Path(index) if index else None,
                                            quiet=not progress))
-    ids, scores = idx.search(prompt_embeddings(c, prompts), k)
+    ids, scores = idx.search(prompt_embeddings(c, prompts), k, prompts=list(prompts),
+                             rerank=rerank)
     return idx, ids, idx.h(ids).astype(np.float32), scores.astype(np.float32)
 
 

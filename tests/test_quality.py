@@ -296,3 +296,26 @@ def test_cli_writes_markdown_and_json(bench, tmp_path, monkeypatch):
     assert f"absent {res['_meta']['classes']['absent']}" in table
     assert json.loads(js.read_text())[TUNED_OFF]["per_prompt"][0]["scores"] == \
         res[TUNED_OFF]["per_prompt"][0]["scores"]
+
+
+def test_relative_change_is_zero_for_equal_and_exact_for_a_known_shift():
+    from imageragturbo.sensitivity import relative_change
+
+    z = np.ones((2, 4, 2, 2), np.float32)
+    assert np.all(relative_change(z, z) == 0)
+    np.testing.assert_allclose(relative_change(1.5 * z, z), [0.5, 0.5], rtol=1e-6)
+
+
+def test_bench_sensitivity_measures_every_route_on_the_models_layout(index):
+    from imageragturbo import sensitivity
+
+    out = sensitivity.run("tiny-shapes", n=4, index=index, progress=False)
+    routes = ("h := 0", "h := neighbour", "h := other prompt", "skips := other prompt",
+              "decoder text := other prompt")
+    for r in routes:
+        assert 0 < out[r]["mean"] < 10 and out[r]["median"] >= 0
+    assert out["layout"]["h"] == [96, 4, 4] and len(out["layout"]["down"]) == 3
+    table = sensitivity.markdown({"tiny-shapes": out})
+    assert all(r in table for r in routes) and "tiny-shapes" in table
+    with pytest.raises(ValueError, match="n must be"):
+        sensitivity.run("tiny-shapes", n=1, index=index, progress=False)
