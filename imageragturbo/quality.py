@@ -201,6 +201,38 @@ def onnx_latency(c, index, k_values=(0, 1, 4), repeats: int = 30, threads: int =
                 for k in k_values}
 
 
+def stage_flops(c, k_values=(1, 4)) -> dict:
+    """FLOPs of one batch-1 request through the five stages as exported (the torch modules the
+    ONNX graphs are traced from; torch's FlopCounterMode counts matmuls and convolutions), and
+    what the H-adapter adds at each k: the compute side of the paper's latency argument."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .model.pipeline import latent_shape, tokenize
+    from .model.stages import OneStepStudent, TextEncoder, VAEDecoder
+
+    def count(fn) -> int:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            fn()
+        return int(fc.get_total_flops())
+
+    ids = tokenize(c.tokenizer, ["a red circle"])
+    ehs, _ = TextEncoder(c.text_encoder)(ids)
+    z = torch.zeros(1, *latent_shape(c))
+    student = OneStepStudent(c.unet, c.alphas_cumprod, c.scheduler.config.prediction_type)
+    h = student.unet_encoder(z, torch.full((1,), 999), ehs)[0]
+    out = {"text_encoder": count(lambda: TextEncoder(c.text_encoder)(ids)),
+           "unet": count(lambda: student(z, ehs)),
+           "vae_decoder": count(lambda: VAEDecoder(c.vae)(z))}
+    out["one_step"] = sum(out.values())
+    if c.h_adapter is not None:
+        for k in k_values:
+            h_retr = h.unsqueeze(1).expand(1, k, *h.shape[1:])
+            out[f"h_adapter_k{k}"] = count(lambda: c.h_adapter(h, h_retr, torch.ones(1)))
+            out[f"h_adapter_k{k}_share"] = round(out[f"h_adapter_k{k}"] / out["one_step"], 4)
+    return out
+
+
 def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: int = 50,
         guidance: float = 4.0, index: str | Path | None = None,
         runs: dict[str, str | Path] | None = None, grid: str | Path | None = None,
@@ -341,7 +373,8 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
             results[f"ImageRAGTurbo k={k}"]["latency_ms"] = lat_tuned[f"k{k}"]
         results["_latency"] = {"student_k0": lat_base["k0"], **{
             f"imageragturbo_{key}": v for key, v in lat_tuned.items()},
-            "note": "ONNX Runtime CPU, 1 thread, batch 1, median ms"}
+            "note": "ONNX Runtime CPU, 1 thread, batch 1, median ms",
+            "flops": stage_flops(tuned)}
     if grid:
         g = min(8, n)                                                  # seed 0's first prompts
         with torch.no_grad():

@@ -319,3 +319,12 @@ def test_bench_sensitivity_measures_every_route_on_the_models_layout(index):
     assert all(r in table for r in routes) and "tiny-shapes" in table
     with pytest.raises(ValueError, match="n must be"):
         sensitivity.run("tiny-shapes", n=1, index=index, progress=False)
+
+
+def test_stage_flops_count_the_five_stages_and_the_adapter_grows_with_k():
+    from imageragturbo.model import family
+
+    f = quality.stage_flops(family.load_components("tiny-shapes"), k_values=(1, 4))
+    assert f["one_step"] == f["text_encoder"] + f["unet"] + f["vae_decoder"] > 0
+    assert 0 < f["h_adapter_k1"] < f["h_adapter_k4"] < f["unet"]
+    assert f["h_adapter_k4_share"] == round(f["h_adapter_k4"] / f["one_step"], 4)
