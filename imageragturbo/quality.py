@@ -228,7 +228,7 @@ def stage_flops(c, k_values=(1, 4)) -> dict:
     if c.h_adapter is not None:
         for k in k_values:
             h_retr = h.unsqueeze(1).expand(1, k, *h.shape[1:])
-            out[f"h_adapter_k{k}"] = count(lambda: c.h_adapter(h, h_retr, torch.ones(1)))
+            out[f"h_adapter_k{k}"] = count(lambda hr=h_retr: c.h_adapter(h, hr, torch.ones(1)))
             out[f"h_adapter_k{k}_share"] = round(out[f"h_adapter_k{k}"] / out["one_step"], 4)
     return out
 
