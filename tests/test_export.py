@@ -444,3 +444,22 @@ def _cpu_session_of(model, path):
 
     onnx.save(model, path)
     return _cpu_session(path)
+
+
+def test_to_uint8_rounds_to_the_nearest_pixel_value_not_down():
+    """The VAE's [-1, 1] output to pixels: x = p / 127.5 - 1 lands on pixel p exactly, and a
+    value 0.999 of a step above p gives p + 1 (rounded, as ``decode_latents``), 0.4 of a step
+    stays p; out of range clips to 0 and 255; (B, 3, H, W) becomes (B, H, W, 3)."""
+    from imageragturbo.runtime.request import to_uint8
+
+    pixels = np.array([0.0, 0.4, 0.6, 0.999, 1.001, 127.4, 127.6, 200.999, 254.4, 254.999,
+                       255.0, -40.0, 300.0])
+    want = [0, 0, 1, 1, 1, 127, 128, 201, 254, 255, 255, 0, 255]
+    x = (pixels / 127.5 - 1.0).astype(np.float32)
+    img = np.stack([x, x[::-1], np.zeros_like(x)]).reshape(1, 3, 1, -1)    # (1, 3, 1, 13)
+    out = to_uint8(img)
+    assert out.dtype == np.uint8 and out.shape == (1, 1, len(want), 3)
+    assert out[0, 0, :, 0].tolist() == want
+    assert out[0, 0, :, 1].tolist() == want[::-1]
+    assert out[0, 0, :, 2].tolist() == [128] * len(want)                  # 0.0 -> 127.5 -> 128
+    assert to_uint8(img.astype(np.float16))[0, 0, :4, 0].tolist() == [0, 0, 1, 1]
