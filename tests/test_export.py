@@ -463,3 +463,39 @@ def test_to_uint8_rounds_to_the_nearest_pixel_value_not_down():
     assert out[0, 0, :, 1].tolist() == want[::-1]
     assert out[0, 0, :, 2].tolist() == [128] * len(want)                  # 0.0 -> 127.5 -> 128
     assert to_uint8(img.astype(np.float16))[0, 0, :4, 0].tolist() == [0, 0, 1, 1]
+
+
+def test_a_truncated_stage_file_is_refused_without_verify(tmp_path):
+    """``load_manifest`` checks every stage file's size even without ``verify`` (which adds
+    the sha256): a graph or external-data file cut short, e.g. by a copy that ran out of disk,
+    is refused before ONNX Runtime sees it; a same-size alteration needs ``verify``."""
+    import hashlib
+
+    from imageragturbo.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, STAGES
+
+    stages, blobs = {}, {}
+    for i, name in enumerate(STAGES):
+        files = {f"{name}.onnx": bytes(range(256)) * (i + 2)}
+        if name == "unet_decoder":
+            files[f"{name}.onnx.data"] = b"\x01" * 3000  # external data counts too
+        for f, data in files.items():
+            (tmp_path / f).write_bytes(data)
+            blobs[f] = data
+        stages[name] = {"files": {f: {"bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()}
+                                  for f, d in files.items()}}
+    (tmp_path / MANIFEST).write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION,
+                                                 "stages": stages}))
+    assert set(load_manifest(tmp_path)["stages"]) == set(STAGES)
+    for f, data in blobs.items():
+        (tmp_path / f).write_bytes(data[:-1])
+        with pytest.raises(ValueError, match=f"{f} differs from the manifest"):
+            load_manifest(tmp_path)
+        (tmp_path / f).write_bytes(data + b"\0")
+        with pytest.raises(ValueError, match=f"{f} differs from the manifest"):
+            load_manifest(tmp_path)
+        (tmp_path / f).write_bytes(data)
+    altered = bytes([blobs["unet_decoder.onnx"][0] ^ 0xFF]) + blobs["unet_decoder.onnx"][1:]
+    (tmp_path / "unet_decoder.onnx").write_bytes(altered)
+    load_manifest(tmp_path)  # same size: only the checksum tells
+    with pytest.raises(ValueError, match="unet_decoder.onnx differs"):
+        load_manifest(tmp_path, verify=True)
