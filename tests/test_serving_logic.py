@@ -1,0 +1,158 @@
+"""The serving code's decisions, without a tritonserver (issue 22, item 4): the supervisor's
+reload-or-restart rules driven through a fake server, ``TritonServer.wait_ready``'s timeout
+against a port nobody answers on, and the preprocess backend's request checks with a stand-in
+for Triton's ``triton_python_backend_utils``. Cheap: seconds, no model, no server."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imageragturbo.serving.repository import ENSEMBLE
+from imageragturbo.serving.server import ServerError, TritonServer, free_port
+from imageragturbo.serving.supervisor import Supervisor
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# ----------------------------------------------------------------------------- supervisor
+
+
+class _Running:
+    """A ``subprocess.Popen`` stand-in for a tritonserver that has not exited."""
+
+    returncode = None
+
+    def poll(self):
+        return None
+
+
+class FakeServer:
+    """What the supervisor uses of a ``TritonServer``: stub processes by model (a reload
+    starts a new stub; ``kill_stub`` is a ``kill -9`` of one), model control, readiness,
+    kill/start/wait_ready; every action recorded in ``calls``."""
+
+    http_url = "http://127.0.0.1:1"
+
+    def __init__(self, models=("preprocess", "retriever", "unet_decoder")):
+        self.process = _Running()
+        self._next = 100
+        self.stubs = {m: [self._pid()] for m in models}
+        self.calls: list[tuple[str, str]] = []
+
+    def _pid(self) -> int:
+        self._next += 1
+        return self._next
+
+    def kill_stub(self, model: str) -> None:
+        self.stubs[model] = []
+
+    def stub_processes(self):
+        return {m: list(p) for m, p in self.stubs.items() if p}
+
+    def unload_model(self, name, timeout=60.0):
+        self.calls.append(("unload", name))
+
+    def load_model(self, name, timeout=120.0):
+        self.calls.append(("load", name))
+        if name in self.stubs:
+            self.stubs[name] = [self._pid()]
+
+    def http_ok(self, path, timeout=2.0):
+        return True
+
+    def kill(self):
+        self.calls.append(("kill", ""))
+        self.stubs = {m: [] for m in self.stubs}
+
+    def start(self):
+        self.calls.append(("start", ""))
+        self.stubs = {m: [self._pid()] for m in self.stubs}
+        return self
+
+    def wait_ready(self, timeout=300.0, progress=True):
+        self.calls.append(("wait_ready", ""))
+
+
+def _supervisor(server, **kw) -> Supervisor:
+    """A supervisor that has taken its first look at the stubs (``start``) but whose thread
+    is already stopped: each step is driven by hand."""
+    sup = Supervisor(server, interval=3600, canary_every=3600, quiet=True, **kw).start()
+    sup.stop()
+    return sup
+
+
+def test_each_reload_counts_a_dead_instance_and_max_reloads_forces_a_restart():
+    """Triton never finishes unloading an instance whose stub was killed: every reload leaves
+    one behind. With ``max_reloads`` 2, two killed stubs are reloaded; the third kill (of a
+    model reloaded before) is healed by a restart, which clears the count."""
+    srv = FakeServer()
+    sup = _supervisor(srv, max_reloads=2)
+    for model in ("retriever", "preprocess", "retriever"):
+        srv.kill_stub(model)
+        sup.check()
+    assert [(e.kind, e.models) for e in sup.events] == [
+        ("reload", ["retriever"]), ("reload", ["preprocess"]), ("restart", ["retriever"])]
+    assert "2 dead instances already" in sup.events[-1].reason
+    assert [c for c in srv.calls if c[0] in ("load", "kill")] == [
+        ("load", "retriever"), ("load", "preprocess"), ("kill", "")]
+    assert sup.dead_instances == 0
+    srv.kill_stub("unet_decoder")  # after the restart, reloads are allowed again
+    sup.check()
+    assert sup.events[-1].kind == "reload" and sup.dead_instances == 1
+
+
+def test_two_models_in_one_heal_count_two_dead_instances():
+    srv = FakeServer()
+    sup = _supervisor(srv, max_reloads=2)
+    srv.kill_stub("retriever"), srv.kill_stub("preprocess")
+    sup.check()
+    assert sup.events[-1].kind == "reload" and sup.dead_instances == 2
+    srv.kill_stub("unet_decoder")
+    sup.check()
+    assert sup.events[-1].kind == "restart"
+
+
+def test_a_healthy_watch_step_does_nothing():
+    srv = FakeServer()
+    sup = _supervisor(srv)
+    sup.check()
+    assert sup.events == [] and srv.calls == []
+
+
+def test_the_canary_restarts_only_on_its_second_failure_in_a_row(monkeypatch):
+    """A canary failure that names no stub (a stuck server) is tried again before acting;
+    the second in a row restarts the server; a success in between resets the count."""
+    srv = FakeServer()
+    sup = _supervisor(srv)
+    answers = iter(["no answer: timed out", None, "no answer: timed out",
+                    "no answer: timed out", "HTTP 500"])
+    monkeypatch.setattr(sup, "canary", lambda: next(answers))
+    sup.canary_check()                        # failure 1
+    sup.canary_check()                        # success: the count starts again
+    sup.canary_check()                        # failure 1
+    assert sup.events == [] and ("kill", "") not in srv.calls
+    sup.canary_check()                        # failure 2 in a row
+    assert [e.kind for e in sup.events] == ["restart"]
+    assert "canary failed twice" in sup.events[0].reason
+    assert srv.calls == [("kill", ""), ("start", ""), ("wait_ready", "")]
+    sup.canary_check()                        # the restart reset the count: failure 1 again
+    assert len(sup.events) == 1
+
+
+def test_a_canary_naming_a_dead_stub_reloads_that_model_at_once(monkeypatch):
+    srv = FakeServer()
+    sup = _supervisor(srv)
+    monkeypatch.setattr(sup, "canary", lambda: "Stub process 'retriever_0_0' is not healthy.")
+    sup.canary_check()
+    assert [(e.kind, e.models) for e in sup.events] == [("reload", ["retriever"])]
+    assert ("unload", "retriever") in srv.calls and ("kill", "") not in srv.calls
+    # the ensemble reports ready again, so it is not loaded by hand
+    assert ("load", ENSEMBLE) not in srv.calls
