@@ -156,3 +156,90 @@ def test_a_canary_naming_a_dead_stub_reloads_that_model_at_once(monkeypatch):
     assert ("unload", "retriever") in srv.calls and ("kill", "") not in srv.calls
     # the ensemble reports ready again, so it is not loaded by hand
     assert ("load", ENSEMBLE) not in srv.calls
+
+
+# ----------------------------------------------------------------------------- wait_ready
+
+
+def _wait_ready_in_thread(server: TritonServer, timeout: float, limit: float):
+    """Run ``server.wait_ready(timeout)`` in a daemon thread; (exception, seconds), or fail
+    the test when it has not returned after ``limit`` seconds (a hang)."""
+    out = {}
+
+    def run():
+        t0 = time.monotonic()
+        try:
+            server.wait_ready(timeout, progress=False)
+            out["error"] = None
+        except Exception as e:  # noqa: BLE001 - returned to the test
+            out["error"] = e
+        out["seconds"] = time.monotonic() - t0
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(limit)
+    if t.is_alive():
+        pytest.fail(f"wait_ready({timeout}) still waiting after {limit} s")
+    return out["error"], out["seconds"]
+
+
+def _not_ready_server(tmp_path, http_port=None, tls=False) -> TritonServer:
+    """A TritonServer whose process runs but never serves: a sleeping child stands in for a
+    tritonserver stuck loading its models."""
+    kw = {}
+    if tls:  # readiness is then asked over HTTP (``http_ok``); the files only need to exist
+        for f in ("cert", "key"):
+            (tmp_path / f).write_text("x")
+        kw = {"tls_cert": tmp_path / "cert", "tls_key": tmp_path / "key"}
+    s = TritonServer(tmp_path, log_path=tmp_path / "server.log", cache=tmp_path,
+                     http_port=http_port, **kw)
+    (tmp_path / "server.log").write_text("loading models...\n")
+    s.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    return s
+
+
+@pytest.mark.parametrize("answer", ["nobody", "503", "silent"])
+def test_wait_ready_gives_up_after_its_timeout(tmp_path, answer):
+    """A server that never becomes ready: nobody listens on its ports (gRPC readiness), its
+    HTTP port answers 503 (TLS: readiness over HTTP), or it accepts connections and never
+    answers. ``wait_ready`` raises ServerError with the log's tail after about ``timeout``
+    seconds (plus one readiness probe, 2 s at most), and stops the process it gave up on."""
+    import http.server
+    import socket
+
+    listener = httpd = None
+    port = None
+    if answer == "503":
+        class Busy(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                self.send_response(503)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+        port = httpd.server_address[1]
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    elif answer == "silent":
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)  # connections queue up, nothing is ever read or answered
+        port = listener.getsockname()[1]
+    server = _not_ready_server(tmp_path, http_port=port or free_port(),
+                               tls=answer in ("503", "silent"))
+    proc = server.process
+    try:
+        err, seconds = _wait_ready_in_thread(server, timeout=1.0, limit=20.0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if httpd is not None:
+            httpd.shutdown()
+        if listener is not None:
+            listener.close()
+    assert isinstance(err, ServerError), err
+    assert "not ready after 1 s" in str(err) and "loading models..." in str(err)
+    assert 1.0 <= seconds < 6.0, seconds
+    assert server.process is None and proc.returncode is not None  # stopped, not left running
