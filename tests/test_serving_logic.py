@@ -243,3 +243,92 @@ def test_wait_ready_gives_up_after_its_timeout(tmp_path, answer):
     assert "not ready after 1 s" in str(err) and "loading models..." in str(err)
     assert 1.0 <= seconds < 6.0, seconds
     assert server.process is None and proc.returncode is not None  # stopped, not left running
+
+
+# ----------------------------------------------------------------------------- preprocess
+
+
+class _In:
+    """A request input tensor as the Python backend sees it."""
+
+    def __init__(self, a):
+        self._a = np.asarray(a)
+
+    def as_numpy(self):
+        return self._a
+
+
+def _pb_utils() -> types.ModuleType:
+    """A stand-in for Triton's ``triton_python_backend_utils``: requests are dicts of
+    arrays; responses record their tensors or error."""
+    pb = types.ModuleType("triton_python_backend_utils")
+
+    class TritonError:
+        INVALID_ARG = "INVALID_ARG"
+
+        def __init__(self, message, code=None):
+            self.message, self.code = message, code
+
+    class Tensor:
+        def __init__(self, name, array):
+            self.name, self.array = name, array
+
+    class InferenceResponse:
+        def __init__(self, output_tensors=(), error=None):
+            self.outputs = {t.name: t.array for t in output_tensors}
+            self.error = error
+
+    pb.TritonError, pb.Tensor, pb.InferenceResponse = TritonError, Tensor, InferenceResponse
+    pb.get_input_tensor_by_name = lambda request, name: (
+        _In(request[name]) if name in request else None)
+    return pb
+
+
+@pytest.fixture
+def preprocess(monkeypatch):
+    """The preprocess backend's model, as configured by a rendered repository with max_k 4
+    (``initialize`` also loads the tokenizer, which these checks never reach)."""
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _pb_utils())
+    spec = importlib.util.spec_from_file_location(
+        "preprocess_backend_under_test", ROOT / "model_repository/preprocess/1/model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    m = mod.TritonPythonModel()
+    m.max_length, m.latent_shape, m.timestep = 77, (4, 8, 8), 999
+    m.default_k, m.max_k, m.has_adapter, m.max_prompt_chars = 2, 4, True, 1000
+    return m
+
+
+def _request(n=2, **inputs):
+    req = {"PROMPT": np.array([f"prompt {i}".encode() for i in range(n)],
+                              np.object_).reshape(n, 1)}
+    for name, dtype in (("SEED", np.int64), ("K", np.int32), ("STRENGTH", np.float32)):
+        if name in inputs:
+            req[name] = np.full((n, 1), inputs[name], dtype)
+    return req
+
+
+def test_preprocess_accepts_every_k_from_0_to_max_k_and_refuses_the_rest(preprocess):
+    """K in [0, max_k] is served (0: no retrieval; max_k: the most the retriever gives); K
+    above max_k or negative gets INVALID_ARG naming the range; no K: the default."""
+    for k in range(0, preprocess.max_k + 1):
+        prompts, seeds, got, strength = preprocess._parse(_request(K=k, SEED=3))
+        assert got == k and prompts == ["prompt 0", "prompt 1"]
+        assert seeds.tolist() == [3, 3] and np.isnan(strength).all()
+    assert preprocess._parse(_request())[2] == preprocess.default_k
+    for k in (preprocess.max_k + 1, -1):
+        (resp,) = preprocess.execute([_request(K=k)])
+        assert resp.error is not None and resp.error.code == "INVALID_ARG"
+        assert resp.error.message == f"K must be in [0, 4] (0 = no retrieval), got {k}"
+
+
+def test_preprocess_refuses_bad_inputs_one_request_at_a_time(preprocess):
+    bad = [_request(SEED=-1), _request(STRENGTH=-0.5), _request(STRENGTH=np.nan),
+           {"PROMPT": np.array([b"  "], np.object_).reshape(1, 1)},
+           {"PROMPT": np.array([b"\xff"], np.object_).reshape(1, 1)}, {}]
+    messages = [r.error.message for r in preprocess.execute(bad)]
+    assert [m.split(" ")[0] for m in messages] == [
+        "SEED", "STRENGTH:", "STRENGTH", "PROMPT[0]", "PROMPT[0]", "PROMPT"]
+    k = {"PROMPT": _request()["PROMPT"], "K": np.array([[1], [2]], np.int32)}
+    with pytest.raises(ValueError, match="K must be the same for every prompt"):
+        preprocess._parse(k)
