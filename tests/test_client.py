@@ -138,3 +138,35 @@ def test_triton_status_codes_map_to_typed_errors():
     # a status the SDK does not know is a ServerError, never silently retried or dropped
     unknown = from_triton(InferenceServerException("odd", status="StatusCode.DATA_LOSS"))
     assert type(unknown) is ServerError and unknown.status == "DATA_LOSS"
+
+
+class _RecordingInput:
+    """``tritonclient``'s InferInput, keeping the array it is given."""
+
+    def __init__(self, name, shape, datatype):
+        self.name, self.shape, self.datatype, self.array = name, shape, datatype, None
+
+    def set_data_from_numpy(self, a):
+        self.array = a
+
+
+def test_one_seed_for_a_batch_gives_consecutive_seeds_per_prompt():
+    """``seeds=5`` for three prompts draws z_T from seeds 5, 6, 7 (one image per prompt, not
+    three copies of one); a list is taken as given; None leaves the seed to the server."""
+    import types
+
+    import numpy as np
+
+    from imageragturbo.client.sdk import build_inputs
+
+    mod = types.SimpleNamespace(InferInput=_RecordingInput)
+    prompts = ["a red circle", "two blue squares", "a green star"]
+    for seeds, want in ((5, [5, 6, 7]), (np.int64(0), [0, 1, 2]), ([9, 2, 9], [9, 2, 9])):
+        got = {x.name: x for x in build_inputs(mod, prompts, seeds=seeds)}
+        seed = got["SEED"]
+        assert (seed.datatype, seed.shape, seed.array.dtype) == ("INT64", [3, 1], np.int64)
+        assert seed.array.reshape(-1).tolist() == want, seeds
+        assert got["PROMPT"].array.reshape(-1).tolist() == [p.encode() for p in prompts]
+    assert "SEED" not in {x.name for x in build_inputs(mod, prompts)}
+    with pytest.raises(InvalidInputError, match="seeds must be in"):
+        build_inputs(mod, prompts, seeds=2**63 - 2)  # the third seed would overflow int64
