@@ -208,3 +208,47 @@ def test_joint_text_training_moves_token_states_keeps_pooled_key_and_flows_downs
     c = family.load_components(run / "export" / "tiny-shapes")
     ehs, _ = encode_prompt(c, ["a red star left of a blue circle"])
     assert torch.allclose(ehs.float(), b.last_hidden_state, atol=1e-2)  # fp16 export
+
+
+class _Payload:
+    """An arbitrary object: a checkpoint holding one needs full unpickling, which runs code."""
+
+    def __init__(self):
+        self.note = "arbitrary object"
+
+
+class _FailsHalfway:
+    """Pickling it raises: torch.save dies after it has begun writing the file."""
+
+    def __reduce__(self):
+        raise RuntimeError("killed halfway through the save")
+
+
+def test_load_checkpoint_refuses_a_pickled_arbitrary_object(tmp_path):
+    """``weights_only``: tensors, numbers, lists and dicts load; a checkpoint that needs an
+    arbitrary class (which unpickling would run) is refused as a CheckpointError."""
+    from imageragturbo.training.stages import CheckpointError, load_checkpoint
+
+    good = tmp_path / "good.pt"
+    torch.save({"state": {"w": torch.arange(3)}, "history": [{"step": 0, "loss": 1.5}],
+                "step": 1}, good)
+    assert load_checkpoint(good)["state"]["w"].tolist() == [0, 1, 2]
+    bad = tmp_path / "bad.pt"
+    torch.save({"state": {}, "step": 1, "extra": _Payload()}, bad)
+    with pytest.raises(CheckpointError, match=str(bad)):
+        load_checkpoint(bad)
+
+
+def test_save_atomic_killed_halfway_leaves_the_previous_checkpoint_loadable(tmp_path):
+    from imageragturbo.training.stages import load_checkpoint, save_atomic
+
+    ckpt = tmp_path / "ckpt.pt"
+    save_atomic({"state": {"w": torch.ones(4)}, "step": 3}, ckpt)
+    before = ckpt.read_bytes()
+    with pytest.raises(RuntimeError, match="killed halfway"):
+        save_atomic({"state": {"w": torch.zeros(4)}, "step": 6, "bad": _FailsHalfway()}, ckpt)
+    assert ckpt.read_bytes() == before
+    blob = load_checkpoint(ckpt)
+    assert blob["step"] == 3 and torch.equal(blob["state"]["w"], torch.ones(4))
+    save_atomic({"state": {"w": torch.zeros(4)}, "step": 6}, ckpt)  # the next save replaces it
+    assert load_checkpoint(ckpt)["step"] == 6
