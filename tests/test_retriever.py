@@ -488,3 +488,22 @@ def test_rerank_puts_the_caption_with_the_prompts_words_first_and_keeps_cosines(
     assert np.array_equal(index.search(q, 3)[0], dense_ids[:, :3])
     with pytest.raises(ValueError, match="prompts for"):
         index.search(np.concatenate([q, q]), 3, prompts=[prompt], rerank=10)
+
+
+def test_cached_rows_come_back_float32_with_the_stored_fp16_values(built):
+    """The arrays are stored fp16; ``h()``, ``latents()``, ``text_embeddings()`` and
+    ``lookup()`` return float32 as their docstrings say (the ONNX graphs take float32), with
+    the stored values exactly, in the order and shape of the ids asked for."""
+    _, _, out = built
+    index = RetrievalIndex.load(out, verify=False)
+    ids = np.array([[5, 0, 5], [299, 17, 0]])
+    for name, get in (("h", index.h), ("latents", index.latents),
+                      ("text", index.text_embeddings)):
+        rows = get(ids)
+        stored = np.load(out / f"{name}.f16.npy")
+        assert rows.dtype == np.float32, name
+        assert rows.shape == (2, 3, *stored.shape[1:]), name
+        assert np.array_equal(rows, stored[ids].astype(np.float32)), name
+    nb = index.lookup(ids, np.array([[0.9, 0.8, 0.7], [0.6, 0.5, 0.4]], np.float64))
+    assert nb.h.dtype == nb.latents.dtype == nb.scores.dtype == np.float32
+    assert np.array_equal(nb.h, index.h(ids)) and np.array_equal(nb.latents, index.latents(ids))
