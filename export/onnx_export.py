@@ -4,11 +4,11 @@ request path"; paper Fig. 2):
 =============  ==============================================  =================================
 stage          inputs                                          outputs
 =============  ==============================================  =================================
-text_encoder   input_ids [B, 77] int64                         last_hidden_state [B, 77, D],
+text_encoder   input_ids [B, L] int64                          last_hidden_state [B, L, D],
                                                                pooled [B, D] (EOS, L2-normalised:
                                                                the retrieval key, paper Sec. 4.1)
 unet_encoder   sample [B, 4, h, w], timestep [B] int64,        h [B, C, h', w'], temb [B, E],
-               encoder_hidden_states [B, 77, D]                skip_0 .. skip_n
+               encoder_hidden_states [B, L, D]                 skip_0 .. skip_n
 h_adapter      h_tgt [B, C, h', w'], h_retr [B, k, C, h', w'],  h [B, C, h', w'] (paper Eq. 5)
                lam [B]
 unet_decoder   h, temb, skip_0 .. skip_n,                      z0 [B, 4, h, w] (the one-step
@@ -17,6 +17,7 @@ vae_decoder    latents [B, 4, h, w] (scaled, as the UNet       image [B, 3, H, W
                sees them; 1/scaling_factor is in the graph)
 =============  ==============================================  =================================
 
+L is the tokenizer's context length (24 for tiny-shapes, 77 for SD 2.1 / SD-Turbo).
 The batch axis is dynamic everywhere and the neighbour axis ``k`` of ``h_retr`` too. Graphs are
 exported with ``torch.onnx.export(..., dynamo=False)`` (TorchScript tracing; seen to work with
 torch 2.14 and diffusers 0.42, see docs/design.md). optimum's exporters are not used:
@@ -168,7 +169,7 @@ def stage_specs(c: family.Components, adapter: HAdapter | None = None, batch: in
     ids[:, seq // 2] = c.text_encoder.config.eos_token_id              # EOS mid-sequence
     z = torch.randn(batch, *lat, generator=g)                          # (B, 4, h, w)
     t = torch.full((batch,), STUDENT_TIMESTEP, dtype=torch.long)       # (B,)
-    ehs = torch.randn(batch, seq, d, generator=g)                      # (B, 77, D)
+    ehs = torch.randn(batch, seq, d, generator=g)                      # (B, L, D)
     enc = UNetEncoder(c.unet).eval()
     with torch.no_grad():
         h, temb, *skips = enc(z, t, ehs)

@@ -67,7 +67,7 @@ class AdapterConfig:
     rerank: int = RERANK_CANDIDATES  # neighbours: the dense top N re-ranked by the caption's
     #                               words, as served (0: dense only)
     lam: str = "similarity"       # lambda of Eq. 5: "similarity" (top-1 cosine) or "one"
-    lora: bool = True             # LoRA on the decoder's attention projections
+    lora: bool = True             # LoRA on the decoder (see lora_targets)
     lora_rank: int = 8
     lora_targets: str = "decoder"  # "attention" projections, or the whole "decoder" (+convs)
     real_input: str = "noised"    # real pairs' z_T: q(z_999 | z_0) ("noised") or pure "noise"

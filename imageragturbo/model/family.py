@@ -90,7 +90,7 @@ def tiny_unet_config(cross_attention_dim: int = 64) -> dict:
     step took 0.41 s instead of 0.24 s at batch 32 on this 2-core CPU, which the teacher's
     8,000 steps cannot afford. The first shipped tiny-shapes had attention at 8x8 and at the
     lowest level (4x4) instead; there replacing h by 0 moved z0 by 4% while another prompt's
-    text in the decoder moved it by 56% (README, "H-space sensitivity"). Folders saved with
+    text in the decoder moved it by 56% (docs/training.md, "H-space sensitivity"). Folders saved with
     that order still load: diffusers reads the block types from each folder's config.json."""
     return dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
                 block_out_channels=(48, 96, 96),

@@ -1,8 +1,9 @@
 """LoRA on the UNet decoder only (paper Sec. 3.4: "we also finetune the decoder of the student
 denoiser using ... low-rank adaption"), through peft.
 
-Only the up blocks' attention projections get adapters, so the UNet encoder, and with it the
-retrieved items' cached H-space features, stays exactly as it was.
+Only the up blocks get adapters (``targets="attention"``: their attention projections;
+``"decoder"``, the fine-tuning default: their resnet convolutions too), so the UNet encoder, and
+with it the retrieved items' cached H-space features, stays exactly as it was.
 """
 
 from __future__ import annotations

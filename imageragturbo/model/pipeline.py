@@ -31,7 +31,7 @@ def latent_shape(c: Components, image_size: int | None = None) -> tuple[int, int
 
 @torch.no_grad()
 def encode_prompt(c: Components, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text states for cross-attention (B, 77, D) and the L2-normalised pooled (EOS) embedding
+    """Text states for cross-attention (B, L, D) and the L2-normalised pooled (EOS) embedding
     (B, D), the retrieval key (paper Sec. 4.1: the SD model's own CLIP text features)."""
     return TextEncoder(c.text_encoder)(tokenize(c.tokenizer, prompts))
 

@@ -4,7 +4,7 @@ by the PyTorch pipeline, the training loops and the ONNX export alike:
 ==============  =============================================  =================================
 stage           in                                             out
 ==============  =============================================  =================================
-``TextEncoder``  token ids (B, 77)                               text states tau(p) (B, 77, D) and
+``TextEncoder``  token ids (B, L)                                text states tau(p) (B, L, D) and
                                                                the L2-normalised pooled (EOS)
                                                                embedding (B, D): the retrieval
                                                                key (paper Sec. 4.1)
@@ -38,7 +38,8 @@ __all__ = ["TextEncoder", "UNetEncoder", "HAdapter", "UNetDecoder", "VAEDecoder"
 
 
 class TextEncoder(nn.Module):
-    """tau: token ids (B, 77) -> (text states (B, 77, D), pooled (B, D)); pooled is the EOS
+    """tau: token ids (B, L) -> (text states (B, L, D), pooled (B, D)); L is the tokenizer's
+    context length (tiny-shapes 24, SD 77); pooled is the EOS
     token's final state, L2-normalised in fp32: the retrieval key (paper Sec. 4.1: the SD
     model's own CLIP text features index the database)."""
 

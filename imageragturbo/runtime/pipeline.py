@@ -171,10 +171,10 @@ class OnnxPipeline:
         ids = self.tokenizer(list(prompts), padding="max_length", truncation=True,
                              max_length=int(self.manifest["max_length"]),
                              return_tensors="np").input_ids
-        return ids.astype(np.int64)                                    # (B, 77)
+        return ids.astype(np.int64)                                    # (B, L)
 
     def encode_prompt(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(B, 77, D) text states and (B, D) L2-normalised pooled key."""
+        """(B, L, D) text states and (B, D) L2-normalised pooled key."""
         ehs, pooled = self.run("text_encoder", {"input_ids": self.tokenize(prompts)})
         return ehs, pooled
 

@@ -60,7 +60,8 @@ class RenderOptions:
     max_queue_size: int = 64           # queued requests per model before UNAVAILABLE
     default_k: int = 1                 # neighbours when a request sends no K
     max_k: int = 16                    # largest K a request may ask for
-    max_prompt_chars: int = 2000       # longer prompts are rejected (77 tokens are used anyway)
+    max_prompt_chars: int = 2000       # longer prompts are rejected (the tokenizer keeps its
+    #                                    context length anyway: 24 tokens here, SD's 77)
     threads: int = 1                   # cpu: ONNX Runtime intra-op threads per stage
     # Instances of every composing model. Two, because with one this Triton (2.51) often
     # leaves a batch queued for ~500 ms when its only instance frees up (its batcher's
