@@ -101,6 +101,27 @@ def student_images(c, prompts, seeds, h_retr=None, lam=None, slerp_w=None, batch
     return np.concatenate(out)
 
 
+def guided_images(c, prompts, seeds, h_retr, lam, scale: float, batch=100, progress=True,
+                  desc="retrieval guidance") -> np.ndarray:
+    """Classifier-free guidance on retrieval (an extension, not the paper's): z0 = z0_off +
+    scale (z0_on - z0_off), with z0_on the one-step latent with the retrieved features and
+    z0_off the same weights without them (K = 0). Two UNet decoder passes; in-process only."""
+    import torch
+    from tqdm import tqdm
+
+    from .model.pipeline import decode_latents, student_generate
+
+    out = []
+    for a in tqdm(range(0, len(prompts), batch), desc=desc, disable=not progress):
+        sl = slice(a, a + batch)
+        p, s = list(prompts[sl]), list(seeds[sl])
+        _, on = student_generate(c, p, s, h_retr=torch.from_numpy(h_retr[sl]),
+                                 lam=torch.from_numpy(lam[sl]), return_latents=True)
+        _, off = student_generate(c, p, s, return_latents=True)
+        out.append(decode_latents(c, off + scale * (on - off)))
+    return np.concatenate(out)
+
+
 def _tile(x: np.ndarray, s: int) -> np.ndarray:
     """Per-prompt arrays (N, ...) repeated for S seeds, seed-major (S * N, ...)."""
     return np.concatenate([x] * s)
@@ -238,7 +259,8 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
         runs: dict[str, str | Path] | None = None, grid: str | Path | None = None,
         latency: bool = True, progress: bool = True, seeds: int = 3,
         extra_rows: dict[str, RowFn] | None = None, retrieval_off: dict[str, str] | None = None,
-        extra_nfe: dict[str, int] | None = None) -> dict:
+        extra_nfe: dict[str, int] | None = None,
+        retrieval_guidance: Sequence[float] = ()) -> dict:
     """Every row on the eval split's first ``n`` prompts, each under ``seeds`` noise seeds
     (``noise_seeds``). ``runs``: extra rows {name: a run's export folder} (the control and
     ablations), each at k = 4 with a "<name>, K = 0" partner (the control, named so, without
@@ -306,6 +328,10 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
         name = f"ImageRAGTurbo k={k}"
         images[name], partner[name] = student(tuned, H4[:, :k], LAM, desc=name), TUNED_OFF
     images[TUNED_OFF] = student(tuned, desc=TUNED_OFF)        # the merged LoRA, no adapter
+    for g in retrieval_guidance:
+        name = f"ImageRAGTurbo k=4, retrieval guidance {g:g}"
+        images[name] = guided_images(tuned, P, SD, H4, LAM, g, progress=progress, desc=name)
+        partner[name], nfe[name] = TUNED_OFF, 2
     for name, folder in (runs or {}).items():
         c = with_finetune(model, folder)
         if "control" in name:

@@ -328,3 +328,22 @@ def test_stage_flops_count_the_five_stages_and_the_adapter_grows_with_k():
     assert f["one_step"] == f["text_encoder"] + f["unet"] + f["vae_decoder"] > 0
     assert 0 < f["h_adapter_k1"] < f["h_adapter_k4"] < f["unet"]
     assert f["h_adapter_k4_share"] == round(f["h_adapter_k4"] / f["one_step"], 4)
+
+
+def test_retrieval_guidance_interpolates_between_retrieval_off_and_on():
+    """scale 0: the K = 0 image; scale 1: the image with retrieval; the pixels in between
+    move with the scale (z0 = z0_off + scale (z0_on - z0_off))."""
+    from imageragturbo.model import family
+
+    c = family.load_components("tiny-shapes")
+    prompts, seeds = ["a red circle", "two blue squares"], [3, 4]
+    h = np.random.default_rng(0).standard_normal((2, 2, 96, 4, 4)).astype(np.float32)
+    lam = np.ones(2, np.float32)
+    on = quality.student_images(c, prompts, seeds, h, lam, progress=False)
+    off = quality.student_images(c, prompts, seeds, progress=False)
+    assert np.abs(on.astype(int) - off).max() > 2                     # retrieval changes it
+    g0 = quality.guided_images(c, prompts, seeds, h, lam, 0.0, progress=False)
+    g1 = quality.guided_images(c, prompts, seeds, h, lam, 1.0, progress=False)
+    g2 = quality.guided_images(c, prompts, seeds, h, lam, 2.0, progress=False)
+    assert np.abs(g0.astype(int) - off).max() <= 1 and np.abs(g1.astype(int) - on).max() <= 1
+    assert np.abs(g2.astype(int) - off).mean() > np.abs(g1.astype(int) - off).mean()
