@@ -507,3 +507,67 @@ def test_cached_rows_come_back_float32_with_the_stored_fp16_values(built):
     nb = index.lookup(ids, np.array([[0.9, 0.8, 0.7], [0.6, 0.5, 0.4]], np.float64))
     assert nb.h.dtype == nb.latents.dtype == nb.scores.dtype == np.float32
     assert np.array_equal(nb.h, index.h(ids)) and np.array_equal(nb.latents, index.latents(ids))
+
+
+def test_republishing_an_index_leaves_a_whole_one_at_every_filesystem_step(built, tmp_path,
+                                                                           monkeypatch):
+    """The deterministic form of the reader race above: while a rebuilt index is published
+    over an existing one, a reader opens the index after every filesystem change the publish
+    makes (rename, replace, symlink, unlink, rmdir, mkdir: whatever it uses) and must find a
+    whole index each time, the old one (10 items) until one step switches to the new one (20
+    items). The version a reader resolved just before stays loadable until the next publish."""
+    import os
+
+    from imageragturbo.retriever import build as rbuild
+
+    pairs, enc, _ = built
+    idx = tmp_path / "idx"
+    build_index(pairs[:10], enc, idx, progress=False)
+    before = idx.resolve()
+    seen: list[tuple[str, int | str]] = []
+    state = {"on": False}
+
+    def look(step: str) -> None:
+        state["on"] = False  # the reader's own file operations are not steps
+        try:
+            seen.append((step, len(RetrievalIndex.load(idx))))
+        except Exception as e:  # noqa: BLE001 - any failure is the bug under test
+            seen.append((step, repr(e)))
+        state["on"] = True
+
+    def checked(name):
+        real = getattr(os, name)
+
+        def op(*args, **kwargs):
+            out = real(*args, **kwargs)
+            if state["on"]:
+                look(f"{name}({', '.join(map(str, args[:2]))})")
+            return out
+        return op
+
+    for name in ("rename", "replace", "symlink", "unlink", "remove", "rmdir", "mkdir", "link"):
+        monkeypatch.setattr(os, name, checked(name))
+    real_publish = rbuild.publish
+
+    def publish(built_dir, out):
+        look("before publish")
+        try:
+            real_publish(built_dir, out)
+        finally:
+            state["on"] = False
+        look("after publish")
+
+    monkeypatch.setattr(rbuild, "publish", publish)
+    build_index(pairs[:20], enc, idx, overwrite=True, progress=False)
+    monkeypatch.undo()
+
+    sizes = [s for _, s in seen]
+    assert len(seen) >= 4, seen                        # the publish's steps were observed
+    assert all(s in (10, 20) for s in sizes), [x for x in seen if x[1] not in (10, 20)]
+    switch = sizes.index(20)
+    assert sizes[:switch] == [10] * switch and sizes[switch:] == [20] * (len(sizes) - switch)
+    assert switch >= 1                                 # old until the switch, new from it on
+    assert len(RetrievalIndex.load(before)) == 10      # a reader's resolved version survives
+    build_index(pairs[:10], enc, idx, overwrite=True, progress=False)
+    assert not before.exists()                         # until the next publish
+    assert len(RetrievalIndex.load(idx)) == 10
