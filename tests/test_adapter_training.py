@@ -245,3 +245,133 @@ def test_jittered_scenes_keep_their_captions_true():
     moved = [max(abs(a[1] - b[1]), abs(a[2] - b[2])) for it, s in zip(items, jittered)
              for a, b in zip(it.scene.objects, s.objects)]
     assert 0 < max(moved) <= 3 / 64 + 1e-9
+
+
+# ---------------------------------------------------------------------- issue 22, item 4.7
+
+
+def _index_copy(src, dst, items=None, latents=None):
+    """A copy of the index at ``src`` with items.jsonl rows and latents rows replaced
+    ({row: dict} / {row: array}), its manifest's sizes and checksums updated to match."""
+    import shutil
+
+    from imageragturbo.checksums import sha256_file
+
+    shutil.copytree(src.resolve(), dst)
+    if items:
+        rows = [json.loads(line) for line in (dst / "items.jsonl").read_text().splitlines()]
+        for i, new in items.items():
+            rows[i].update(new)
+        (dst / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if latents:
+        arr = np.load(dst / "latents.f16.npy")
+        for i, new in latents.items():
+            arr[i] = new
+        np.save(dst / "latents.f16.npy", arr)
+    m = json.loads((dst / "manifest.json").read_text())
+    for entry in m["files"].values():
+        f = dst / entry["name"]
+        entry["bytes"], entry["sha256"] = f.stat().st_size, sha256_file(f)
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+def _neighbours_run(path, model_and_index, index, **kw):
+    model, _, data = model_and_index
+    return AdapterRun(path, AdapterConfig.quick(model=str(model), **kw), index=index,
+                      data=data, progress=False, reconfigure=True)
+
+
+def test_an_index_holding_a_training_item_is_refused_by_id_not_by_caption(tmp_path,
+                                                                          model_and_index):
+    """The leakage check compares the training split's ids with the index's item ids: an
+    index row whose id is a training item's is refused (whatever its caption); a row that only
+    shares a training item's caption (a scene drawn in both splits) is not a leak."""
+    from imageragturbo import shapesworld as sw
+
+    train = sw.make_split("train", 64, 0)
+    index = model_and_index[1]
+    leaked = _index_copy(index, tmp_path / "leaked", items={7: {"id": train[3].id}})
+    with pytest.raises(ValueError, match=rf"holds 1 training items \(e.g. \['{train[3].id}'\]\)"):
+        _neighbours_run(tmp_path / "a", model_and_index, leaked).run(["data", "neighbours"])
+    assert not (tmp_path / "a" / "neighbours" / "neighbours.pt").exists()
+    same_caption = _index_copy(index, tmp_path / "caption",
+                               items={7: {"caption": train[3].caption}})
+    out = _neighbours_run(tmp_path / "b", model_and_index, same_caption).run(
+        ["data", "neighbours"])
+    assert out["neighbours"]["training_items_in_index"] == 0 and out["neighbours"]["k"] == 4
+
+
+def test_a_neighbour_with_the_targets_own_image_is_dropped_by_code(tmp_path, model_and_index):
+    """An index row that holds a training target's very latent (its render, under another
+    id) is dropped from that target's neighbours, the next candidate moving up, and counted;
+    by code, not by an ``assert`` (which ``python -O`` strips)."""
+    import shutil
+
+    index = model_and_index[1]
+    copy = _index_copy(index, tmp_path / "index")
+    run = _neighbours_run(tmp_path / "run", model_and_index, copy)
+    first = run.run(["data", "neighbours"])["neighbours"]
+    assert first["dropped_neighbours_with_the_targets_image"] == 0
+    before = torch.load(tmp_path / "run" / "neighbours" / "neighbours.pt")["ids"].numpy()
+    t = 5
+    j = int(before[t, 0])                                   # target t's top neighbour
+    shutil.rmtree(copy)
+    _index_copy(index, copy, latents={j: run.cache["latents"][t].numpy()})
+    shutil.rmtree(tmp_path / "run" / "neighbours")
+    out = _neighbours_run(tmp_path / "run", model_and_index, copy).run(["neighbours"])
+    after = torch.load(tmp_path / "run" / "neighbours" / "neighbours.pt")["ids"].numpy()
+    assert j not in after[t] and after[t, :3].tolist() == before[t, 1:].tolist()
+    assert out["neighbours"]["dropped_neighbours_with_the_targets_image"] >= 1
+    others = np.arange(len(after)) != t
+    assert np.array_equal(after[others], before[others])    # nobody else loses a neighbour
+
+
+def test_the_final_own_image_check_raises_value_error(tmp_path, model_and_index, monkeypatch):
+    """The stage's last line of defence, an explicit check (ValueError, kept under
+    ``python -O``): fed a neighbour list in which target 2's first neighbour has the target's
+    latent, though the selection saw other latents, it refuses to write the neighbours."""
+    run = _neighbours_run(tmp_path / "run", model_and_index, model_and_index[1])
+    run.run(["data"])
+    index = run.index
+    real, lat = index.latents, run.cache["latents"].numpy()
+
+    def latents(ids):  # the selection asks for k + 4 candidates, the final check for k
+        out = real(ids)
+        if ids.shape[1] == 4:
+            out[2, 0] = lat[2]
+        return out
+
+    monkeypatch.setattr(index, "latents", latents)
+    with pytest.raises(ValueError, match="training target 2 has its own image"):
+        run.run(["neighbours"])
+    assert not (tmp_path / "run" / "neighbours" / "neighbours.pt").exists()
+
+
+def test_lambda_is_the_top1_similarity_or_one_as_configured(tmp_path, model_and_index,
+                                                            monkeypatch):
+    """``lam="similarity"`` (Eq. 5): the adapter gets each target's top-1 neighbour's cosine;
+    ``lam="one"``: 1 for every target. Recorded from the adapter's own calls in training."""
+    import shutil
+
+    from imageragturbo.training import adapter as adapter_mod
+
+    seen: list[torch.Tensor] = []
+
+    class Recording(adapter_mod.HAdapter):
+        def forward(self, h_tgt, h_retr, lam):
+            seen.append(lam.detach().cpu().clone())
+            return super().forward(h_tgt, h_retr, lam)
+
+    monkeypatch.setattr(adapter_mod, "HAdapter", Recording)
+    path = tmp_path / "run"
+    _run(path, model_and_index, steps=1, lora=False, perceptual_weight=0.0).run()
+    top1 = torch.load(path / "neighbours" / "neighbours.pt")["scores"][:, 0]
+    sim = torch.cat(seen)
+    assert len(sim) >= 8 and (sim < 0.999).any()
+    assert all(bool(torch.isclose(top1, v).any()) for v in sim)   # each one a target's top-1
+    seen.clear()
+    shutil.rmtree(path / "train")
+    _run(path, model_and_index, steps=1, lora=False, perceptual_weight=0.0, lam="one",
+         reconfigure=True).run(["train"])
+    assert len(seen) >= 1 and all(torch.equal(v, torch.ones_like(v)) for v in seen)

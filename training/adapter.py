@@ -250,8 +250,13 @@ class AdapterRun(StagedRun):
                                          "neighbours that are not its own image")
                     dropped += int(row[:k + int(row.sum())].sum())
                     ids[a + j], scores[a + j] = cand[a + j, keep], cand_scores[a + j, keep]
+            # the proof, checked (not asserted: it must hold under python -O too)
             check = index.latents(ids).astype(np.float16)
-            assert not (check == lat[:, None]).reshape(*ids.shape, -1).all(-1).any()
+            own = (check == lat[:, None]).reshape(*ids.shape, -1).all(-1)
+            if own.any():
+                t = int(np.flatnonzero(own.any(1))[0])
+                raise ValueError(f"training target {t} has its own image among its neighbours "
+                                 f"(index rows {ids[t][own[t]].tolist()})")
             if self.acc.is_main_process:
                 save_atomic({"ids": torch.from_numpy(ids), "scores": torch.from_numpy(scores)},
                             d / "neighbours.pt")
