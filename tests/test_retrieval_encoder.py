@@ -36,13 +36,39 @@ def test_index_built_with_the_pipeline_encoder_returns_each_caption_as_its_own_t
 
 
 def test_cached_h_equals_the_unet_encoder_at_t0_on_the_cached_latent(setup):
+    """h_retr = f_enc(tau(p_retr), t=0, z_0_retr) (paper Sec. 3.2), with the reference taken
+    from the diffusers UNet itself (its mid-block output in a full forward pass, caught by a
+    hook), not from the encoder that built the index; and the tolerance is tight enough that
+    another timestep or another item's caption would fail."""
+    import torch
+
+    from imageragturbo.model.pipeline import encode_prompt
+
     enc, path, data = setup
     index = RetrievalIndex.load(path, model_id=enc.model_id)
     caps = [r["caption"] for r in sw.load_manifest(data, "retrieval")]
     ids = np.array([0, 5])
-    lat = index.latents(ids)
-    h = enc.h_features(lat.astype(np.float32), [caps[0], caps[5]])
-    assert np.allclose(index.h(ids), h, atol=2e-2 * np.abs(h).max())  # fp16 storage
+    unet = enc.c.unet
+    z = torch.from_numpy(index.latents(ids))                    # the cached z_0, fp16 -> fp32
+
+    def mid_block_output(t, captions):
+        got = []
+        hook = unet.mid_block.register_forward_hook(lambda m, i, o: got.append(o))
+        try:
+            with torch.no_grad():
+                unet(z, torch.full((len(z),), t), encoder_hidden_states=encode_prompt(
+                    enc.c, captions)[0])
+        finally:
+            hook.remove()
+        return got[0].float().numpy()
+
+    ref = mid_block_output(0, [caps[0], caps[5]])
+    tol = 2e-2 * np.abs(ref).max()                               # fp16 storage
+    cached = index.h(ids)
+    assert cached.shape == ref.shape
+    assert np.abs(cached - ref).max() <= tol
+    assert np.abs(mid_block_output(999, [caps[0], caps[5]]) - ref).max() > tol
+    assert np.abs(mid_block_output(0, [caps[5], caps[0]]) - ref).max() > tol
 
 
 def test_index_from_another_model_is_refused(setup, tmp_path):
