@@ -52,19 +52,16 @@ def test_heavy_stages_and_light_steps_get_their_own_batching_delay(assets, tmp_p
     """The UNet encoder, UNet decoder and VAE decoder wait ``queue_delay_us`` to fill a batch,
     every other composing model ``light_queue_delay_us`` (the measured trade-off between
     latency at concurrency 1 and throughput under load); None makes them equal."""
-    from imageragturbo.serving.repository import (
-        HEAVY_STAGES,
-        RenderOptions,
-        load_configs,
-        render_repository,
-    )
+    from imageragturbo.serving.repository import RenderOptions, load_configs, render_repository
 
     opts = RenderOptions(queue_delay_us=1234, light_queue_delay_us=56)
     repo = render_repository(assets["adapter"], assets["index"], tmp_path / "r", "cpu", opts)
     delays = {name: c.dynamic_batching.max_queue_delay_microseconds
               for name, c in load_configs(repo).items() if c.HasField("dynamic_batching")}
+    assert delays == {"unet_encoder": 1234, "unet_decoder": 1234, "vae_decoder": 1234,
+                      "preprocess": 56, "text_encoder": 56, "retriever": 56, "h_adapter": 56,
+                      "postprocess": 56}
     assert set(delays) == COMPOSING
-    assert all(delays[n] == (1234 if n in HEAVY_STAGES else 56) for n in delays), delays
     assert RenderOptions(queue_delay_us=700, light_queue_delay_us=None).light_queue_delay_us \
         == 700
 
