@@ -243,21 +243,45 @@ def test_sdturbo_gpu_script_constructs_at_full_size_on_the_meta_device():
     assert res["fp32_unet_over_2GB"]
 
 
-def test_export_from_a_folder_records_the_weight_files_identity(sd21):
+def test_export_from_a_folder_records_the_weight_files_identity(sd21, tmp_path):
     """serve compares this with the weights on disk to tell a stale export from a current one.
-    An export is made of the adapter and the decoder LoRA too, so its identity covers them; a
-    retrieval index caches only what the text encoder, VAE and UNet encoder give, so its
-    identity leaves them out (retraining the adapter does not invalidate the index)."""
-    import json
+    An export is made of the adapter and the decoder LoRA too, so retraining either makes it
+    stale; a retrieval index caches only what the text encoder, VAE and UNet encoder give, so
+    it stays current then, and goes stale when the UNet changes. Driven through
+    ``ensure_export`` on a copy of the exported folder (same name: the identity includes it)."""
+    import shutil
 
-    from imageragturbo.defaults import INDEX_PARTS, SERVED_PARTS, files_identity, model_files_id
+    from safetensors.torch import load_file, save_file
+
+    from imageragturbo.defaults import model_files_id
+    from imageragturbo.serving.assets import ensure_export
 
     _, out, _, folder = sd21
-    m = json.loads((out / "manifest.json").read_text())
-    assert (folder / "h_adapter").is_dir()
-    assert m["model_files_id"] == files_identity(folder, SERVED_PARTS)
-    assert model_files_id(folder, index=True) == files_identity(folder, INDEX_PARTS)
-    assert m["model_files_id"] != files_identity(folder, INDEX_PARTS)
+    recorded = json.loads((out / "manifest.json").read_text())["model_files_id"]
+    model = tmp_path / folder.name
+    shutil.copytree(folder, model)
+    assert (model / "h_adapter").is_dir() and not (model / "unet_lora").exists()
+
+    def nudge(f):
+        sd = load_file(f)
+        name = sorted(sd)[0]
+        sd[name] = sd[name] + 1e-3
+        save_file(sd, f)
+
+    assert ensure_export(str(model), out, quiet=True) == out   # same weights: current
+    index_id = model_files_id(model, index=True)
+    nudge(model / "h_adapter" / "model.safetensors")           # the adapter retrained
+    with pytest.raises(ValueError, match="made from other weights"):
+        ensure_export(str(model), out, quiet=True)
+    assert model_files_id(model, index=True) == index_id       # the index stays current
+    shutil.copytree(folder / "h_adapter", model / "h_adapter", dirs_exist_ok=True)
+    assert model_files_id(model) == recorded                   # back to the exported weights
+    (model / "unet_lora").mkdir()
+    (model / "unet_lora" / "adapter_config.json").write_text('{"r": 4}')
+    assert model_files_id(model) != recorded                   # a decoder LoRA added: stale
+    assert model_files_id(model, index=True) == index_id
+    nudge(next((model / "unet").glob("*.safetensors")))        # the UNet changed
+    assert model_files_id(model, index=True) != index_id
 
 
 # ----------------------------------------------------------------------------- fp16 graphs
