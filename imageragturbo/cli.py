@@ -340,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the no-retrieval control run's export folder (train adapter --control)")
     q.add_argument("--run", action="append", default=[], metavar="NAME=FOLDER",
                    help="an extra row: another adapter run's export folder (ablations), "
-                        "served with retrieval at k = 4; repeatable")
+                        "served with retrieval at k = 4 (FOLDER@K: at k = K), with its own "
+                        "K = 0 row; repeatable")
     q.add_argument("--grid", type=Path, default=None,
                    help="write a PNG: student | slerp | ImageRAGTurbo | the 4 neighbours | "
                         "render, per prompt")

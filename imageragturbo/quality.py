@@ -333,12 +333,16 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
         images[name] = guided_images(tuned, P, SD, H4, LAM, g, progress=progress, desc=name)
         partner[name], nfe[name] = TUNED_OFF, 2
     for name, folder in (runs or {}).items():
+        folder, _, k = str(folder).partition("@")          # FOLDER@K: served at k (default 4)
+        k = int(k or 4)
+        if not 1 <= k <= H4.shape[1]:
+            raise ValueError(f"--run {name}: k must be in [1, {H4.shape[1]}], got {k}")
         c = with_finetune(model, folder)
         if "control" in name:
             # its adapter was trained on the target's own feature, lambda 1: served that way
             images[name] = _control_images(c, P, SD, progress)
         else:
-            images[name] = student(c, H4, LAM, desc=name)
+            images[name] = student(c, H4[:, :k], LAM, desc=name)
             partner[name] = f"{name}, K = 0"
             images[partner[name]] = student(c, desc=partner[name])
     for name, fn in (extra_rows or {}).items():

@@ -20,6 +20,7 @@ from imageragturbo.quality import CROSS_FITTED, NULL_ORACLE, ORACLE, STUDENT, TU
 
 N, S = 4, 2
 EXTRA = "extra: the student again"
+RUN = "run: the shipped fine-tuning at k = 1"
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -139,10 +140,17 @@ def index(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bench(index):
+def bench(index, tmp_path_factory):
     """One ``quality.run`` with an extra row (the student once more, paired with the tuned
-    model's retrieval-off row), every student_images call recorded."""
+    model's retrieval-off row) and a --run row at k = 1 (the shipped adapter and LoRA as a run's
+    export folder), every student_images call recorded."""
+    import shutil
+
     from imageragturbo.model import family
+
+    run_export = tmp_path_factory.mktemp("run") / "export"
+    for sub in ("h_adapter", family.LORA_DIR):
+        shutil.copytree(family.resolve("tiny-shapes") / sub, run_export / sub)
 
     mp = pytest.MonkeyPatch()
     calls = []
@@ -165,7 +173,7 @@ def bench(index):
     try:
         res = quality.run("tiny-shapes", n=N, seed=0, teacher_steps=2, index=index,
                           latency=False, progress=False, seeds=S, extra_rows={EXTRA: extra},
-                          retrieval_off={EXTRA: TUNED_OFF})
+                          retrieval_off={EXTRA: TUNED_OFF}, runs={RUN: f"{run_export}@1"})
     finally:
         mp.undo()
     return res, calls, extra_args
@@ -176,7 +184,7 @@ def test_run_holds_per_seed_scores_and_intervals_for_every_row(bench):
     rows = {k: v for k, v in res.items() if not k.startswith("_")}
     expected = {"teacher x2", "teacher x1", STUDENT, "student + slerp w=0.8", ORACLE,
                 ORACLE + CROSS_FITTED, NULL_ORACLE, NULL_ORACLE + CROSS_FITTED,
-                "ImageRAGTurbo k=1", "ImageRAGTurbo k=4", TUNED_OFF, EXTRA}
+                "ImageRAGTurbo k=1", "ImageRAGTurbo k=4", TUNED_OFF, EXTRA, RUN, RUN + ", K = 0"}
     assert set(rows) == expected
     items = sw.make_split("eval", N, 0)
     classes = [quality.prompt_class(it.scene) for it in items]
@@ -206,6 +214,16 @@ def test_run_holds_per_seed_scores_and_intervals_for_every_row(bench):
     assert rows[EXTRA]["vs_retrieval_off"]["row"] == TUNED_OFF
 
 
+def test_run_rows_are_served_at_their_k_and_paired_with_their_own_k0_row(bench):
+    res, calls, _ = bench
+    on = next(c for c in calls if c["desc"] == RUN)
+    off = next(c for c in calls if c["desc"] == RUN + ", K = 0")
+    assert on["adapter"] and on["h"].shape[1] == 1 and off["h"] is None
+    assert res[RUN]["vs_retrieval_off"]["row"] == RUN + ", K = 0"
+    # the same weights as the installed model: its k = 1 row's images, so the same scores
+    assert res[RUN]["tifa"] == pytest.approx(res["ImageRAGTurbo k=1"]["tifa"])
+
+
 def test_retrieval_off_row_is_the_tuned_weights_without_retrieval(bench):
     res, calls, _ = bench
     off = next(c for c in calls if c["desc"] == TUNED_OFF)
@@ -221,7 +239,8 @@ def test_retrieval_off_row_is_the_tuned_weights_without_retrieval(bench):
         assert iv["all"]["lo"] <= iv["all"]["diff"] <= iv["all"]["hi"]
     assert "vs_retrieval_off" not in res[TUNED_OFF] and "vs_retrieval_off" not in res[STUDENT]
     assert res["_meta"]["retrieval_off"] == {"ImageRAGTurbo k=1": TUNED_OFF,
-                                             "ImageRAGTurbo k=4": TUNED_OFF, EXTRA: TUNED_OFF}
+                                             "ImageRAGTurbo k=4": TUNED_OFF, EXTRA: TUNED_OFF,
+                                             RUN: RUN + ", K = 0"}
 
 
 def test_oracles_real_null_and_cross_fitted(bench):
