@@ -105,9 +105,19 @@ def test_run_retrieves_from_the_index_never_itself_and_installs_a_loadable_model
     out = run.run()
     nb = out["neighbours"]
     assert nb["k"] == 4 and nb["targets"] == 64 and nb["index_items"] == 48
-    assert nb["training_items_in_index"] == 0 and nb["neighbours_with_the_targets_image"] == 0
     ids = torch.load(tmp_path / "run" / "neighbours" / "neighbours.pt")["ids"]
     assert ids.shape == (64, 4) and int(ids.max()) < 48
+    # what was stored, checked from the artefacts: no neighbour is a training item (by id) or
+    # has a target's very latent (its own image)
+    from imageragturbo import shapesworld as sw
+    from imageragturbo.retriever import RetrievalIndex
+
+    index = RetrievalIndex.load(model_and_index[1])
+    train_ids = {it.id for it in sw.make_split("train", 64, 0)}
+    assert not {index.item_ids[i] for i in ids.numpy().ravel()} & train_ids
+    lat = run.cache["latents"].numpy()
+    same = index.latents(ids.numpy()).astype(np.float16) == lat[:, None]
+    assert not same.reshape(*ids.shape, -1).all(-1).any()
     assert out["train"]["lora_parameters"] > 0 and out["train"]["adapter_parameters"] > 0
     export = tmp_path / "run" / "export"
     assert (export / "h_adapter" / "model.safetensors").is_file()
