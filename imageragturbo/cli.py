@@ -122,7 +122,8 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
     results = quality.run(args.model, args.n, args.seed, args.teacher_steps, args.guidance,
                           index=args.index, runs=runs, grid=args.grid,
                           latency=not args.no_latency, progress=args.json != "-",
-                          seeds=args.seeds, retrieval_guidance=args.retrieval_guidance)
+                          seeds=args.seeds, retrieval_guidance=args.retrieval_guidance,
+                          neighbour_pools=args.neighbour_pool)
     rows = {k: v for k, v in results.items() if not k.startswith("_")}
     if args.plot:
         tifa.plot_categories(rows, args.plot, title=f"ShapesTIFA by category ({args.model})")
@@ -350,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an extra row: the installed model at k = 4 with classifier-free "
                         "guidance on retrieval, z0 = z0(K=0) + SCALE (z0(k=4) - z0(K=0)) (two "
                         "decoder passes, in-process only; not the paper's); repeatable")
+    q.add_argument("--neighbour-pool", type=int, action="append", default=[], metavar="POOL",
+                   help="an extra row: the installed model at k = 1 with the neighbour drawn by "
+                        "each image's seed from the prompt's top POOL (serve --neighbour-pool); "
+                        "repeatable")
     q.add_argument("--no-latency", action="store_true", help="skip the ONNX latency columns")
     q.add_argument("--seeds", type=int, default=3,
                    help="noise seeds per prompt (seed j of prompt i: seed * 1e6 + i + j * 1e5); "

@@ -260,7 +260,7 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
         latency: bool = True, progress: bool = True, seeds: int = 3,
         extra_rows: dict[str, RowFn] | None = None, retrieval_off: dict[str, str] | None = None,
         extra_nfe: dict[str, int] | None = None,
-        retrieval_guidance: Sequence[float] = ()) -> dict:
+        retrieval_guidance: Sequence[float] = (), neighbour_pools: Sequence[int] = ()) -> dict:
     """Every row on the eval split's first ``n`` prompts, each under ``seeds`` noise seeds
     (``noise_seeds``). ``runs``: extra rows {name: a run's export folder} (the control and
     ablations), each at k = 4 with a "<name>, K = 0" partner (the control, named so, without
@@ -328,6 +328,19 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
         name = f"ImageRAGTurbo k={k}"
         images[name], partner[name] = student(tuned, H4[:, :k], LAM, desc=name), TUNED_OFF
     images[TUNED_OFF] = student(tuned, desc=TUNED_OFF)        # the merged LoRA, no adapter
+    for pool in neighbour_pools:
+        # k = 1, the neighbour drawn by each image's seed from the prompt's top `pool` (as
+        # served with --neighbour-pool): per seed, another neighbour
+        from .runtime.request import sample_neighbours
+
+        name = f"ImageRAGTurbo k=1, neighbour drawn by seed from top {pool}"
+        _, cand, _, cand_sc = neighbours(model, base, prompts, pool, index, progress=False)
+        rows = [sample_neighbours(cand, cand_sc, 1, grid_seeds[j].tolist())
+                for j in range(s)]                                   # per seed: (N, 1) each
+        ids_p = np.concatenate([r[0] for r in rows])                 # (S * N, 1), seed-major
+        lam_p = np.concatenate([r[1][:, 0] for r in rows]).astype(np.float32)
+        images[name] = student(tuned, idx.h(ids_p).astype(np.float32), lam_p, desc=name)
+        partner[name] = TUNED_OFF
     for g in retrieval_guidance:
         name = f"ImageRAGTurbo k=4, retrieval guidance {g:g}"
         images[name] = guided_images(tuned, P, SD, H4, LAM, g, progress=progress, desc=name)

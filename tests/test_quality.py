@@ -21,6 +21,7 @@ from imageragturbo.quality import CROSS_FITTED, NULL_ORACLE, ORACLE, STUDENT, TU
 N, S = 4, 2
 EXTRA = "extra: the student again"
 RUN = "run: the shipped fine-tuning at k = 1"
+POOL = "ImageRAGTurbo k=1, neighbour drawn by seed from top 3"
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -173,7 +174,8 @@ def bench(index, tmp_path_factory):
     try:
         res = quality.run("tiny-shapes", n=N, seed=0, teacher_steps=2, index=index,
                           latency=False, progress=False, seeds=S, extra_rows={EXTRA: extra},
-                          retrieval_off={EXTRA: TUNED_OFF}, runs={RUN: f"{run_export}@1"})
+                          retrieval_off={EXTRA: TUNED_OFF}, runs={RUN: f"{run_export}@1"},
+                          neighbour_pools=[3])
     finally:
         mp.undo()
     return res, calls, extra_args
@@ -184,7 +186,7 @@ def test_run_holds_per_seed_scores_and_intervals_for_every_row(bench):
     rows = {k: v for k, v in res.items() if not k.startswith("_")}
     expected = {"teacher x2", "teacher x1", STUDENT, "student + slerp w=0.8", ORACLE,
                 ORACLE + CROSS_FITTED, NULL_ORACLE, NULL_ORACLE + CROSS_FITTED,
-                "ImageRAGTurbo k=1", "ImageRAGTurbo k=4", TUNED_OFF, EXTRA, RUN, RUN + ", K = 0"}
+                "ImageRAGTurbo k=1", "ImageRAGTurbo k=4", TUNED_OFF, EXTRA, RUN, RUN + ", K = 0", POOL}
     assert set(rows) == expected
     items = sw.make_split("eval", N, 0)
     classes = [quality.prompt_class(it.scene) for it in items]
@@ -240,7 +242,7 @@ def test_retrieval_off_row_is_the_tuned_weights_without_retrieval(bench):
     assert "vs_retrieval_off" not in res[TUNED_OFF] and "vs_retrieval_off" not in res[STUDENT]
     assert res["_meta"]["retrieval_off"] == {"ImageRAGTurbo k=1": TUNED_OFF,
                                              "ImageRAGTurbo k=4": TUNED_OFF, EXTRA: TUNED_OFF,
-                                             RUN: RUN + ", K = 0"}
+                                             RUN: RUN + ", K = 0", POOL: TUNED_OFF}
 
 
 def test_oracles_real_null_and_cross_fitted(bench):
@@ -366,3 +368,28 @@ def test_retrieval_guidance_interpolates_between_retrieval_off_and_on():
     g2 = quality.guided_images(c, prompts, seeds, h, lam, 2.0, progress=False)
     assert np.abs(g0.astype(int) - off).max() <= 1 and np.abs(g1.astype(int) - on).max() <= 1
     assert np.abs(g2.astype(int) - off).mean() > np.abs(g1.astype(int) - off).mean()
+
+
+def test_pool_row_draws_each_seeds_neighbour_from_the_prompts_top_pool(bench, index):
+    from imageragturbo.retriever import RetrievalIndex
+
+    res, calls, _ = bench
+    call = next(c for c in calls if c["desc"] == POOL)
+    assert call["adapter"] and call["h"].shape[:2] == (N * S, 1)
+    idx = RetrievalIndex.load(index)
+    items = sw.make_split("eval", N, 0)
+    prompts = [it.caption for it in items]
+    _, top3, _, _ = quality.neighbours("tiny-shapes", _base(), prompts, 3, index,
+                                       progress=False)
+    h = call["h"][:, 0].reshape(S, N, -1)
+    for i in range(N):
+        pool = idx.h(top3[i]).reshape(3, -1)
+        for j in range(S):                                  # each seed's h is one of the top 3
+            assert np.any(np.all(np.isclose(pool, h[j, i]), axis=1)), (i, j)
+    assert res[POOL]["vs_retrieval_off"]["row"] == TUNED_OFF
+
+
+def _base():
+    from imageragturbo.model import family
+
+    return family.load_components("tiny-shapes", retrieval_tuned=False)

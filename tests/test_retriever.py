@@ -571,3 +571,70 @@ def test_republishing_an_index_leaves_a_whole_one_at_every_filesystem_step(built
     build_index(pairs[:10], enc, idx, overwrite=True, progress=False)
     assert not before.exists()                         # until the next publish
     assert len(RetrievalIndex.load(idx)) == 10
+
+
+def test_sampled_neighbours_follow_the_seed_and_stay_in_the_pool(built):
+    from imageragturbo.runtime import request
+
+    _, enc, out = built
+    index = RetrievalIndex.load(out, verify=False)
+    prompts = ["w1 w2 w3 w4", "w5 w6 w7 w8"]
+    q = enc.encode_text(prompts)
+    top, _ = index.search(q, 8, prompts=prompts, rerank=32)
+    picks = {}
+    for seed in range(12):
+        _, _, nb = request.retrieve(index, q, 2, prompts, 32, [seed, seed], pool=4)
+        assert nb.ids.shape == (2, 2)
+        for b in range(2):
+            assert set(nb.ids[b]) <= set(top[b]) and len(set(nb.ids[b])) == 2
+            # best-first order kept among the drawn ones
+            assert list(top[b]).index(nb.ids[b, 0]) < list(top[b]).index(nb.ids[b, 1])
+        picks[seed] = nb.ids.copy()
+        again = request.retrieve(index, q, 2, prompts, 32, [seed, seed], pool=4)[2]
+        assert np.array_equal(again.ids, nb.ids)                  # a seed: always the same
+    assert len({tuple(p[0]) for p in picks.values()}) > 3          # seeds: other neighbours
+    # pool 1 or no seeds: the plain top k
+    for kw in ({"pool": 1}, {"pool": 4, "seeds": None}):
+        seeds = kw.pop("seeds", [0, 0])
+        ids = request.retrieve(index, q, 2, prompts, 32, seeds, **kw)[2].ids
+        assert np.array_equal(ids, top[:, :2])
+    with pytest.raises(ValueError, match="pool"):
+        request.retrieve(index, q, 2, prompts, 32, [0, 0], pool=0)
+    with pytest.raises(ValueError, match="seeds for"):
+        request.sample_neighbours(top, top.astype(np.float32), 2, [0])
+
+
+def test_the_retriever_backend_gives_the_in_process_neighbours(built, monkeypatch):
+    """model_repository/retriever/1/model.py, driven without a server: for the same prompts,
+    seeds and settings (re-ranking, seeded pool) its outputs are runtime.retrieve's."""
+    import importlib.util
+
+    from backend_stub import pb_utils_stub
+
+    from imageragturbo.runtime import request
+
+    _, enc, out = built
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb_utils_stub())
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "retriever_backend_under_test", root / "model_repository/retriever/1/model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    m = mod.TritonPythonModel()
+    m.index = RetrievalIndex.load(out, verify=False)
+    m.has_adapter, m.h_shape, m.rerank, m.pool = True, (6, 1, 1), 32, 3
+    prompts, seeds = ["w1 w2 w3", "w9 w8 w7"], [11, 12]
+    q = enc.encode_text(prompts)
+    req = {"pooled": q, "k": np.full((2, 1), 2, np.int32),
+           "strength": np.full((2, 1), np.nan, np.float32),
+           "prompt": np.array([p.encode() for p in prompts], np.object_).reshape(2, 1),
+           "seed": np.array(seeds, np.int64).reshape(2, 1)}
+    (resp,) = m.execute([req])
+    assert resp.error is None, resp.error and resp.error.message
+    h, scores, nb = request.retrieve(m.index, q, 2, prompts, 32, seeds, 3)
+    assert not np.array_equal(nb.ids, request.retrieve(m.index, q, 2, prompts, 32)[2].ids)
+    np.testing.assert_array_equal(resp.outputs["h_retr"], h)
+    np.testing.assert_array_equal(resp.outputs["NEIGHBOUR_SCORES"], scores)
+    assert resp.outputs["NEIGHBOUR_IDS"].tolist() == [[i.encode() for i in r]
+                                                      for r in nb.item_ids]
+    np.testing.assert_allclose(resp.outputs["lam"][:, 0], scores[:, 0])

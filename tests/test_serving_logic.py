@@ -10,11 +10,11 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+from backend_stub import pb_utils_stub
 
 from imageragturbo.serving.repository import ENSEMBLE
 from imageragturbo.serving.server import ServerError, TritonServer, free_port
@@ -248,47 +248,11 @@ def test_wait_ready_gives_up_after_its_timeout(tmp_path, answer):
 # ----------------------------------------------------------------------------- preprocess
 
 
-class _In:
-    """A request input tensor as the Python backend sees it."""
-
-    def __init__(self, a):
-        self._a = np.asarray(a)
-
-    def as_numpy(self):
-        return self._a
-
-
-def _pb_utils() -> types.ModuleType:
-    """A stand-in for Triton's ``triton_python_backend_utils``: requests are dicts of
-    arrays; responses record their tensors or error."""
-    pb = types.ModuleType("triton_python_backend_utils")
-
-    class TritonError:
-        INVALID_ARG = "INVALID_ARG"
-
-        def __init__(self, message, code=None):
-            self.message, self.code = message, code
-
-    class Tensor:
-        def __init__(self, name, array):
-            self.name, self.array = name, array
-
-    class InferenceResponse:
-        def __init__(self, output_tensors=(), error=None):
-            self.outputs = {t.name: t.array for t in output_tensors}
-            self.error = error
-
-    pb.TritonError, pb.Tensor, pb.InferenceResponse = TritonError, Tensor, InferenceResponse
-    pb.get_input_tensor_by_name = lambda request, name: (
-        _In(request[name]) if name in request else None)
-    return pb
-
-
 @pytest.fixture
 def preprocess(monkeypatch):
     """The preprocess backend's model, as configured by a rendered repository with max_k 4
     (``initialize`` also loads the tokenizer, which these checks never reach)."""
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _pb_utils())
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb_utils_stub())
     spec = importlib.util.spec_from_file_location(
         "preprocess_backend_under_test", ROOT / "model_repository/preprocess/1/model.py")
     mod = importlib.util.module_from_spec(spec)

@@ -109,7 +109,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.k > 0:
         index = request.load_index(args.index or index_dir_of(args.model), text_dim, h_shape)
         h_retr, scores, nb = request.retrieve(index, pooled_of(prompts), args.k, prompts,
-                                              args.rerank)
+                                              args.rerank, seeds, args.neighbour_pool)
         lam, slerp_w = request.retrieval_controls(scores, args.strength, has_adapter)
         images = run(h_retr, lam, slerp_w)
         info["neighbours"] = [
@@ -162,6 +162,9 @@ def add_parsers(sub, bench) -> None:
     g.add_argument("--rerank", type=int, default=RERANK_CANDIDATES,
                    help="re-rank the dense top N neighbours by the prompt's words (0: dense "
                         "only; the served ensemble's --rerank)")
+    g.add_argument("--neighbour-pool", type=int, default=1,
+                   help="> 1: the K neighbours drawn from the top K x POOL by each seed (the "
+                        "served ensemble's --neighbour-pool)")
     g.add_argument("--strength", type=float, default=None,
                    help="retrieval strength (adapter: scales lambda, default 1; slerp: weight "
                         "of the neighbour, default 0.2)")

@@ -68,14 +68,36 @@ def load_index(path: str | Path, text_dim: int, h_shape: Sequence[int], ef: int 
     return index
 
 
+def sample_neighbours(ids: np.ndarray, scores: np.ndarray, k: int, seeds: Sequence[int]):
+    """Each row's k neighbours drawn without replacement from its candidates (B, n >= k) by a
+    generator seeded with the row's noise seed, best-first order kept: different seeds see
+    different neighbours (so a model that follows its neighbours still varies with the seed),
+    the same seed always the same ones."""
+    if len(seeds) != len(ids):
+        raise ValueError(f"{len(seeds)} seeds for {len(ids)} queries")
+    k = min(k, ids.shape[1])
+    pick = np.stack([np.sort(np.random.default_rng([int(s), 7]).choice(ids.shape[1], k,
+                                                                        replace=False))
+                     for s in seeds])                                            # (B, k)
+    return np.take_along_axis(ids, pick, axis=1), np.take_along_axis(scores, pick, axis=1)
+
+
 def retrieve(index, pooled: np.ndarray, k: int, prompts: Sequence[str] | None = None,
-             rerank: int = RERANK_CANDIDATES):
+             rerank: int = RERANK_CANDIDATES, seeds: Sequence[int] | None = None,
+             pool: int = 1):
     """Neighbours of each query: (h_retr (B, k, C, h', w'), scores (B, k), Neighbours). With
     the ``prompts``, the dense top ``rerank`` are re-ranked by their words
-    (``RetrievalIndex.search``); the served retriever does the same."""
+    (``RetrievalIndex.search``). With ``seeds`` and ``pool`` > 1, the k are drawn from the top
+    k * pool by each query's seed (``sample_neighbours``). The served retriever does the same."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    ids, scores = index.search(pooled, k, prompts=prompts, rerank=rerank)
+    if pool < 1:
+        raise ValueError(f"pool must be >= 1, got {pool}")
+    sampled = seeds is not None and pool > 1
+    ids, scores = index.search(pooled, k * pool if sampled else k, prompts=prompts,
+                               rerank=rerank)
+    if sampled:
+        ids, scores = sample_neighbours(ids, scores, k, seeds)
     nb = index.lookup(ids, scores)
     return nb.h.astype(np.float32), nb.scores, nb
 

@@ -24,7 +24,7 @@ def _options(args: argparse.Namespace):
         queue_timeout_us=int(args.queue_timeout * 1e6), max_queue_size=args.max_queue_size,
         default_k=args.default_k, max_k=args.max_k, threads=args.threads,
         instances=args.instances, trt_cache=args.trt_cache, injection=args.injection,
-        rerank=args.rerank)
+        rerank=args.rerank, neighbour_pool=args.neighbour_pool)
 
 
 def _assets(args: argparse.Namespace):
@@ -203,6 +203,9 @@ def _render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rerank", type=int, default=RenderOptions().rerank,
                    help="hybrid retrieval: re-rank the dense top N by the prompt's words and "
                         "word pairs (0: dense only)")
+    p.add_argument("--neighbour-pool", type=int, default=RenderOptions().neighbour_pool,
+                   help="> 1: each request's K neighbours are drawn from the top K x POOL by its "
+                        "seed (a model that follows its neighbours then varies with the seed)")
     p.add_argument("--injection", choices=["adapter", "slerp"], default="adapter",
                    help="how retrieved H features enter: the trained H-adapter (ImageRAGTurbo; "
                         "a model without one falls back to slerp) or training-free slerp of the "

@@ -69,6 +69,7 @@ class RenderOptions:
     instances: int = 2
     ef: int | None = None              # hnswlib query beam (default: the index's)
     rerank: int = RERANK_CANDIDATES    # dense candidates re-ranked by the prompt's words; 0: off
+    neighbour_pool: int = 1            # > 1: the k neighbours drawn from the top k * pool by seed
     verify_index: bool = True          # sha256 of the index files at load
     trt_cache: str = "/tmp/imageragturbo-trt-cache"  # gpu: TensorRT engine cache root
     trt_workspace_bytes: int = 4 << 30  # gpu: TensorRT builder workspace
@@ -87,7 +88,7 @@ class RenderOptions:
             self.light_queue_delay_us = self.queue_delay_us
         for name in ("queue_delay_us", "light_queue_delay_us", "queue_timeout_us",
                      "max_queue_size", "threads",
-                     "instances", "max_prompt_chars", "rerank"):
+                     "instances", "max_prompt_chars", "rerank", "neighbour_pool"):
             if getattr(self, name) < (0 if name in ("queue_delay_us", "light_queue_delay_us",
                                                     "threads", "rerank") else 1):
                 raise ValueError(f"{name.replace('_', ' ')} must be positive, got "
@@ -195,6 +196,7 @@ def render_repository(export_dir: str | Path, index_dir: str | Path, out: str | 
         "max_prompt_chars": opt.max_prompt_chars, "text_dim": m["text_dim"],
         "h_dims": ", ".join(map(str, h_shape)), "h_shape": ",".join(map(str, h_shape)),
         "ef": "" if opt.ef is None else opt.ef, "rerank": opt.rerank,
+        "neighbour_pool": opt.neighbour_pool,
         "verify_index": "true" if opt.verify_index else "false",
         "encoder_skip_outputs": "\n".join(
             f'      output_map {{ key: "{s}" value: "{s}" }}' for s in skips),

@@ -3,7 +3,9 @@
 Inputs: pooled FP32 [D] (the text encoder's pooled, L2-normalised embedding: the retrieval key
 the index was built with), k INT32 [1], strength FP32 [1] (NaN: the default) and prompt BYTES
 [1] (the checked PROMPT: with the parameter rerank > k, the dense top ``rerank`` are re-ordered
-by its words, as ``imageragturbo.runtime.request.retrieve`` does in-process) from preprocess. Outputs: h_retr FP32 [k, C, h', w'] (cached at index build time, so no UNet pass
+by its words, as ``imageragturbo.runtime.request.retrieve`` does in-process) and seed INT64 [1]
+(the request's noise seed: with the parameter pool > 1, the k neighbours are drawn from the
+top k * pool by it) from preprocess. Outputs: h_retr FP32 [k, C, h', w'] (cached at index build time, so no UNet pass
 here), lam FP32 [1] and the neighbours' ids, captions and cosine scores.
 
 lam is what the h_adapter step takes: with an H-adapter, lambda = strength x top-1 similarity
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from imageragturbo.runtime.request import retrieval_controls
+from imageragturbo.runtime.request import retrieval_controls, retrieve
 
 
 class TritonPythonModel:
@@ -32,6 +34,7 @@ class TritonPythonModel:
         self.h_shape = tuple(int(x) for x in p["h_shape"].split(","))
         ef = int(p["ef"]) if p.get("ef") else None
         self.rerank = int(p.get("rerank") or 0)
+        self.pool = int(p.get("pool") or 1)
         path = Path(args["model_repository"]) / args["model_version"] / "index"
         self.index = RetrievalIndex.load(path, text_dim=int(p["text_dim"]), ef=ef,
                                          verify=p.get("verify", "true") == "true")
@@ -54,9 +57,9 @@ class TritonPythonModel:
         else:
             prompts = [bytes(b).decode("utf-8") for b in pb_utils.get_input_tensor_by_name(
                 request, "prompt").as_numpy().reshape(-1)]
-            rows, sc = self.index.search(pooled, k, prompts=prompts, rerank=self.rerank)
-            nb = self.index.lookup(rows, sc)
-            h_retr = nb.h.astype(np.float32)                                # (B, k, C, h', w')
+            seeds = pb_utils.get_input_tensor_by_name(request, "seed").as_numpy().reshape(-1)
+            h_retr, _, nb = retrieve(self.index, pooled, k, prompts, self.rerank,
+                                     seeds.tolist(), self.pool)             # (B, k, C, h', w')
             lam = np.empty(n, np.float32)
             for b in range(n):
                 s = None if np.isnan(strength[b]) else float(strength[b])
