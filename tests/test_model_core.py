@@ -245,3 +245,18 @@ def test_weight_identity_is_hashed_once_yet_follows_every_rewrite(tmp_path):
     w.write_bytes(b"b" * 64)                                         # same size, in place
     os.utime(w, (old + 1, old + 1))
     assert defaults.files_identity(tmp_path / "m", ("unet",)) != first
+
+
+def test_tiny_unet_layouts_reverse_is_the_shipped_one_and_sd21_has_no_attention_at_the_bottom():
+    import json
+
+    shipped = json.loads((family.resolve("tiny-shapes") / "unet" / "config.json").read_text())
+    rev = family.tiny_unet_config()
+    assert list(rev["down_block_types"]) == shipped["down_block_types"]
+    assert list(rev["up_block_types"]) == shipped["up_block_types"]
+    sd = family.tiny_unet_config(layout="sd21")
+    # SD 2.1's rule: the lowest level (last down block, first up block) has no attention
+    assert "CrossAttn" not in sd["down_block_types"][-1] and "CrossAttn" not in sd["up_block_types"][0]
+    assert any("CrossAttn" in b for b in sd["up_block_types"])   # the text re-enters above H
+    with pytest.raises(ValueError, match="unknown UNet layout"):
+        family.tiny_unet_config(layout="sideways")

@@ -253,7 +253,7 @@ class Recipe(StagedRun):
     def _new_unet(self):
         from diffusers import UNet2DConditionModel
 
-        ucfg = family.tiny_unet_config()
+        ucfg = family.tiny_unet_config(layout=self.cfg.unet_layout)
         ucfg["block_out_channels"] = tuple(self.cfg.teacher_channels)
         return UNet2DConditionModel(**ucfg)
 

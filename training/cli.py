@@ -18,6 +18,8 @@ def _cmd_train_base(args: argparse.Namespace) -> int:
     cfg = RecipeConfig.quick() if args.quick else RecipeConfig()
     if args.threads:
         cfg.threads = args.threads
+    if args.unet_layout:
+        cfg.unet_layout = args.unet_layout
     stages = args.stages.split(",") if args.stages else list(STAGES)
     recipe = Recipe(args.run_dir, cfg, progress=not args.quiet, reconfigure=args.reconfigure)
     if args.reuse_from:
@@ -91,6 +93,10 @@ def add_parsers(sub, bench) -> None:
     b.add_argument("--quick", action="store_true",
                    help="a few steps per stage on 256 items: checks the recipe end to end")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    b.add_argument("--unet-layout", choices=("reverse", "sd21"), default=None,
+                   help="the UNets' block order: reverse (the shipped tiny-shapes: attention at "
+                        "8x8 and 4x4) or sd21 (SD 2.1's rule: none at the lowest level); "
+                        "default reverse")
     b.add_argument("--reuse-from", default=None, metavar="MODEL",
                    help="take the clip and vae stages (text encoder, CLIP-score towers, VAE) "
                         "from this model folder or variant instead of training them: new "

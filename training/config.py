@@ -30,6 +30,7 @@ class RecipeConfig:
     teacher_text_lr: float = 2.5e-4  # > 0: fine-tune the text encoder with the teacher
     text_anchor: float = 1.0      # weight of MSE(pooled, the clip stage's pooled) when it does
     teacher_channels: tuple = (48, 96, 96)
+    unet_layout: str = "reverse"  # block order (family.UNET_LAYOUTS): "reverse" (shipped) or "sd21"
     cfg_drop: float = 0.1         # caption dropout for classifier-free guidance
     ema: float = 0.999
     synth_prompts: int = 4000

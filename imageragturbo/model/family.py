@@ -78,24 +78,37 @@ def tiny_vae_config() -> dict:
                 mid_block_add_attention=False)
 
 
-def tiny_unet_config(cross_attention_dim: int = 64) -> dict:
-    """16x16x4 latents; H-space at 4x4 with 96 channels; one resnet per block, linear
-    attention projections, SD 2.1's rule for where the text enters: no attention at the
-    lowest level on either side of the mid-block (SD 2.1: down_blocks[3] DownBlock2D,
-    up_blocks[0] UpBlock2D), the mid-block keeps its cross-attention, and the text re-enters
-    the decoder one level above H (8x8 here, 16x16 of SD's 64x64 latents), so the mid-block's
-    output h is the bottleneck the paper edits (3.1 M parameters).
+# The tiny UNet's block orders (``tiny_unet_config(layout=...)``), one level per entry.
+UNET_LAYOUTS = {
+    # The shipped tiny-shapes: attention at 8x8 and at the lowest level (4x4), none at 16x16.
+    "reverse": (("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+    # SD 2.1's rule: no attention at the lowest level on either side of the mid-block (SD 2.1:
+    # down_blocks[3] DownBlock2D, up_blocks[0] UpBlock2D); the text re-enters the decoder one
+    # level above H (8x8 here, as 16x16 of SD's 64x64 latents). SD 2.1 also attends at its
+    # top level; here 16x16 has none (0.41 s instead of 0.24 s a teacher step on this CPU).
+    "sd21": (("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+             ("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+}
 
-    SD 2.1 also attends at its top levels; here the 16x16 level has none: with it a training
-    step took 0.41 s instead of 0.24 s at batch 32 on this 2-core CPU, which the teacher's
-    8,000 steps cannot afford. The first shipped tiny-shapes had attention at 8x8 and at the
-    lowest level (4x4) instead; there replacing h by 0 moved z0 by 4% while another prompt's
-    text in the decoder moved it by 56% (docs/training.md, "H-space sensitivity"). Folders saved with
-    that order still load: diffusers reads the block types from each folder's config.json."""
+
+def tiny_unet_config(cross_attention_dim: int = 64, layout: str = "reverse") -> dict:
+    """16x16x4 latents; H-space at 4x4 with 96 channels; one resnet per block, linear
+    attention projections, the mid-block with cross-attention; ``layout`` names the block
+    order (``UNET_LAYOUTS``): "reverse" (the shipped tiny-shapes, 3.7 M parameters) or "sd21"
+    (SD 2.1's rule, no attention at the lowest level, 3.1 M).
+
+    Measured with ``imageragturbo bench sensitivity`` (64 prompts, the students as distilled;
+    docs/training.md, "H-space sensitivity"): replacing h by 0 moved z0 by 5% with "reverse"
+    and by 3% with "sd21", while another prompt's skips moved it by 43% in both: in this tiny
+    UNet the skips carry the content either way, so "sd21" did not make h the bottleneck and
+    the shipped model keeps "reverse". Folders load with whatever order their config.json
+    names."""
+    if layout not in UNET_LAYOUTS:
+        raise ValueError(f"unknown UNet layout {layout!r}; known: {', '.join(UNET_LAYOUTS)}")
+    down, up = UNET_LAYOUTS[layout]
     return dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-                block_out_channels=(48, 96, 96),
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                block_out_channels=(48, 96, 96), down_block_types=down, up_block_types=up,
                 cross_attention_dim=cross_attention_dim, attention_head_dim=4,
                 use_linear_projection=True, norm_num_groups=16)
 
