@@ -78,7 +78,8 @@ class AdapterConfig:
     #                               are a jittered re-render of the target prompt's own scene
     #                               (never an index item); > 0 also gives every real target its
     #                               scene's re-render, so its layout is in the neighbour
-    steps: int = 1500             # 45 min on 2 CPU cores (1.3 s a step), ~2 min on a GPU
+    steps: int = 1500             # ~13 min on this CPU (700 steps at batch 24 took 263 s on
+    #                               one thread, 2026-12-04), ~2 min on a GPU
     batch: int = 32
     adapter_lr: float = 1e-3
     lora_lr: float = 2e-4
