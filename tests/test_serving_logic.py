@@ -194,7 +194,11 @@ def _not_ready_server(tmp_path, http_port=None, tls=False) -> TritonServer:
     s = TritonServer(tmp_path, log_path=tmp_path / "server.log", cache=tmp_path,
                      http_port=http_port, **kw)
     (tmp_path / "server.log").write_text("loading models...\n")
-    s.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    # SIGINT restored in the child: a test run started in the background (nohup, `cmd &`)
+    # ignores SIGINT, the child would inherit that, and stop()'s SIGINT would do nothing for
+    # its 30 s (a real tritonserver installs its own handler)
+    s.process = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal("
+                                  "signal.SIGINT, signal.default_int_handler); time.sleep(120)"])
     return s
 
 
