@@ -4,4 +4,5 @@ at any size, in splits that make retrieval matter (``world``), and written to di
 
 from ..checksums import sha256_file  # noqa: F401
 from .dataset import build_dataset, load_manifest, sample_grid, split_stats  # noqa: F401
+from .edits import jitter, perturb  # noqa: F401
 from .world import *  # noqa: F403
