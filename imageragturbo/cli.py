@@ -123,7 +123,7 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
                           index=args.index, runs=runs, grid=args.grid,
                           latency=not args.no_latency, progress=args.json != "-",
                           seeds=args.seeds, retrieval_guidance=args.retrieval_guidance,
-                          neighbour_pools=args.neighbour_pool)
+                          neighbour_pools=args.neighbour_pool, runs_only=args.runs_only)
     rows = {k: v for k, v in results.items() if not k.startswith("_")}
     if args.plot:
         tifa.plot_categories(rows, args.plot, title=f"ShapesTIFA by category ({args.model})")
@@ -356,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "each image's seed from the prompt's top POOL (serve --neighbour-pool); "
                         "repeatable")
     q.add_argument("--no-latency", action="store_true", help="skip the ONNX latency columns")
+    q.add_argument("--runs-only", action="store_true",
+                   help="only the student and the --run/--control rows (each with its K = 0 "
+                        "row): compares training runs in minutes, without the teacher, slerp, "
+                        "oracle and installed-model rows")
     q.add_argument("--seeds", type=int, default=3,
                    help="noise seeds per prompt (seed j of prompt i: seed * 1e6 + i + j * 1e5); "
                         "a prompt's score is the mean over them")

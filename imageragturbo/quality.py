@@ -67,7 +67,7 @@ def noise_seeds(seed: int, n: int, seeds: int) -> np.ndarray:
 def with_finetune(model: str, run_export: str | Path):
     """The base student with another run's ``h_adapter/`` and ``unet_lora/`` (a control or
     ablation run's export folder) in place of the installed ones."""
-    from .model.family import LORA_DIR, load_components
+    from .model.family import LORA_DIR, attach_neighbour_attention, load_components
     from .model.h_space import HAdapter
     from .model.lora import merge_decoder_lora
 
@@ -79,6 +79,7 @@ def with_finetune(model: str, run_export: str | Path):
     c.h_adapter = HAdapter.from_pretrained(run_export / "h_adapter")
     if (run_export / LORA_DIR).is_dir():
         merge_decoder_lora(c.unet, run_export / LORA_DIR)
+    attach_neighbour_attention(c, run_export)
     return c.eval()
 
 
@@ -260,14 +261,17 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
         latency: bool = True, progress: bool = True, seeds: int = 3,
         extra_rows: dict[str, RowFn] | None = None, retrieval_off: dict[str, str] | None = None,
         extra_nfe: dict[str, int] | None = None,
-        retrieval_guidance: Sequence[float] = (), neighbour_pools: Sequence[int] = ()) -> dict:
+        retrieval_guidance: Sequence[float] = (), neighbour_pools: Sequence[int] = (),
+        runs_only: bool = False) -> dict:
     """Every row on the eval split's first ``n`` prompts, each under ``seeds`` noise seeds
     (``noise_seeds``). ``runs``: extra rows {name: a run's export folder} (the control and
     ablations), each at k = 4 with a "<name>, K = 0" partner (the control, named so, without
     retrieval). ``extra_rows``: {name: fn(prompts, seeds) -> uint8 images}, called once with
     the S * N prompts and seeds (seed-major: all prompts at seed 0, then seed 1, ...);
     ``retrieval_off``: {row: its retrieval-off row} for them (any row name, built-in ones
-    such as ``TUNED_OFF`` included); ``extra_nfe``: their NFE (default 1)."""
+    such as ``TUNED_OFF`` included); ``extra_nfe``: their NFE (default 1). ``runs_only``: the
+    student and the ``runs`` (each with its K = 0 row) alone: no teacher, slerp, oracle or
+    installed-model rows, no latency or grid (comparing training runs; minutes, not an hour)."""
     import torch
 
     from .model.clip_scorer import ClipScorer
@@ -301,50 +305,53 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
     images: dict[str, np.ndarray] = {}
     nfe: dict[str, int] = {}
     partner: dict[str, str] = {}
-    teacher = f"teacher x{teacher_steps}"
-    images[teacher] = evaluate.generate(base, P, SD, "teacher", teacher_steps, guidance,
-                                        progress=progress)
-    nfe[teacher] = 2 * teacher_steps  # classifier-free guidance
-    images["teacher x1"] = evaluate.generate(base, P, SD, "teacher", 1, guidance,
-                                             progress=progress)
-    nfe["teacher x1"] = 2
-    images[STUDENT] = student(base)
-    images["student + slerp w=0.8"] = student(base, H4[:, :1], w=0.8, desc="slerp 0.8")
-    # the oracles: per prompt and seed, the best of the nine slerp strengths by ShapesTIFA
-    # itself, with the top-1 neighbour and with a random non-neighbour (a new one per w)
-    null_h = idx.h(non_neighbours(idx, prompt_embeddings(base, prompts), ids,
-                                  len(SLERP_GRID), seed)).astype(np.float32)
-    searches = {
-        ORACLE: lambda m, w: student(base, H4[:, :1], w=w, desc=f"slerp {w}"),
-        NULL_ORACLE: lambda m, w: student(base, _tile(null_h[:, m:m + 1], s), w=w,
-                                          desc=f"null slerp {w}")}
     w_star = {}
-    for name, gen in searches.items():
-        o = oracle_search(gen, records, s, n)
-        images[name], w_star[name] = o["best"], o["w_best"]
-        if o["cross"] is not None:
-            images[name + CROSS_FITTED], w_star[name + CROSS_FITTED] = o["cross"], o["w_cross"]
-    for k in (1, 4):
-        name = f"ImageRAGTurbo k={k}"
-        images[name], partner[name] = student(tuned, H4[:, :k], LAM, desc=name), TUNED_OFF
-    images[TUNED_OFF] = student(tuned, desc=TUNED_OFF)        # the merged LoRA, no adapter
-    for pool in neighbour_pools:
-        # k = 1, the neighbour drawn by each image's seed from the prompt's top `pool` (as
-        # served with --neighbour-pool): per seed, another neighbour
-        from .runtime.request import sample_neighbours
+    images[STUDENT] = student(base)
+    if not runs_only:
+        teacher = f"teacher x{teacher_steps}"
+        images[teacher] = evaluate.generate(base, P, SD, "teacher", teacher_steps, guidance,
+                                            progress=progress)
+        nfe[teacher] = 2 * teacher_steps  # classifier-free guidance
+        images["teacher x1"] = evaluate.generate(base, P, SD, "teacher", 1, guidance,
+                                                 progress=progress)
+        nfe["teacher x1"] = 2
+        images = {teacher: images.pop(teacher), "teacher x1": images.pop("teacher x1"),
+                  **images}                                        # the table's row order
+        images["student + slerp w=0.8"] = student(base, H4[:, :1], w=0.8, desc="slerp 0.8")
+        # the oracles: per prompt and seed, the best of the nine slerp strengths by ShapesTIFA
+        # itself, with the top-1 neighbour and with a random non-neighbour (a new one per w)
+        null_h = idx.h(non_neighbours(idx, prompt_embeddings(base, prompts), ids,
+                                      len(SLERP_GRID), seed)).astype(np.float32)
+        searches = {
+            ORACLE: lambda m, w: student(base, H4[:, :1], w=w, desc=f"slerp {w}"),
+            NULL_ORACLE: lambda m, w: student(base, _tile(null_h[:, m:m + 1], s), w=w,
+                                              desc=f"null slerp {w}")}
+        for name, gen in searches.items():
+            o = oracle_search(gen, records, s, n)
+            images[name], w_star[name] = o["best"], o["w_best"]
+            if o["cross"] is not None:
+                images[name + CROSS_FITTED], w_star[name + CROSS_FITTED] = o["cross"], o["w_cross"]
+        for k in (1, 4):
+            name = f"ImageRAGTurbo k={k}"
+            images[name], partner[name] = student(tuned, H4[:, :k], LAM, desc=name), TUNED_OFF
+        images[TUNED_OFF] = student(tuned, desc=TUNED_OFF)        # the merged LoRA, no adapter
+        for pool in neighbour_pools:
+            # k = 1, the neighbour drawn by each image's seed from the prompt's top `pool` (as
+            # served with --neighbour-pool): per seed, another neighbour
+            from .runtime.request import sample_neighbours
 
-        name = f"ImageRAGTurbo k=1, neighbour drawn by seed from top {pool}"
-        _, cand, _, cand_sc = neighbours(model, base, prompts, pool, index, progress=False)
-        rows = [sample_neighbours(cand, cand_sc, 1, grid_seeds[j].tolist())
-                for j in range(s)]                                   # per seed: (N, 1) each
-        ids_p = np.concatenate([r[0] for r in rows])                 # (S * N, 1), seed-major
-        lam_p = np.concatenate([r[1][:, 0] for r in rows]).astype(np.float32)
-        images[name] = student(tuned, idx.h(ids_p).astype(np.float32), lam_p, desc=name)
-        partner[name] = TUNED_OFF
-    for g in retrieval_guidance:
-        name = f"ImageRAGTurbo k=4, retrieval guidance {g:g}"
-        images[name] = guided_images(tuned, P, SD, H4, LAM, g, progress=progress, desc=name)
-        partner[name], nfe[name] = TUNED_OFF, 2
+            name = f"ImageRAGTurbo k=1, neighbour drawn by seed from top {pool}"
+            _, cand, _, cand_sc = neighbours(model, base, prompts, pool, index, progress=False)
+            rows = [sample_neighbours(cand, cand_sc, 1, grid_seeds[j].tolist())
+                    for j in range(s)]                                   # per seed: (N, 1) each
+            ids_p = np.concatenate([r[0] for r in rows])                 # (S * N, 1), seed-major
+            lam_p = np.concatenate([r[1][:, 0] for r in rows]).astype(np.float32)
+            images[name] = student(tuned, idx.h(ids_p).astype(np.float32), lam_p, desc=name)
+            partner[name] = TUNED_OFF
+        for g in retrieval_guidance:
+            name = f"ImageRAGTurbo k=4, retrieval guidance {g:g}"
+            images[name] = guided_images(tuned, P, SD, H4, LAM, g, progress=progress, desc=name)
+            partner[name], nfe[name] = TUNED_OFF, 2
     for name, folder in (runs or {}).items():
         folder, _, k = str(folder).partition("@")          # FOLDER@K: served at k (default 4)
         k = int(k or 4)
@@ -407,7 +414,7 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
         "cross_fit": "seed j uses the w* picked on seed j + 1 mod S",
         "diversity": "mean over prompts of the mean over seed pairs of 1 - cosine of the "
                      "CLIP analogue's image features (pixel RMS: values in [0, 1])"}
-    if latency:
+    if latency and not runs_only:
         lat_base = onnx_latency(base, idx, k_values=(0,))
         lat_tuned = onnx_latency(tuned, idx, k_values=(0, 1, 4))
         results[STUDENT]["latency_ms"] = lat_base["k0"]
@@ -418,7 +425,7 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
             f"imageragturbo_{key}": v for key, v in lat_tuned.items()},
             "note": "ONNX Runtime CPU, 1 thread, batch 1, median ms",
             "flops": stage_flops(tuned)}
-    if grid:
+    if grid and not runs_only:
         g = min(8, n)                                                  # seed 0's first prompts
         with torch.no_grad():
             nb = idx.latents(ids[:g]).astype(np.float32)               # (g, 4, C, h, w)

@@ -44,6 +44,8 @@ from imageragturbo.defaults import DATA_ROOT, DEFAULT_MODEL, STUDENT_TIMESTEP
 from imageragturbo.model import family
 from imageragturbo.model.h_space import HAdapter, adapter_config_for, count_parameters
 from imageragturbo.model.lora import add_decoder_lora, lora_parameters, save_decoder_lora
+from imageragturbo.model.neighbour_attention import FOLDER as NB_DIR
+from imageragturbo.model.neighbour_attention import NeighbourAttention
 from imageragturbo.model.pipeline import teacher_sample_latents, tokenize
 from imageragturbo.model.unet_split import UNetEncoder
 from imageragturbo.runtime.request import initial_noise
@@ -283,6 +285,10 @@ class AdapterRun(StagedRun):
         acfg = adapter_config_for(student)
         acfg.positional = cfg.positional
         adapter = HAdapter(acfg).train()
+        nb_attn = None
+        if cfg.decoder_attention:
+            nb_attn = NeighbourAttention.for_unet(student, text_len=data["ehs"].shape[1]).train()
+            nb_attn.attach(student)
         teacher = self.c.teacher_unet.requires_grad_(False)
         disc = ladd.LADDDiscriminator(teacher, text_dim=data["pooled"].shape[1])
         perc = (ladd.LatentPerceptual(UNetEncoder(teacher), data["uncond"])
@@ -290,6 +296,8 @@ class AdapterRun(StagedRun):
         groups = [{"params": list(adapter.parameters()), "lr": cfg.adapter_lr}]
         if cfg.lora:
             groups.append({"params": lora_parameters(student), "lr": cfg.lora_lr})
+        if nb_attn is not None:
+            groups.append({"params": list(nb_attn.parameters()), "lr": cfg.decoder_attention_lr})
         opt_g = torch.optim.AdamW(groups, betas=(0.0, 0.99), weight_decay=0.0)
         opt_d = torch.optim.AdamW(disc.trainable_parameters(), lr=cfg.disc_lr,
                                   betas=(0.0, 0.99), weight_decay=0.0)
@@ -300,9 +308,11 @@ class AdapterRun(StagedRun):
             nb = load_checkpoint(self.dir / "neighbours" / "neighbours.pt")
             nb_ids, nb_scores = nb["ids"].numpy(), nb["scores"].numpy()
         state = {"adapter": adapter, "student": student, "heads": disc.heads, "opt_g": opt_g,
-                 "opt_d": opt_d}
+                 "opt_d": opt_d, **({"neighbour_attention": nb_attn} if nb_attn is not None else {})}
         one_step = OneStepStudent(student, ac).to(self.acc.device)
         adapter.to(self.acc.device), disc.to(self.acc.device)
+        if nb_attn is not None:
+            nb_attn.to(self.acc.device)
         if perc is not None:
             perc.to(self.acc.device)
         backward = self._backward_fn([p for g in groups for p in g["params"]])
@@ -347,10 +357,13 @@ class AdapterRun(StagedRun):
                     h_retr = torch.where(sel.view(-1, 1, 1, 1, 1), own, h_retr.float())
                     lam = torch.where(sel, torch.ones_like(lam), lam)
                 h_retr, lam = self._dev(h_retr.float(), lam)
+                dec_ehs = None if nb_attn is None else nb_attn.decoder_context(ehs, h_retr)
 
                 def h_edit(h):
                     return adapter(h, h_retr, lam)
             else:
+                dec_ehs = None
+
                 def h_edit(h):  # the control: the target's own feature, nothing retrieved
                     return adapter(h, h.unsqueeze(1), torch.ones_like(h[:, 0, 0, 0]))
 
@@ -362,7 +375,7 @@ class AdapterRun(StagedRun):
                              sync_heads=self._sync_grads,
                              perceptual=perceptual if perc is not None else None,
                              perceptual_weight=cfg.perceptual_weight,
-                             adv_weight=cfg.adv_weight)
+                             adv_weight=cfg.adv_weight, decoder_ehs=dec_ehs)
 
         t0 = time.perf_counter()
         hist = self._loop("train", state, step, cfg.steps)
@@ -371,9 +384,13 @@ class AdapterRun(StagedRun):
             adapter.cpu().eval().save_pretrained(d / "h_adapter", dtype=torch.float16)
             if cfg.lora:
                 save_decoder_lora(student.cpu(), d / "unet_lora", dtype=torch.float16)
+            if nb_attn is not None:
+                nb_attn.cpu().eval().save_pretrained(d / NB_DIR, dtype=torch.float16)
         info = {"steps": cfg.steps, "seconds": time.perf_counter() - t0,
                 "adapter_parameters": count_parameters(adapter),
                 "lora_parameters": sum(p.numel() for p in lora_parameters(student)),
+                **({"decoder_attention_parameters": count_parameters(nb_attn)}
+                   if nb_attn is not None else {}),
                 "retrieval": cfg.retrieval, "device": str(self.acc.device),
                 "processes": self.acc.num_processes}
         for key in ("distill", "lpips", "g_adv", "d"):
@@ -395,6 +412,8 @@ class AdapterRun(StagedRun):
             shutil.copytree(self.dir / "train" / "h_adapter", d / "h_adapter")
             if (self.dir / "train" / "unet_lora").is_dir():
                 shutil.copytree(self.dir / "train" / "unet_lora", d / family.LORA_DIR)
+            if (self.dir / "train" / NB_DIR).is_dir():
+                shutil.copytree(self.dir / "train" / NB_DIR, d / NB_DIR)
             record = {"config": json.loads((self.dir / self.config_file).read_text()),
                       **{st: self.done(st) for st in STAGES[:-1]}}
             (d / "adapter_training.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -409,7 +428,7 @@ def install(run_dir: str | Path, model: str | Path = DEFAULT_MODEL) -> Path:
     if not (src / "h_adapter").is_dir():
         raise FileNotFoundError(f"{src}/h_adapter missing: run the export stage first")
     dst = family.resolve(model)
-    for sub in ("h_adapter", family.LORA_DIR, "adapter_training.json"):
+    for sub in ("h_adapter", family.LORA_DIR, NB_DIR, "adapter_training.json"):
         target = dst / sub
         if target.is_dir():
             shutil.rmtree(target)

@@ -57,6 +57,8 @@ def _cmd_train_adapter(args: argparse.Namespace) -> int:
         kw["perceptual_weight"] = 0.0
     if args.positional:
         kw["positional"] = True
+    if args.decoder_attention:
+        kw["decoder_attention"] = True
     if args.threads:
         kw["threads"] = args.threads
     cfg = AdapterConfig.quick(**kw) if args.quick else AdapterConfig(**kw)
@@ -171,6 +173,10 @@ def add_parsers(sub, bench) -> None:
     a.add_argument("--positional", action="store_true",
                    help="the adapter's tokens carry their 2-D position (needed to carry a "
                         "neighbour's layout over)")
+    a.add_argument("--decoder-attention", action="store_true",
+                   help="beyond the paper: the UNet decoder's cross-attention layers also attend "
+                        "to the neighbours' tokens (decoupled, IP-Adapter style), trained with "
+                        "the H-adapter; exported as neighbour_attention/")
     a.add_argument("--control", action="store_true",
                    help="the no-retrieval control: the target's own H feature in place of the "
                         "retrieved ones (same parameters, data, losses and steps)")

@@ -89,8 +89,14 @@ class AdapterConfig:
     adv_weight: float = 0.0       # weight of L_adv in Eq. 10 (the paper: 1; measured worse here)
     disc_s_max: int = 750         # discriminator noise level s ~ U{0..s_max-1}
     ckpt_every: int = 100
+    decoder_attention: bool = False  # beyond the paper: the decoder's cross-attention layers
+    #                               also attend to the neighbours' tokens (IP-Adapter style,
+    #                               model/neighbour_attention.py)
+    decoder_attention_lr: float = 1e-3
 
     def __post_init__(self) -> None:
+        if self.decoder_attention and self.retrieval == "none":
+            raise ValueError("decoder_attention needs retrieval: the control has no neighbours")
         if self.retrieval not in ("index", "none"):
             raise ValueError(f"retrieval must be 'index' or 'none', got {self.retrieval!r}")
         if self.lam not in ("similarity", "one"):

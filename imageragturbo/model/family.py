@@ -199,6 +199,7 @@ class Components:
     scheduler: object
     teacher_unet: torch.nn.Module | None = None    # the multi-step teacher (SD 2.1's role)
     h_adapter: torch.nn.Module | None = None
+    neighbour_attention: torch.nn.Module | None = None  # beyond the paper (neighbour_attention)
     name: str = "model"
 
     @property
@@ -206,7 +207,8 @@ class Components:
         return self.scheduler.alphas_cumprod
 
     def eval(self) -> Components:
-        for m in (self.text_encoder, self.vae, self.unet, self.teacher_unet, self.h_adapter):
+        for m in (self.text_encoder, self.vae, self.unet, self.teacher_unet, self.h_adapter,
+                  self.neighbour_attention):
             if m is not None:
                 m.eval().requires_grad_(False)
         return self
@@ -256,4 +258,17 @@ def load_components(model: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torc
         from .lora import merge_decoder_lora
 
         merge_decoder_lora(c.unet, path / LORA_DIR)
+    if retrieval_tuned:
+        attach_neighbour_attention(c, path)
     return c.eval()
+
+
+def attach_neighbour_attention(c: Components, path: str | Path) -> None:
+    """Load ``path``'s ``neighbour_attention/`` (when there is one) into ``c`` and install it on
+    the UNet decoder; after any LoRA merge, so that peft never wraps its projections."""
+    from .neighbour_attention import FOLDER, NeighbourAttention
+
+    if (Path(path) / FOLDER).is_dir():
+        c.neighbour_attention = NeighbourAttention.from_pretrained(Path(path) / FOLDER).to(
+            next(c.unet.parameters()).dtype)
+        c.neighbour_attention.attach(c.unet)

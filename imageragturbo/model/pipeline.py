@@ -80,8 +80,11 @@ def student_generate(c: Components, prompts: Sequence[str], seeds: Sequence[int]
         else:
             raise ValueError("retrieved features given, but the model has no H-adapter and "
                              "no slerp strength was set")
+    decoder_ehs = None
+    if h_retr is not None and slerp_w is None and c.neighbour_attention is not None:
+        decoder_ehs = c.neighbour_attention.decoder_context(ehs, h_retr.to(ehs.dtype))
     student = OneStepStudent(c.unet, c.alphas_cumprod, c.scheduler.config.prediction_type)
-    z0 = student(z, ehs, h_edit)
+    z0 = student(z, ehs, h_edit, decoder_ehs)
     images = decode_latents(c, z0)
     return (images, z0) if return_latents else images
 

@@ -91,9 +91,13 @@ class OneStepStudent(nn.Module):
     def alphas_cumprod(self) -> torch.Tensor:
         return self.unet_decoder.alphas_cumprod
 
-    def forward(self, z_t: torch.Tensor, ehs: torch.Tensor, h_edit=None) -> torch.Tensor:
+    def forward(self, z_t: torch.Tensor, ehs: torch.Tensor, h_edit=None,
+                decoder_ehs: torch.Tensor | None = None) -> torch.Tensor:
+        """``decoder_ehs``: what the decoder's cross-attention takes in place of ``ehs`` (the
+        text states with the neighbours' tokens appended: ``NeighbourAttention``)."""
         t = torch.full((z_t.shape[0],), STUDENT_TIMESTEP, dtype=torch.long, device=z_t.device)
         h, temb, *skips = self.unet_encoder(z_t, t, ehs)
         if h_edit is not None:
             h = h_edit(h)
-        return self.unet_decoder(h, temb, skips, ehs, z_t, t)
+        return self.unet_decoder(h, temb, skips, ehs if decoder_ehs is None else decoder_ehs,
+                                 z_t, t)
