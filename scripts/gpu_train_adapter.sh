@@ -9,7 +9,8 @@
 #
 # VARIANT: full (the shipped recipe, the paper's H-adapter + decoder LoRA), control, lam-one,
 # no-lora, no-perceptual, k1, long, dec (beyond the paper: + decoder neighbour attention),
-# dec-scene (dec + scene-neighbour augmentation on half the targets); @SEED sets the training
+# dec-scene (dec + scene-neighbour augmentation on half the targets), scene (the paper's
+# H-adapter with that augmentation); @SEED sets the training
 # seed (two seeds per arm give the spread between training runs).
 # Needs: gpu_wheels/ (scripts/gpu_wheels.sh) carried with the checkout; PyTorch with CUDA
 # preinstalled. Writes OUT/<run>.log and OUT/<run>.tgz (export/ with h_adapter/,
@@ -46,6 +47,7 @@ flags() {
         long) echo "--seed $seed --steps 6000" ;;
         dec) echo "--seed $seed --decoder-attention" ;;
         dec-scene) echo "--seed $seed --decoder-attention --scene-neighbour 0.5" ;;
+        scene) echo "--seed $seed --scene-neighbour 0.5" ;;
         *) echo "unknown variant $1" >&2; return 1 ;;
     esac
 }

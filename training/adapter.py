@@ -135,6 +135,7 @@ class AdapterRun(StagedRun):
             z = z * c.vae.config.scaling_factor
             t = torch.zeros(len(z), dtype=torch.long, device=dev)
             out.append(enc(z, t, ehs[i:i + 256].float().to(dev))[0].half().cpu())
+        enc.cpu()  # the UNet back where the other stages expect it
         return torch.cat(out)
 
     @property
@@ -182,10 +183,11 @@ class AdapterRun(StagedRun):
         """The student encoder's H-space feature shape (C, h, w) for this model's latents."""
         from imageragturbo.model.pipeline import latent_shape
 
-        z = torch.zeros(1, *latent_shape(self.c))
-        ehs = self.cache["ehs"][:1].float()
+        dev = next(self.c.unet.parameters()).device
+        z = torch.zeros(1, *latent_shape(self.c), device=dev)
+        ehs = self.cache["ehs"][:1].float().to(dev)
         with torch.no_grad():
-            h = UNetEncoder(self.c.unet)(z, torch.zeros(1, dtype=torch.long), ehs)[0]
+            h = UNetEncoder(self.c.unet)(z, torch.zeros(1, dtype=torch.long, device=dev), ehs)[0]
         return tuple(h.shape[1:])
 
     @property

@@ -125,13 +125,24 @@ def ddim_scheduler(c: Components):
 
 @torch.no_grad()
 def teacher_sample_latents(c: Components, unet, ehs: torch.Tensor, ehs_uncond: torch.Tensor,
-                           z: torch.Tensor, steps: int, guidance: float) -> torch.Tensor:
+                           z: torch.Tensor, steps: int, guidance: float,
+                           z_init: torch.Tensor | None = None,
+                           strength: float = 1.0) -> torch.Tensor:
     """Deterministic DDIM (eta = 0, trailing spacing, no sample clipping: these are latents)
-    with classifier-free guidance. z: (B, C, h, w) -> z_0."""
+    with classifier-free guidance. z: (B, C, h, w) -> z_0.
+
+    With ``z_init`` (B, C, h, w) clean latents and ``strength`` < 1: SDEdit (Meng et al.,
+    2022): the last ``round(strength * steps)`` steps only, from z_init noised with ``z`` as the
+    noise to the first of them, so the sample keeps z_init's layout where the prompt allows."""
     sched = ddim_scheduler(c)
     sched.set_timesteps(steps)
+    timesteps = sched.timesteps
+    if z_init is not None and strength < 1.0:
+        keep = max(1, round(strength * steps))
+        timesteps = timesteps[steps - keep:]
+        z = sched.add_noise(z_init, z, timesteps[:1].expand(len(z)))
     cond = torch.cat([ehs_uncond.expand(len(z), -1, -1), ehs])
-    for t in sched.timesteps:
+    for t in timesteps:
         eps_u, eps_c = unet(torch.cat([z, z]), t, cond).sample.chunk(2)
         eps = eps_u + guidance * (eps_c - eps_u)
         z = sched.step(eps, t, z).prev_sample
