@@ -386,3 +386,24 @@ def test_lambda_is_the_top1_similarity_or_one_as_configured(tmp_path, model_and_
     _run(path, model_and_index, steps=1, lora=False, perceptual_weight=0.0, lam="one",
          reconfigure=True).run(["train"])
     assert len(seen) >= 1 and all(torch.equal(v, torch.ones_like(v)) for v in seen)
+
+
+def test_decoder_attention_trains_exports_installs_and_is_refused_for_the_control(
+        tmp_path, model_and_index):
+    """Beyond the paper (``--decoder-attention``): its gates leave zero in training, the run
+    exports ``neighbour_attention/``, install copies it and the model then loads it."""
+    import shutil
+
+    from imageragturbo.model.neighbour_attention import FOLDER, NeighbourAttention
+
+    with pytest.raises(ValueError, match="decoder_attention needs retrieval"):
+        AdapterConfig(decoder_attention=True, retrieval="none")
+    out = _run(tmp_path / "run", model_and_index, decoder_attention=True).run()
+    assert out["train"]["decoder_attention_parameters"] > 0
+    m = NeighbourAttention.from_pretrained(tmp_path / "run" / "export" / FOLDER)
+    assert any(float(g.detach().abs().max()) > 0 for g in m.gate.values())
+    model = tmp_path / "model"
+    shutil.copytree(model_and_index[0], model)
+    install(tmp_path / "run", model)
+    assert (model / FOLDER / "model.safetensors").is_file()
+    assert family.load_components(model).neighbour_attention is not None

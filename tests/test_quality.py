@@ -393,3 +393,19 @@ def _base():
     from imageragturbo.model import family
 
     return family.load_components("tiny-shapes", retrieval_tuned=False)
+
+
+def test_runs_only_scores_the_student_and_each_run_with_its_k0_row_alone(index, tmp_path):
+    import shutil
+
+    from imageragturbo.model import family
+
+    export = tmp_path / "run" / "export"
+    for sub in ("h_adapter", family.LORA_DIR):
+        shutil.copytree(family.resolve("tiny-shapes") / sub, export / sub)
+    res = quality.run("tiny-shapes", n=N, seed=0, index=index, latency=True, progress=False,
+                      seeds=S, runs={RUN: f"{export}@1"}, runs_only=True,
+                      grid=tmp_path / "grid.png")
+    assert {k for k in res if not k.startswith("_")} == {STUDENT, RUN, RUN + ", K = 0"}
+    assert res[RUN]["vs_retrieval_off"]["row"] == RUN + ", K = 0"
+    assert "_latency" not in res and not (tmp_path / "grid.png").exists()

@@ -77,9 +77,9 @@ def student_generate(c: Components, prompts: Sequence[str], seeds: Sequence[int]
 
             def h_edit(h):
                 return c.h_adapter(h, h_retr.to(h.dtype), lam)
-        else:
-            raise ValueError("retrieved features given, but the model has no H-adapter and "
-                             "no slerp strength was set")
+        elif c.neighbour_attention is None:
+            raise ValueError("retrieved features given, but the model has no H-adapter, no "
+                             "decoder neighbour attention and no slerp strength was set")
     decoder_ehs = None
     if h_retr is not None and slerp_w is None and c.neighbour_attention is not None:
         decoder_ehs = c.neighbour_attention.decoder_context(ehs, h_retr.to(ehs.dtype))
