@@ -204,12 +204,13 @@ class ImageRAGTurboClient {
    * retrieval); `strength`: the H-adapter's lambda scale or the slerp weight of the neighbour
    * (absent: the server's default; 0: retrieve but do not inject).
    * @param {string} prompt
-   * @param {{seed?: number | bigint, k?: number, strength?: number, timeoutMs?: number}} [opts]
+   * @param {{seed?: number | bigint | null, k?: number | null, strength?: number | null,
+   *          timeoutMs?: number}} [opts]
    * @returns {Promise<GenerationResult>}
    */
   async generate(prompt, { seed, k, strength, timeoutMs } = {}) {
     if (typeof prompt !== 'string') throw new TypeError(`prompt must be a string, got ${typeof prompt}`);
-    const seeds = seed === undefined ? null : [seed];
+    const seeds = seed === undefined || seed === null ? null : [seed];
     return (await this.generateBatch([prompt], { seeds, k, strength, timeoutMs }))[0];
   }
 
@@ -218,8 +219,8 @@ class ImageRAGTurboClient {
    * prompt, or one seed s for s, s+1, ...; `strength`: one value or one per prompt; `k`: one
    * value for the whole request (the contract's rule).
    * @param {string[]} prompts
-   * @param {{seeds?: number | bigint | Array<number | bigint> | null, k?: number,
-   *          strength?: number | number[], timeoutMs?: number}} [opts]
+   * @param {{seeds?: number | bigint | Array<number | bigint> | null, k?: number | null,
+   *          strength?: number | number[] | null, timeoutMs?: number}} [opts]
    * @returns {Promise<GenerationResult[]>}
    */
   async generateBatch(prompts, { seeds = null, k, strength, timeoutMs } = {}) {

@@ -38,6 +38,8 @@ test('request tensors have the ensemble\'s names, dtypes, shapes and little-endi
   assert.deepEqual([raw.K.readInt32LE(0), raw.K.readInt32LE(4)], [3, 3]);
   assert.deepEqual([raw.STRENGTH.readFloatLE(0), raw.STRENGTH.readFloatLE(4)], [0.5, 1.0]);
   assert.deepEqual(buildInputs(['a']).map((x) => x.name), ['PROMPT']);
+  assert.deepEqual(buildInputs(['a'], { seeds: null, k: null, strength: null }).map((x) => x.name),
+    ['PROMPT']); // null, like absent: the server's defaults
 });
 
 test('one seed for a batch gives consecutive seeds; BigInt seeds reach 2^63 - 1', () => {
