@@ -55,7 +55,7 @@ from .config import AdapterConfig  # noqa: F401 - the recipe's configuration
 from .stages import StagedRun, load_checkpoint, mean_tail, save_atomic
 from .steps import OneStepStudent, ladd_step, to_unit, training_data
 
-STAGES = ("data", "synth", "neighbours", "train", "export")
+STAGES = ("data", "neighbours", "synth", "train", "export")  # synth may start from neighbours
 
 
 class AdapterRun(StagedRun):
@@ -163,20 +163,35 @@ class AdapterRun(StagedRun):
             part = d / "partial.pt"
             z0 = load_checkpoint(part)["z0"] if part.exists() else torch.full_like(z_t, np.nan)
             teacher = self.c.teacher_unet.to(self.acc.device)
+            z_init = self._top1_latents(idx) if cfg.neighbour_sdedit > 0 else None
             todo = [a for a in range(0, n, 200) if torch.isnan(z0[a]).any()]
             for a in tqdm(todo, desc="synth", disable=not self.progress):
                 sl = slice(a, a + 200)
                 ehs = data["ehs"][idx[sl]].float().to(self.acc.device)
                 z0[sl] = teacher_sample_latents(
                     self.c, teacher, ehs, data["uncond"].to(self.acc.device),
-                    z_t[sl].to(self.acc.device), cfg.synth_steps, cfg.guidance).cpu()
+                    z_t[sl].to(self.acc.device), cfg.synth_steps, cfg.guidance,
+                    z_init=None if z_init is None else z_init[sl].to(self.acc.device),
+                    strength=cfg.neighbour_sdedit or 1.0).cpu()
                 save_atomic({"z0": z0}, part)
             teacher.cpu()
             save_atomic({"idx": torch.from_numpy(idx), "z_t": z_t, "z0": z0}, d / "synth.pt")
             part.unlink(missing_ok=True)
         return self._finish("synth", {"prompts": min(cfg.synth_prompts, cfg.n_train),
                                       "steps": cfg.synth_steps, "guidance": cfg.guidance,
+                                      "neighbour_sdedit": cfg.neighbour_sdedit,
                                       "seconds": time.perf_counter() - t0})
+
+    def _top1_latents(self, rows: np.ndarray) -> torch.Tensor:
+        """The VAE latents of the top-1 neighbour of training items ``rows`` (the SDEdit
+        starts of ``neighbour_sdedit``): the neighbours stage must have run."""
+        path = self.dir / "neighbours" / "neighbours.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} missing: neighbour_sdedit starts the teacher from "
+                                    "each target's top-1 neighbour; run the neighbours stage "
+                                    "before synth")
+        ids = load_checkpoint(path)["ids"].numpy()
+        return torch.from_numpy(self.index.latents(ids[rows, 0]).astype(np.float32))
 
     # -- 3. neighbours
     def h_shape(self) -> tuple[int, ...]:

@@ -44,7 +44,8 @@ def _cmd_train_adapter(args: argparse.Namespace) -> int:
     kw = {"model": args.model}
     for key in ("steps", "batch", "k_max", "lora_rank", "synth_prompts", "n_train", "seed",
                 "adv_weight", "distill_weight", "real_fraction", "text_drop",
-                "scene_neighbour", "real_input", "perceptual_weight", "rerank"):
+                "scene_neighbour", "real_input", "perceptual_weight", "rerank",
+                "neighbour_sdedit"):
         if getattr(args, key) is not None:
             kw[key] = getattr(args, key)
     if args.control:
@@ -119,7 +120,7 @@ def add_parsers(sub, bench) -> None:
                     "trained with latent adversarial distillation, smooth-L1 distillation and "
                     "a latent perceptual loss (Eq. 10), on ShapesWorld training renders and "
                     "the teacher's samples, retrieving from the index of the retrieval split "
-                    "(built when missing). Stages: data, synth, neighbours, train, export; "
+                    "(built when missing). Stages: data, neighbours, synth, train, export; "
                     "every stage resumes after an interruption (rerun the same command). "
                     "--control trains the same thing without retrieval.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -135,7 +136,7 @@ def add_parsers(sub, bench) -> None:
                    help="ShapesWorld folder whose retrieval split the default index is built "
                         "from (rendered when missing)")
     a.add_argument("--stages", default=None,
-                   help="comma-separated subset of data,synth,neighbours,train,export")
+                   help="comma-separated subset of data,neighbours,synth,train,export")
     a.add_argument("--steps", type=int, default=None, help=f"training steps (default {A.steps})")
     a.add_argument("--batch", type=int, default=None, help=f"batch size (default {A.batch})")
     a.add_argument("--k-max", type=int, default=None,
@@ -173,6 +174,11 @@ def add_parsers(sub, bench) -> None:
     a.add_argument("--positional", action="store_true",
                    help="the adapter's tokens carry their 2-D position (needed to carry a "
                         "neighbour's layout over)")
+    a.add_argument("--neighbour-sdedit", type=float, default=None, metavar="STRENGTH",
+                   help="beyond the paper: start the teacher's synthetic targets from each "
+                        "target's top-1 neighbour (SDEdit at STRENGTH in (0, 1]) instead of from "
+                        "noise, so the neighbour shows the target's layout (default 0: the "
+                        "paper's pairs)")
     a.add_argument("--decoder-attention", action="store_true",
                    help="beyond the paper: the UNet decoder's cross-attention layers also attend "
                         "to the neighbours' tokens (decoupled, IP-Adapter style), trained with "

@@ -93,6 +93,10 @@ class AdapterConfig:
     #                               also attend to the neighbours' tokens (IP-Adapter style,
     #                               model/neighbour_attention.py)
     decoder_attention_lr: float = 1e-3
+    neighbour_sdedit: float = 0.0  # beyond the paper: > 0 starts the teacher's synthetic
+    #                               targets from their top-1 neighbour's latent (SDEdit at this
+    #                               strength) instead of from z_T, so the target shares the
+    #                               neighbour's layout; 0 = the paper's pairs
 
     def __post_init__(self) -> None:
         if self.decoder_attention and self.retrieval == "none":
@@ -103,7 +107,9 @@ class AdapterConfig:
             raise ValueError(f"lam must be 'similarity' or 'one', got {self.lam!r}")
         if self.k_max < 1:
             raise ValueError(f"k_max must be >= 1, got {self.k_max}")
-        for name in ("real_fraction", "scene_neighbour", "text_drop"):
+        if self.neighbour_sdedit > 0 and self.retrieval == "none":
+            raise ValueError("neighbour_sdedit needs retrieval: the control has no neighbours")
+        for name in ("real_fraction", "scene_neighbour", "text_drop", "neighbour_sdedit"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
