@@ -379,6 +379,11 @@ class TritonServer:
                 except (ProcessLookupError, PermissionError):
                     pass
         p.wait()
+        if not killed:  # stubs a tritonserver that gave up (exit timeout) may have left
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         self.process = None
         return p.returncode, killed
 
