@@ -136,6 +136,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         signals.serving = True  # from here a signal only hurries the stop
         signals.stop.set()
         if supervisor is not None:
+            supervisor.stand_down()  # it must not restart the server it is about to lose
             supervisor.stop(timeout=SUPERVISOR_STOP_S)
         if server.process is not None:  # not stopped above (an error, or still starting)
             rc, killed = server.terminate(STOP_TIMEOUT_S, signals.hurry)
