@@ -95,9 +95,9 @@ def drain(server, deadline: float, hurry: threading.Event | None = None,
     while True:
         try:
             if unload:
-                server.unload_model(model, timeout=max(0.5, min(5.0, deadline - time.monotonic())))
+                server.unload_model(model, timeout=max(0.1, min(5.0, deadline - time.monotonic())))
                 unload = False
-            state = server.model_state(model, timeout=max(0.5, min(2.0, deadline - time.monotonic())))
+            state = server.model_state(model, timeout=max(0.1, min(2.0, deadline - time.monotonic())))
             if state == "UNAVAILABLE":
                 return True, ""
             unload = state in ("READY", "LOADING")
