@@ -97,9 +97,9 @@ class Supervisor:
         return self
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop watching and acting; wait up to ``timeout`` seconds (None: until done) for a
-        check, a reload or a restart in progress to finish (the thread is a daemon; a step
-        still running after that acts no further)."""
+        """Stop watching; wait up to ``timeout`` seconds (None: until done) for a check, a
+        reload or a restart in progress to finish (the thread is a daemon; ``stand_down``
+        first keeps a step in progress from acting further)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
