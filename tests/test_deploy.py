@@ -503,6 +503,19 @@ def test_termination_grace_covers_the_drain():
         _render_raw({"terminationGracePeriodSeconds": 30})
 
 
+def test_serve_stops_within_kubernetes_default_grace_and_the_chart_s():
+    """``imageragturbo serve``'s whole stop on SIGTERM (supervisor, drain, tritonserver's
+    unload, SIGKILL: ``stop_budget``) fits in Kubernetes' default terminationGracePeriodSeconds
+    (30 s) and in the chart's grace period less its preStop pause, so the chart's budget and the
+    code's agree."""
+    from imageragturbo.serving.shutdown import GRACE_PERIOD_S, stop_budget
+
+    v = _values()
+    assert GRACE_PERIOD_S == 30  # Kubernetes' default terminationGracePeriodSeconds
+    assert stop_budget() <= GRACE_PERIOD_S
+    assert stop_budget() <= v["terminationGracePeriodSeconds"] - v["preStopSleepSeconds"]
+
+
 def test_one_gpu_is_requested():
     c = _server(_pod(_render()))
     assert c["resources"]["requests"]["nvidia.com/gpu"] == 1

@@ -6,6 +6,7 @@ for Triton's ``triton_python_backend_utils``. Cheap: seconds, no model, no serve
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import threading
@@ -300,3 +301,142 @@ def test_preprocess_refuses_bad_inputs_one_request_at_a_time(preprocess):
     k = {"PROMPT": _request()["PROMPT"], "K": np.array([[1], [2]], np.int32)}
     with pytest.raises(ValueError, match="K must be the same for every prompt"):
         preprocess._parse(k)
+
+
+# ----------------------------------------------------------------------------- graceful stop
+
+
+class DrainingServer:
+    """What ``graceful_stop`` uses of a ``TritonServer``: the process, model control and the
+    ensemble's state in the repository index (``states`` answered in turn, the last one
+    repeated), ``terminate``; every action recorded in ``calls``."""
+
+    def __init__(self, states, exits=True):
+        self.process = _Running()
+        self.states = list(states)
+        self.exits = exits              # whether tritonserver exits on SIGINT by itself
+        self.calls: list[tuple] = []
+
+    def unload_model(self, name, timeout=60.0):
+        self.calls.append(("unload", name))
+
+    def model_state(self, name, timeout=2.0):
+        self.calls.append(("state", name))
+        return self.states.pop(0) if len(self.states) > 1 else self.states[0]
+
+    def terminate(self, timeout, hurry=None):
+        self.calls.append(("terminate", timeout))
+        return (0, False) if self.exits else (-9, True)
+
+
+def test_a_drain_that_finishes_stops_the_supervisor_first_and_exits_0():
+    """SIGTERM with requests in flight: the supervisor stands down before anything else, the
+    ensemble is unloaded once, the stop waits while Triton says UNLOADING (requests in flight)
+    and stops tritonserver once it says UNAVAILABLE; exit code 0."""
+    from imageragturbo.serving.shutdown import STOP_TIMEOUT_S, graceful_stop
+
+    srv = DrainingServer(["UNLOADING", "UNLOADING", "UNAVAILABLE"])
+    sup = _supervisor(FakeServer())
+    lines = []
+    report = graceful_stop(srv, sup, drain_timeout=5.0, say=lines.append)
+    assert sup.standing_down
+    assert srv.calls == [("unload", ENSEMBLE), ("state", ENSEMBLE), ("state", ENSEMBLE),
+                         ("state", ENSEMBLE), ("terminate", STOP_TIMEOUT_S)]
+    assert report.drained and report.exit_code == 0 and not report.killed
+    assert report.drain_seconds < 2.0
+    assert any(line.startswith("drained in") for line in lines), lines
+
+
+def test_a_drain_that_times_out_exits_3_and_says_so():
+    """Requests still in flight when the drain timeout passes (Triton keeps answering
+    UNLOADING): the stop goes on (tritonserver killed), and the exit code is
+    EXIT_DRAIN_INCOMPLETE, not 0."""
+    from imageragturbo.serving.shutdown import EXIT_DRAIN_INCOMPLETE, graceful_stop
+
+    srv = DrainingServer(["UNLOADING"], exits=False)
+    lines = []
+    t0 = time.monotonic()
+    report = graceful_stop(srv, None, drain_timeout=0.3, say=lines.append)
+    assert 0.3 <= time.monotonic() - t0 < 1.5
+    assert not report.drained and report.killed
+    assert report.exit_code == EXIT_DRAIN_INCOMPLETE == 3
+    assert "drain timeout" in report.note and any("cut off" in line for line in lines), lines
+    assert srv.calls[-1][0] == "terminate"
+
+
+def test_a_second_signal_cuts_the_drain_short():
+    from imageragturbo.serving.shutdown import graceful_stop
+
+    srv = DrainingServer(["UNLOADING"])
+    hurry = threading.Event()
+    threading.Timer(0.2, hurry.set).start()
+    t0 = time.monotonic()
+    report = graceful_stop(srv, None, drain_timeout=30.0, hurry=hurry)
+    assert time.monotonic() - t0 < 2.0
+    assert not report.drained and "second signal" in report.note and report.exit_code == 3
+
+
+def test_an_ensemble_loaded_back_during_the_drain_is_unloaded_again():
+    """A supervisor reload in progress at the signal can load the ensemble back after the
+    drain unloaded it: the drain unloads it again rather than stopping under live traffic."""
+    from imageragturbo.serving.shutdown import drain
+
+    srv = DrainingServer(["READY", "UNLOADING", "UNAVAILABLE"])
+    assert drain(srv, time.monotonic() + 5.0) == (True, "")
+    assert [c for c in srv.calls if c[0] == "unload"] == [("unload", ENSEMBLE)] * 2
+
+
+def test_a_supervisor_that_stood_down_reloads_and_restarts_nothing():
+    srv = FakeServer()
+    sup = _supervisor(srv)
+    sup.stand_down()
+    srv.kill_stub("retriever")
+    sup.check()
+    sup.restart([], "canary failed twice")
+    assert srv.calls == [] and sup.events == []
+
+
+def _sleeper(ignore_sigint: bool) -> subprocess.Popen:
+    """A process in its own session (as tritonserver is started) with a child in its group:
+    it exits on SIGINT, or ignores it (a tritonserver stuck unloading)."""
+    handler = "signal.SIG_IGN" if ignore_sigint else "signal.default_int_handler"
+    code = (f"import signal, subprocess, sys, time; signal.signal(signal.SIGINT, {handler}); "
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+            "print('up', flush=True); time.sleep(120)")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                         start_new_session=True)
+    assert p.stdout.readline() == b"up\n"
+    return p
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.mark.parametrize("stuck", [False, True])
+def test_terminate_kills_the_process_group_when_sigint_is_not_enough(tmp_path, stuck):
+    """``terminate``: a process that exits on SIGINT is left to exit (not killed); one that
+    ignores it is SIGKILLed with its whole process group (its children: the stubs) after the
+    timeout. Either way nothing is left, and the server cannot be started again."""
+    server = TritonServer(tmp_path, log_path=tmp_path / "server.log", cache=tmp_path)
+    server.process = p = _sleeper(ignore_sigint=stuck)
+    t0 = time.monotonic()
+    code, killed = server.terminate(timeout=1.0)
+    seconds = time.monotonic() - t0
+    try:
+        assert killed is stuck and server.process is None
+        assert (code == -9) if stuck else (code != 0 and seconds < 1.0), (code, seconds)
+        assert seconds < 3.0
+        deadline = time.monotonic() + 5
+        while _group_alive(p.pid) and time.monotonic() < deadline:  # the child: being reaped
+            time.sleep(0.05)
+        assert not _group_alive(p.pid)
+    finally:
+        if _group_alive(p.pid):
+            os.killpg(p.pid, 9)
+    with pytest.raises(ServerError, match="shutting down"):
+        server.start()

@@ -9,7 +9,7 @@ import argparse
 import json
 import signal
 import sys
-import time
+import threading
 from pathlib import Path
 
 from imageragturbo.defaults import DATA_ROOT, DEFAULT_MODEL, export_dir_of, index_dir_of
@@ -35,14 +35,42 @@ def _assets(args: argparse.Namespace):
                    quiet=args.quiet)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+class _Signals:
+    """SIGTERM and SIGINT for ``serve``: while the server starts, they interrupt the start
+    (KeyboardInterrupt); once it serves (``serving``), the first asks for a graceful stop
+    (``stop``) and a second cuts it short (``hurry``)."""
+
+    def __init__(self):
+        self.serving = False
+        self.stop = threading.Event()
+        self.hurry = threading.Event()
+        self.name = ""
+
+    def __call__(self, signum, frame):
+        if not self.serving:
+            raise KeyboardInterrupt
+        if self.stop.is_set():
+            self.hurry.set()
+        else:
+            self.name = signal.Signals(signum).name
+            self.stop.set()
+
+
+def _say(msg: str) -> None:
+    print(f"serve: {msg}", file=sys.stderr, flush=True)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .repository import render_repository
     from .server import TritonServer
     from .session import repository_dir
+    from .shutdown import (
+        EXIT_DRAIN_INCOMPLETE,
+        STOP_TIMEOUT_S,
+        SUPERVISOR_STOP_S,
+        graceful_stop,
+        stop_budget,
+    )
     from .supervisor import Supervisor
 
     if args.profile == "gpu" and not args.render_only:
@@ -64,45 +92,55 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           http_port=args.http_port, log_path=Path(out).parent / "tritonserver.log",
                           log_verbose=args.log_verbose, tls_cert=args.tls_cert,
                           tls_key=args.tls_key, tls_ca=args.tls_ca)
-    # Ctrl-C, and SIGTERM from a process manager, stop the server cleanly (SIGINT is set
-    # explicitly: a shell starts background jobs with it ignored).
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
+    # Ctrl-C, and SIGTERM from a process manager, drain and stop the server (shutdown.py;
+    # SIGINT is set explicitly: a shell starts background jobs with it ignored).
+    signals = _Signals()
+    signal.signal(signal.SIGTERM, signals)
+    signal.signal(signal.SIGINT, signals)
     print(f"serve: starting tritonserver ({assets.model}) on {args.host}: gRPC {server.grpc_port}, "
           f"HTTP {server.http_port}", file=sys.stderr, flush=True)
     server.start()
     supervisor = None
     try:
         server.wait_ready(args.ready_timeout)
+        signals.serving = True
         print(f"serving {assets.model} at {server.url} (gRPC); try:\n"
               f"  imageragturbo generate --url {server.url} \"a red circle\" -o out.png\n"
               "Ctrl-C stops the server.", flush=True)
-        if args.no_supervise:
-            while server.process.poll() is None:
-                time.sleep(0.5)
-            print(f"serve: tritonserver exited with code {server.process.returncode}; log "
-                  f"{server.log_path}", file=sys.stderr)
-            return 1
-        # Heals a dead stub (reload) or a dead or stuck server (restart): README, "Faults".
-        supervisor = Supervisor(server, canary_every=args.canary_interval,
-                                ready_timeout=args.ready_timeout).start()
-        while supervisor.alive:
-            time.sleep(0.5)
-        print(f"serve: could not bring tritonserver back ({supervisor.error}); log "
-              f"{server.log_path}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nserve: stopping tritonserver (unloading models)", file=sys.stderr, flush=True)
+        _say(f"on SIGTERM or Ctrl-C: drain for up to {args.drain_timeout:g} s, gone within "
+             f"{stop_budget(args.drain_timeout):g} s (exit code 0, or {EXIT_DRAIN_INCOMPLETE} "
+             "if requests in flight were cut off)")
+        if not args.no_supervise:
+            # Heals a dead stub (reload) or a dead or stuck server (restart): README, "Faults".
+            supervisor = Supervisor(server, canary_every=args.canary_interval,
+                                    ready_timeout=args.ready_timeout).start()
+        while not signals.stop.wait(0.5):
+            if supervisor is None and server.process.poll() is not None:
+                _say(f"tritonserver exited with code {server.process.returncode}; log "
+                     f"{server.log_path}")
+                return 1
+            if supervisor is not None and not supervisor.alive:
+                _say(f"could not bring tritonserver back ({supervisor.error}); log "
+                     f"{server.log_path}")
+                return 1
+        print(file=sys.stderr)
+        _say(f"{signals.name}: stopping")
+        report = graceful_stop(server, supervisor, args.drain_timeout, signals.hurry, _say)
+        _say(f"stopped in {report.seconds:.1f} s; exit code {report.exit_code}")
+        return report.exit_code
+    except KeyboardInterrupt:  # while starting: nothing is served yet, nothing to drain
+        print("\nserve: interrupted while starting; stopping tritonserver", file=sys.stderr,
+              flush=True)
         return 0
     finally:
-        try:
-            if supervisor is not None:
-                supervisor.stop(timeout=10.0)
-        except KeyboardInterrupt:  # a second Ctrl-C: still stop the server below
-            pass
-        rc = server.stop()
-        if rc is not None:
-            print(f"serve: stopped (exit code {rc})", file=sys.stderr)
+        signals.serving = True  # from here a signal only hurries the stop
+        signals.stop.set()
+        if supervisor is not None:
+            supervisor.stand_down()  # it must not restart the server it is about to lose
+            supervisor.stop(timeout=SUPERVISOR_STOP_S)
+        if server.process is not None:  # not stopped above (an error, or still starting)
+            rc, killed = server.terminate(STOP_TIMEOUT_S, signals.hurry)
+            _say(f"tritonserver {'killed' if killed else 'stopped'} (exit code {rc})")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -240,6 +278,8 @@ def _clean_errors(func):
 def add_parsers(sub, bench) -> None:
     """Add ``serve`` and ``demo`` to the top-level subparsers ``sub`` and ``serve`` to the
     ``bench`` group's subparsers."""
+    from .shutdown import DRAIN_TIMEOUT_S, EXIT_DRAIN_INCOMPLETE, stop_budget
+
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     s = sub.add_parser(
@@ -271,6 +311,12 @@ def add_parsers(sub, bench) -> None:
     s.add_argument("--canary-interval", type=float, default=5.0,
                    help="seconds between the supervisor's canary requests through the ensemble "
                         "(it also watches the stub processes every 0.5 s)")
+    s.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_S,
+                   help="on SIGTERM or Ctrl-C: seconds the requests in flight get to finish "
+                        "(readiness false and new requests refused meanwhile); serve is gone "
+                        f"within this + {stop_budget(0):g} s and exits 0, or "
+                        f"{EXIT_DRAIN_INCOMPLETE} when requests in flight were cut off "
+                        "(docs/serving.md, \"Stopping and rolling updates\")")
     s.add_argument("--no-supervise", action="store_true",
                    help="no supervisor: a dead stub or server stays dead (serve exits 1 when "
                         "tritonserver does)")

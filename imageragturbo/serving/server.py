@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +166,10 @@ class TritonServer:
         # /proc is mounted with hidepid): on a shared host, local users can unload models.
         self._admin_secret = secrets.token_hex(16)
         self._started = False
+        # ``terminate`` closes the server for good: a ``start`` after it (a supervisor restart
+        # racing a shutdown) is refused, so no tritonserver outlives ``serve``.
+        self._lock = threading.Lock()
+        self._closed = False
 
     @property
     def _client_host(self) -> str:
@@ -235,15 +240,19 @@ class TritonServer:
                                   "choose another with --grpc-port / --http-port")
         self.binary = find_tritonserver(self.cache)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        # A restart (by the supervisor) appends, so the log of the failure stays.
-        log = open(self.log_path, "ab" if self._started else "wb")
-        self._started = True
-        try:
-            # Own process group, so Ctrl-C in a terminal reaches us, and we stop it in order.
-            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                            env=self.environment(), start_new_session=True)
-        finally:
-            log.close()
+        with self._lock:
+            if self._closed:
+                raise ServerError("the server is shutting down: not starting it again")
+            # A restart (by the supervisor) appends, so the log of the failure stays.
+            log = open(self.log_path, "ab" if self._started else "wb")
+            self._started = True
+            try:
+                # Own process group, so Ctrl-C in a terminal reaches us, and we stop it in order.
+                self.process = subprocess.Popen(self.command(), stdout=log,
+                                                stderr=subprocess.STDOUT,
+                                                env=self.environment(), start_new_session=True)
+            finally:
+                log.close()
         return self
 
     @property
@@ -264,7 +273,7 @@ class TritonServer:
             return False
 
     def _post(self, path: str, body: dict | None = None, admin: bool = False,
-              timeout: float = 60.0) -> dict:
+              timeout: float = 60.0) -> dict | list:
         """POST to Triton's HTTP API (plain HTTP on the server's host, so it works under TLS and
         mutual TLS, which cover gRPC); ServerError with Triton's message on failure."""
         import urllib.error
@@ -292,6 +301,16 @@ class TritonServer:
     def load_model(self, name: str, timeout: float = 120.0) -> None:
         """Load (or reload) ``name`` from the repository; Triton loads its dependents again."""
         self._post(f"/v2/repository/models/{name}/load", admin=True, timeout=timeout)
+
+    def model_state(self, name: str, timeout: float = 2.0) -> str:
+        """The state of ``name`` in Triton's repository index: "READY", "LOADING", "UNLOADING"
+        (an unloaded model with requests still in flight) or "UNAVAILABLE" (unloaded, or not
+        in the index). Model control, so with the secret; ServerError when Triton does not
+        answer."""
+        index = self._post("/v2/repository/index", admin=True, timeout=timeout)
+        states = {m.get("state", "") for m in index if m.get("name") == name}
+        return next((s for s in ("READY", "LOADING", "UNLOADING") if s in states),
+                    "UNAVAILABLE")
 
     def stub_processes(self) -> dict[str, list[int]]:
         """The live Python-backend stub processes of this server, {model name: [pid, ...]}
@@ -326,6 +345,47 @@ class TritonServer:
             pass
         p.wait()
         self.process = None
+
+    def terminate(self, timeout: float,
+                  hurry: threading.Event | None = None) -> tuple[int | None, bool]:
+        """Stop for good within ``timeout`` seconds (plus a moment to reap): SIGINT (Triton
+        unloads its models and exits), then, if it is still running when ``timeout`` passes or
+        ``hurry`` is set, SIGKILL of its process group (tritonserver and its stubs). Later
+        ``start`` calls are refused. Returns (tritonserver's exit code, whether it was
+        killed); (None, False) when nothing was running.
+
+        A SIGINT with ensemble requests in flight fails them (Triton 2.51 stops every
+        model's scheduler at once): drain first (``serving/shutdown.py``)."""
+        with self._lock:
+            self._closed = True
+            p = self.process
+        if p is None:
+            return None, False
+        killed = False
+        if p.poll() is None:
+            try:
+                p.send_signal(signal.SIGINT)
+            except ProcessLookupError:
+                pass
+            end = time.monotonic() + timeout
+            while p.poll() is None and time.monotonic() < end:
+                if hurry is not None and hurry.is_set():
+                    break
+                time.sleep(0.05)
+            if p.poll() is None:  # the leader is alive, so its group id is still its own
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    killed = True
+                except (ProcessLookupError, PermissionError):
+                    pass
+        p.wait()
+        if not killed:  # stubs a tritonserver that gave up (exit timeout) may have left
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.process = None
+        return p.returncode, killed
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -23,6 +23,9 @@ ensemble still report ready. The supervisor closes that gap:
 
 Clients see UNAVAILABLE-class errors meanwhile (the SDK maps the stub message and the
 "no available versions" of an unloaded ensemble to :class:`RecoveringError`, and retries).
+
+``stand_down`` (``serve`` draining on SIGTERM, ``serving/shutdown.py``) stops the thread and
+any step in progress from acting further: no reload, no load of the ensemble, no restart.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ class Supervisor:
         self._known: dict[str, list[int]] = {}
         self._canary_failures = 0
         self._stop = threading.Event()
+        self._standing_down = threading.Event()
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -94,11 +98,24 @@ class Supervisor:
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop watching; wait up to ``timeout`` seconds (None: until done) for a check, a
-        reload or a restart in progress to finish (the thread is a daemon)."""
+        reload or a restart in progress to finish (the thread is a daemon; ``stand_down``
+        first keeps a step in progress from acting further)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-            self._thread = None
+            if not self._thread.is_alive():
+                self._thread = None
+
+    def stand_down(self) -> None:
+        """Act no more, from now on: the thread stops, and a check, reload or restart in
+        progress ends at its next step (a drain has unloaded the ensemble on purpose; the
+        server is about to be stopped). Returns at once; ``stop`` waits for the thread."""
+        self._standing_down.set()
+        self._stop.set()
+
+    @property
+    def standing_down(self) -> bool:
+        return self._standing_down.is_set()
 
     @property
     def alive(self) -> bool:
@@ -118,10 +135,14 @@ class Supervisor:
                     self.canary_check()
                     next_canary = time.monotonic() + self.canary_every
             except ServerError as e:  # a restart that failed: nothing more to try
+                if self.standing_down:  # the server is being stopped under it: not a failure
+                    return
                 self.error = str(e)
                 self._say(f"giving up: {e}")
                 return
             except Exception as e:  # noqa: BLE001 - one odd answer must not end supervision
+                if self.standing_down:
+                    return
                 failures += 1
                 self._say(f"check failed ({type(e).__name__}: {e}); {failures} in a row")
                 if failures >= 10:
@@ -174,6 +195,8 @@ class Supervisor:
 
     def canary_check(self) -> None:
         err = self.canary()
+        if self.standing_down:  # a drain unloads the ensemble: its canary fails by design
+            return
         if err is None:
             self._canary_failures = 0
             return
@@ -198,17 +221,25 @@ class Supervisor:
             return self.restart(models, f"{reason}; {self.dead_instances} dead instances "
                                         "already (a restart clears them)")
         ev = Event("reload", list(models), reason, time.monotonic())
+        if self.standing_down:
+            return ev
         self._say(f"reloading {', '.join(models)} ({reason})")
         old = self.server.stub_processes()
         try:
             for m in models:
                 self.server.unload_model(m)
             for m in models:
+                if self.standing_down:
+                    return ev
                 self.server.load_model(m, timeout=self.ready_timeout)
                 self.dead_instances += 1
+            if self.standing_down:  # a drain unloads the ensemble: do not load it back
+                return ev
             if not self._ready(ENSEMBLE):
                 self.server.load_model(ENSEMBLE, timeout=self.ready_timeout)
         except ServerError as e:
+            if self.standing_down:
+                return ev
             self._say(f"reload failed ({e}); restarting the server")
             return self.restart(models, f"{reason}; reload failed: {e}")
         ev.seconds, ev.ok = time.monotonic() - ev.started, True
@@ -227,9 +258,13 @@ class Supervisor:
         """Kill tritonserver and its stubs, start it again on the same ports, wait until ready.
         ServerError when it does not come back."""
         ev = Event("restart", list(models), reason, time.monotonic())
+        if self.standing_down:
+            return ev
         self._say(f"restarting tritonserver ({reason})")
         self.events.append(ev)
         self.server.kill()
+        if self.standing_down:  # ``start`` also refuses once the server is terminated
+            return ev
         self.server.start()
         self.server.wait_ready(self.ready_timeout, progress=False)
         ev.seconds, ev.ok = time.monotonic() - ev.started, True
