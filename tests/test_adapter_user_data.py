@@ -222,6 +222,19 @@ def test_more_bad_images_than_the_limit_stop_the_run_before_training(user, tmp_p
     assert out["data"]["real_items"] == 8 and run.cfg.n_train == 8
 
 
+def test_prompts_alone_train_on_the_teachers_samples(user, tmp_path):
+    """``--prompts`` without ``--pairs``: no real pairs (n_train 0), every target a teacher
+    sample for a prompt of the file, neighbours from the user's index; a step trains."""
+    cfg = AdapterConfig.quick(model=str(user["student"]), teacher=str(user["teacher"]),
+                              prompts=str(user["prompts"]), synth_prompts=8, batch=4, steps=1)
+    run = AdapterRun(tmp_path / "run", cfg, index=user["index"], progress=False)
+    out = run.run()
+    assert (out["data"]["real_items"], out["data"]["prompts"], run.cfg.n_train) == (0, 12, 0)
+    assert out["neighbours"]["targets"] == 12 and np.isfinite(out["train"]["final_distill"])
+    with pytest.raises(ValueError, match="real_fraction > 0 needs real pairs"):
+        dataclasses.replace(cfg, real_fraction=0.5)
+
+
 def _index_of(user, tmp_path, rows, model=None):
     from imageragturbo.model import load_retrieval_encoder
     from imageragturbo.retriever import Pair, build_index

@@ -138,8 +138,15 @@ class AdapterRun(StagedRun):
                 if cfg.retrieval == "index":
                     info.update(self._check_index(rows))
                 lat = torch.cat([encode(imgs[i:i + 256]) for i in range(0, len(imgs), 256)])
-            else:
+                report = None
+            elif cfg.pairs:
                 rows, lat, report = self._read_pairs(encode, info)
+            else:  # prompts only: no real pairs, the teacher's samples are every target
+                from imageragturbo.model.pipeline import latent_shape
+
+                rows, lat, report = [], torch.zeros(0, *latent_shape(c)), None
+                if cfg.retrieval == "index":
+                    _ = self.index                  # another model's index is refused here
             n_real = len(rows)
             prompts = sources.read_prompts(cfg.prompts) if cfg.prompts else []
             rows += [{"id": f"prompt:{n}", "caption": p, "image": None, "sha256": None,
@@ -163,9 +170,9 @@ class AdapterRun(StagedRun):
             (d / "items.jsonl.tmp").replace(d / "items.jsonl")
             info = {"source": "shapesworld" if cfg.shapesworld else "pairs",
                     "items": len(rows), "real_items": n_real, "prompts": len(prompts),
-                    **({} if cfg.shapesworld else {"pairs_listed": report["listed"],
-                                                   "bad_images": report["bad"],
-                                                   "report": str(d / "report.json")}),
+                    **({} if report is None else {"pairs_listed": report["listed"],
+                                                  "bad_images": report["bad"],
+                                                  "report": str(d / "report.json")}),
                     **info, "seconds": time.perf_counter() - t0}
         out = self._finish("data", info)
         self.acc.wait_for_everyone()
