@@ -48,7 +48,7 @@ def _cmd_train_adapter(args: argparse.Namespace) -> int:
     for key in ("steps", "batch", "k_max", "lora_rank", "synth_prompts", "n_train", "seed",
                 "adv_weight", "distill_weight", "real_fraction", "text_drop",
                 "scene_neighbour", "real_input", "perceptual_weight", "rerank", "teacher",
-                "prompts", "min_image_side", "max_bad_share"):
+                "prompts", "min_image_side", "max_bad_share", "guidance", "synth_steps"):
         if getattr(args, key) is not None:
             kw[key] = str(getattr(args, key)) if key in ("teacher", "prompts") \
                 else getattr(args, key)
@@ -174,6 +174,11 @@ def add_parsers(sub, bench) -> None:
     a.add_argument("--lora-rank", type=int, default=None, help=f"decoder LoRA rank (default {A.lora_rank})")
     a.add_argument("--synth-prompts", type=int, default=None,
                    help=f"teacher samples for training prompts (default {A.synth_prompts})")
+    a.add_argument("--synth-steps", type=int, default=None,
+                   help=f"the teacher's DDIM steps per synthetic pair (default {A.synth_steps})")
+    a.add_argument("--guidance", type=float, default=None,
+                   help="the teacher's classifier-free guidance scale for the synthetic pairs "
+                        f"(default {A.guidance:g}, ShapesWorld's; the paper's SD 2.1 uses 7.5)")
     a.add_argument("--n-train", type=int, default=None,
                    help=f"ShapesWorld training items used (default {A.n_train})")
     a.add_argument("--seed", type=int, default=None, help="data and initialisation seed")
