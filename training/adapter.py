@@ -34,7 +34,6 @@ from more fine-tuning, not from retrieval.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import sys
@@ -54,7 +53,7 @@ from imageragturbo.model.pipeline import teacher_sample_latents, tokenize
 from imageragturbo.model.unet_split import UNetEncoder
 from imageragturbo.runtime.request import initial_noise
 
-from . import ladd, sources
+from . import ladd
 from .config import AdapterConfig  # noqa: F401 - the recipe's configuration
 from .stages import StagedRun, load_checkpoint, mean_tail, save_atomic
 from .steps import OneStepStudent, ladd_step, to_unit, training_data
@@ -100,6 +99,8 @@ class AdapterRun(StagedRun):
         """The train stage draws real rows from ``range(cfg.n_train)``: for a user's pairs
         that is the number of pairs the data stage kept (bad images skipped), so the run's
         configuration takes it once the data stage is done. ShapesWorld keeps ``n_train``."""
+        import dataclasses
+
         done = self.done("data")
         if not self.cfg.shapesworld and done is not None:
             self.cfg = dataclasses.replace(self.cfg, n_train=int(done["real_items"]))
@@ -117,6 +118,8 @@ class AdapterRun(StagedRun):
         read by ``training/sources.py``: bad images are skipped and listed in
         ``data/report.json``. With retrieval, the index is checked (model, disjointness)
         before any image is read, and again by content once the images are hashed."""
+        from . import sources
+
         cfg, d = self.cfg, self.dir / "data"
         d.mkdir(exist_ok=True)
         t0 = time.perf_counter()
@@ -189,6 +192,8 @@ class AdapterRun(StagedRun):
 
         from imageragturbo.images import BadImage
         from imageragturbo.model.pipeline import latent_shape
+
+        from . import sources
 
         cfg, path = self.cfg, self.dir / "data" / "report.json"
         items, bad = sources.list_pairs(cfg.pairs)
