@@ -163,6 +163,7 @@ class RetrievalIndex:
         self._threads = threads
         self.captions = [it["caption"] for it in items]
         self.item_ids = [it["id"] for it in items]
+        self.images = [it["image"] for it in items]
 
     # ------------------------------------------------------------------ load
 

@@ -27,10 +27,10 @@ def shapesworld_pairs(root: str | os.PathLike, split: str = "retrieval") -> list
             for r in sw.load_manifest(root, split)]
 
 
-def read_pairs(path: str | os.PathLike) -> list[Pair]:
+def read_pairs(path: str | os.PathLike, id_prefix: str = "") -> list[Pair]:
     """A user's pairs: JSONL (one ``{"caption", "image", "id"?}`` per line) or Parquet (same
     columns; needs pyarrow). Relative image paths are taken from the file's folder; a missing
-    id becomes the row number."""
+    id becomes ``id_prefix`` + the row number."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no pairs file {path}")
@@ -61,16 +61,22 @@ def read_pairs(path: str | os.PathLike) -> list[Pair]:
             raise ValueError(f"{path}: row {n} needs string 'caption' and 'image' fields")
         image = Path(r["image"])
         image = image if image.is_absolute() else path.parent / image
-        pairs.append(Pair(str(r.get("id", n)), r["caption"], str(image.resolve())))
+        pid = str(r["id"]) if "id" in r else f"{id_prefix}{n}"
+        pairs.append(Pair(pid, r["caption"], str(image.resolve())))
     return pairs
 
 
 def load_image(path: str):
+    """An index item's image in RGB, EXIF orientation applied and transparency on white
+    (``imageragturbo.images.to_rgb``), as training reads its images."""
     from PIL import Image
+
+    from imageragturbo.images import to_rgb
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"image {path} of the retrieval pairs does not exist")
     with Image.open(path) as im:
-        return im.convert("RGB")
+        im.load()
+        return to_rgb(im)
 
 

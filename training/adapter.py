@@ -11,13 +11,16 @@ and the latent perceptual network F of Eq. 9.
 Objective, Eq. 10: L = L_adv (hinge, Eqs. 6-7, spectrally normalised heads) + alpha L_distill
 (smooth L1, Eq. 8) + beta L_latentLPIPS (Eq. 9; ``ladd.LatentPerceptual``).
 
-Data (paper Sec. 4.1: real and synthetic pairs): ShapesWorld training renders (their VAE
-latents are z_0; the student sees them noised to t = 999) and the teacher's samples for
-training prompts (z_T -> z_0 with DDIM and CFG). Retrieval: each target's k neighbours come
-from the retrieval index (ShapesWorld's retrieval split, encoded by this model: h = f_enc at
-t = 0, cached at build time, paper Sec. 3.2), found by the target's pooled text key. The
-training, retrieval and evaluation splits are disjoint and only the training split is trained
-on, so a gain on combinations absent from training can come only through retrieval.
+Data (paper Sec. 4.1: real and synthetic pairs): real pairs (their VAE latents are z_0; the
+student sees them noised to t = 999) and the teacher's samples for prompts (z_T -> z_0 with
+DDIM and CFG). The real pairs are ShapesWorld's training renders (the shipped recipe) or a
+user's pairs (``training/sources.py``: JSONL, Parquet, WebDataset shards; images of any size,
+bad ones skipped and reported); the prompts are the real pairs' captions or a prompts file.
+Retrieval: each target's k neighbours come from the retrieval index (ShapesWorld's retrieval
+split, or the user's own pairs, encoded by this model: h = f_enc at t = 0, cached at build
+time, paper Sec. 3.2), found by the target's pooled text key. The training and retrieval sets
+are checked disjoint (by id and by the images' content hash) and the evaluation split is only
+evaluated, so a gain on combinations absent from training can come only through retrieval.
 
 Stages (``imageragturbo train adapter``), each resumable and skipped once done:
 ``data`` (renders -> latents and text states), ``synth`` (teacher pairs), ``neighbours`` (k
@@ -60,8 +63,10 @@ STAGES = ("data", "neighbours", "synth", "train", "export")  # synth may start f
 
 class AdapterRun(StagedRun):
     """ImageRAGTurbo fine-tuning of ``cfg.model`` into ``run_dir``, retrieving from the index
-    at ``index`` (built over ``data``'s retrieval split with the model's encoder when missing:
-    ``serving.assets.ensure_index``)."""
+    at ``index`` (for ShapesWorld, built over ``data``'s retrieval split with the model's
+    encoder when missing: ``serving.assets.ensure_index``; for a user's pairs or prompts, an
+    index the user built with ``imageragturbo index build --pairs``). The teacher is
+    ``cfg.teacher``'s ``unet/`` or the student folder's ``teacher_unet/``."""
 
     STAGES = STAGES
     config_file = "adapter.json"
@@ -73,13 +78,32 @@ class AdapterRun(StagedRun):
         self.model_dir = family.resolve(self.cfg.model)
         self.index_dir = Path(index) if index else None
         self.data_dir = Path(data)
-        self.c = family.load_components(self.model_dir, with_teacher=True,
-                                        retrieval_tuned=False)
-        if self.c.teacher_unet is None:
-            raise ValueError(f"{self.model_dir} has no teacher_unet: the discriminator and the "
-                             "synthetic pairs need the teacher")
+        if not self.cfg.shapesworld and self.cfg.retrieval == "index" and index is None:
+            raise ValueError("training on your own pairs or prompts retrieves from an index of "
+                             "other pairs, built with this student: `imageragturbo index build "
+                             f"--pairs FILE --model {self.cfg.model} --out DIR`, then --index DIR")
+        own = self.cfg.teacher is None
+        if own and not (self.model_dir / "teacher_unet").is_dir():
+            raise ValueError(f"{self.model_dir} has no teacher_unet/: the discriminator and the "
+                             "synthetic pairs need the teacher; give --teacher DIR, a diffusers "
+                             "folder whose unet/ is the teacher (e.g. SD 2.1-base for SD-Turbo)")
+        self.c = family.load_components(self.model_dir, with_teacher=own, retrieval_tuned=False)
+        if not own:
+            self.c.teacher_unet = family.load_teacher_unet(self.cfg.teacher, self.c)
         self._index = None
         self._cache = None
+        self._items = None
+        self._adopt_data_counts()
+
+    def _adopt_data_counts(self) -> None:
+        """The train stage draws real rows from ``range(cfg.n_train)``: for a user's pairs
+        that is the number of pairs the data stage kept (bad images skipped), so the run's
+        configuration takes it once the data stage is done. ShapesWorld keeps ``n_train``."""
+        import dataclasses
+
+        done = self.done("data")
+        if not self.cfg.shapesworld and done is not None:
+            self.cfg = dataclasses.replace(self.cfg, n_train=int(done["real_items"]))
 
     def _say(self, msg: str) -> None:
         if self.progress and self.acc.is_main_process:
@@ -88,16 +112,49 @@ class AdapterRun(StagedRun):
     # -- 1. data: real pairs, text states and keys
     @torch.no_grad()
     def stage_data(self) -> dict:
-        d = self.dir / "data"
+        """Real pairs -> VAE latents (in batches of 256, images streamed), every caption and
+        prompt -> text states and pooled keys, in ``data/cache.pt``; one row per item in
+        ``data/items.jsonl`` (the real pairs first, then the prompts). A user's pairs are
+        read by ``training/sources.py``: bad images are skipped and listed in
+        ``data/report.json``. With retrieval, the index is checked (model, disjointness)
+        before any image is read, and again by content once the images are hashed."""
+        from . import sources
+
+        cfg, d = self.cfg, self.dir / "data"
         d.mkdir(exist_ok=True)
         t0 = time.perf_counter()
+        info: dict = {}
         if self.acc.is_main_process:
-            imgs, caps = training_data(self.cfg, d)
             c, dev = self.c, self.acc.device
             vae, text = c.vae.to(dev), c.text_encoder.to(dev)
-            lat = torch.cat([(vae.encode(to_unit(imgs[i:i + 256]).to(dev)).latent_dist.mode()
-                              * vae.config.scaling_factor).cpu()
-                             for i in range(0, len(imgs), 256)])
+
+            def encode(imgs: np.ndarray) -> torch.Tensor:  # uint8 (B, H, W, 3) -> (B, C, h, w)
+                z = vae.encode(to_unit(imgs).to(dev)).latent_dist.mode()
+                return (z * vae.config.scaling_factor).cpu()
+
+            if cfg.shapesworld:
+                from imageragturbo import shapesworld as sw
+
+                imgs, _ = training_data(cfg, d)
+                rows = [{"id": it.id, "caption": it.caption, "image": None, "sha256": None,
+                         "kind": "pair"} for it in sw.make_split("train", cfg.n_train, cfg.seed)]
+                if cfg.retrieval == "index":
+                    info.update(self._check_index(rows))
+                lat = torch.cat([encode(imgs[i:i + 256]) for i in range(0, len(imgs), 256)])
+                report = None
+            elif cfg.pairs:
+                rows, lat, report = self._read_pairs(encode, info)
+            else:  # prompts only: no real pairs, the teacher's samples are every target
+                from imageragturbo.model.pipeline import latent_shape
+
+                rows, lat, report = [], torch.zeros(0, *latent_shape(c)), None
+                if cfg.retrieval == "index":
+                    _ = self.index                  # another model's index is refused here
+            n_real = len(rows)
+            prompts = sources.read_prompts(cfg.prompts) if cfg.prompts else []
+            rows += [{"id": f"prompt:{n}", "caption": p, "image": None, "sha256": None,
+                      "kind": "prompt"} for n, p in enumerate(prompts)]
+            caps = [r["caption"] for r in rows]
             ehs, pooled = [], []
             for i in range(0, len(caps), 256):
                 out = text(tokenize(c.tokenizer, caps[i:i + 256]).to(dev))
@@ -111,8 +168,89 @@ class AdapterRun(StagedRun):
                          "uncond": unc.float(),
                          **({"scene_h": scene_h} if scene_h is not None else {})},
                         d / "cache.pt")
-        return self._finish("data", {"items": self.cfg.n_train,
-                                     "seconds": time.perf_counter() - t0})
+            with open(d / "items.jsonl.tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            (d / "items.jsonl.tmp").replace(d / "items.jsonl")
+            info = {"source": "shapesworld" if cfg.shapesworld else "pairs",
+                    "items": len(rows), "real_items": n_real, "prompts": len(prompts),
+                    **({} if report is None else {"pairs_listed": report["listed"],
+                                                  "bad_images": report["bad"],
+                                                  "report": str(d / "report.json")}),
+                    **info, "seconds": time.perf_counter() - t0}
+        out = self._finish("data", info)
+        self.acc.wait_for_everyone()
+        self._adopt_data_counts()
+        return out
+
+    def _read_pairs(self, encode, info: dict) -> tuple[list[dict], torch.Tensor, dict]:
+        """A user's pairs, streamed: each image read, hashed, normalised to the student's
+        resolution (``imageragturbo.images``) and encoded in batches; the bad ones (missing,
+        corrupt, too small, no caption) skipped and listed in ``data/report.json`` and
+        summed up on stderr. More than ``max_bad_share`` bad stops the run (ValueError) as
+        soon as the count passes it, before anything trains."""
+        from tqdm import tqdm
+
+        from imageragturbo.images import BadImage
+        from imageragturbo.model.pipeline import latent_shape
+
+        from . import sources
+
+        cfg, path = self.cfg, self.dir / "data" / "report.json"
+        items, bad = sources.list_pairs(cfg.pairs)
+        listed = len(items) + len(bad)
+        if listed == 0:
+            raise ValueError(f"no pairs in {', '.join(cfg.pairs)}")
+        size = int(self.c.vae.config.sample_size)   # the student's resolution (latent_shape's)
+        min_side = cfg.min_image_side or size // 2
+        limit = cfg.max_bad_share * listed
+        if cfg.retrieval == "index":                # ids: before any image is read
+            self._check_index([{"id": it.id, "kind": "pair"} for it in items], content=False)
+        rows, lats, batch, seen = [], [], [], 0
+        stream = sources.load_images(items, size, min_side) if len(bad) <= limit else iter(())
+        for it, img, digest in tqdm(stream, total=len(items), desc="data: images",
+                                    disable=not self.progress):
+            seen += 1
+            if isinstance(img, BadImage):
+                bad.append(sources.bad_entry(it, img))
+                if len(bad) > limit:
+                    break
+                continue
+            rows.append({"id": it.id, "caption": it.caption, "image": it.where,
+                         "sha256": digest, "kind": "pair"})
+            batch.append(img)
+            if len(batch) == 256:
+                lats.append(encode(np.stack(batch)))
+                batch = []
+        if batch:
+            lats.append(encode(np.stack(batch)))
+        stopped = len(bad) > limit
+        reasons: dict[str, int] = {}
+        for b in bad:
+            reasons[b["reason"]] = reasons.get(b["reason"], 0) + 1
+        report = {"pairs": list(cfg.pairs), "listed": listed, "read": seen, "kept": len(rows),
+                  "bad": len(bad), "bad_share": len(bad) / listed,
+                  "max_bad_share": cfg.max_bad_share, "stopped": stopped,
+                  "resolution": size, "min_image_side": min_side, "by_reason": reasons,
+                  "bad_items": bad}
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        why = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
+        if stopped:
+            some = "at least " if seen < len(items) else ""
+            raise ValueError(f"data: {some}{len(bad)} of {listed} pairs are bad "
+                             f"({why}: {len(bad) / listed:.1%}), more than max_bad_share "
+                             f"{cfg.max_bad_share:.1%} (--max-bad-share); stopped before "
+                             f"training. The list, with paths and reasons: {path}")
+        if self.acc.is_main_process:
+            print(f"train adapter: data: {len(rows)} of {listed} pairs kept, {len(bad)} skipped"
+                  f"{f' ({why})' if bad else ''}; report: {path}", file=sys.stderr, flush=True)
+        n_real = int(round(cfg.batch * cfg.real_fraction))
+        if len(rows) < n_real:
+            raise ValueError(f"data: {len(rows)} usable pairs, fewer than the {n_real} real "
+                             "pairs each batch draws (batch x real_fraction)")
+        if cfg.retrieval == "index":                # content: the images' hashes, now known
+            info.update(self._check_index(rows))
+        lat = torch.cat(lats) if lats else torch.zeros(0, *latent_shape(self.c))
+        return rows, lat, report
 
     @torch.no_grad()
     def _scene_features(self, ehs: torch.Tensor) -> torch.Tensor:
@@ -144,6 +282,25 @@ class AdapterRun(StagedRun):
             self._cache = load_checkpoint(self.dir / "data" / "cache.pt")
         return self._cache
 
+    @property
+    def items(self) -> list[dict]:
+        """One row per cache row (``data/items.jsonl``): id, caption, image, sha256, kind
+        ("pair" or "prompt"). A ShapesWorld run folder from before that file gets its rows
+        from the split, as the data stage made them."""
+        if self._items is None:
+            path = self.dir / "data" / "items.jsonl"
+            if path.exists():
+                self._items = [json.loads(line) for line in path.read_text().splitlines()]
+            elif self.cfg.shapesworld:
+                from imageragturbo import shapesworld as sw
+
+                self._items = [{"id": it.id, "caption": it.caption, "image": None,
+                                "sha256": None, "kind": "pair"}
+                               for it in sw.make_split("train", self.cfg.n_train, self.cfg.seed)]
+            else:
+                raise FileNotFoundError(f"{path} missing: run the data stage first")
+        return self._items
+
     # -- 2. synthetic pairs from the teacher
     @torch.no_grad()
     def stage_synth(self) -> dict:
@@ -154,10 +311,20 @@ class AdapterRun(StagedRun):
         cfg, d = self.cfg, self.dir / "synth"
         d.mkdir(exist_ok=True)
         t0 = time.perf_counter()
+        # the prompts file's rows when there is one, else every item's caption
+        pool = np.array([i for i, r in enumerate(self.items) if r["kind"] == "prompt"],
+                        np.int64)
+        if not len(pool):
+            pool = np.arange(len(self.items))
+        n = min(cfg.synth_prompts, len(pool))
+        need = cfg.batch - int(round(cfg.batch * cfg.real_fraction))
+        if n < need:
+            raise ValueError(f"synth: {n} prompts for the teacher, fewer than the {need} "
+                             "synthetic pairs each batch draws: give more prompts (or "
+                             "--synth-prompts), or a smaller --batch")
         if self.acc.is_main_process:
             data = self.cache
-            n = min(cfg.synth_prompts, len(data["ehs"]))
-            idx = np.random.default_rng([cfg.seed, 2]).choice(len(data["ehs"]), n, replace=False)
+            idx = pool[np.random.default_rng([cfg.seed, 2]).choice(len(pool), n, replace=False)]
             z_t = torch.from_numpy(initial_noise([20_000_000 + int(i) for i in idx],
                                                  tuple(data["latents"].shape[1:])))
             part = d / "partial.pt"
@@ -177,7 +344,7 @@ class AdapterRun(StagedRun):
             teacher.cpu()
             save_atomic({"idx": torch.from_numpy(idx), "z_t": z_t, "z0": z0}, d / "synth.pt")
             part.unlink(missing_ok=True)
-        return self._finish("synth", {"prompts": min(cfg.synth_prompts, cfg.n_train),
+        return self._finish("synth", {"prompts": n,
                                       "steps": cfg.synth_steps, "guidance": cfg.guidance,
                                       "neighbour_sdedit": cfg.neighbour_sdedit,
                                       "seconds": time.perf_counter() - t0})
@@ -200,8 +367,10 @@ class AdapterRun(StagedRun):
 
         dev = next(self.c.unet.parameters()).device
         z = torch.zeros(1, *latent_shape(self.c), device=dev)
-        ehs = self.cache["ehs"][:1].float().to(dev)
-        with torch.no_grad():
+        text = self.c.text_encoder
+        ids = tokenize(self.c.tokenizer, [""]).to(next(text.parameters()).device)
+        with torch.no_grad():  # the empty prompt's states: no data cache needed
+            ehs = text(ids).last_hidden_state.to(dev)
             h = UNetEncoder(self.c.unet)(z, torch.zeros(1, dtype=torch.long, device=dev), ehs)[0]
         return tuple(h.shape[1:])
 
@@ -214,8 +383,16 @@ class AdapterRun(StagedRun):
             from imageragturbo.retriever import IndexFormatError, RetrievalIndex
             from imageragturbo.serving.assets import ensure_index
 
-            path = ensure_index(str(self.cfg.model), self.index_dir, self.data_dir,
-                                quiet=not self.progress)
+            if self.cfg.shapesworld:
+                path = ensure_index(str(self.cfg.model), self.index_dir, self.data_dir,
+                                    quiet=not self.progress)
+            else:  # a user's index is never built behind their back from ShapesWorld
+                path = self.index_dir
+                if not (path / "manifest.json").is_file():
+                    raise FileNotFoundError(
+                        f"no retrieval index at {path}: build it from your retrieval pairs "
+                        f"with `imageragturbo index build --pairs FILE --model "
+                        f"{self.cfg.model} --out {path}`")
             want = model_files_id(str(self.model_dir), index=True)
             idx = RetrievalIndex.load(path, model_id=want,
                                       text_dim=int(self.c.text_encoder.config.hidden_size))
@@ -227,10 +404,54 @@ class AdapterRun(StagedRun):
             self._index = idx
         return self._index
 
+    def _check_index(self, rows: list[dict], content: bool = True) -> dict:
+        """The retrieval database is disjoint from the training pairs, or the run stops here,
+        before anything trains: no index item has a training pair's id, and (``content``,
+        for pairs read from files) none has a training image's content hash (sha256 of the
+        file; the index's image files are hashed where they still exist, and those not found
+        are counted). Prompts have no image and take no part."""
+        from imageragturbo.checksums import sha256_file
+
+        index = self.index
+        train_ids = {r["id"] for r in rows if r["kind"] == "pair"}
+        shared = train_ids & set(index.item_ids)
+        if shared:
+            raise ValueError(f"the index at {index.path} holds {len(shared)} training items "
+                             f"(e.g. {sorted(shared)[:3]}): the retrieval database must be "
+                             "disjoint from the training split")
+        info: dict = {"training_items_in_index": 0}
+        by_hash = {r["sha256"]: r for r in rows if r.get("sha256")}
+        if not (content and by_hash):
+            return info
+        same, missing = [], 0
+        for row, image in enumerate(index.images):
+            try:
+                digest = sha256_file(image)
+            except OSError:
+                missing += 1
+                continue
+            if digest in by_hash:
+                same.append((by_hash[digest], row, image))
+        if same:
+            r, row, image = same[0]
+            raise ValueError(f"the index at {index.path} holds {len(same)} images that are also "
+                             f"training images (the same file content, sha256), e.g. training "
+                             f"{r['id']!r} ({r['image']}) is index item "
+                             f"{index.item_ids[row]!r} ({image}): the retrieval database must "
+                             "be disjoint from the training pairs; remove them from one side")
+        if missing:
+            self._say(f"{missing} of the index's {len(index)} image files were not found: "
+                      "their content was not compared with the training images")
+        return {**info, "training_images_in_index": 0,
+                "index_images_compared": len(index) - missing,
+                "index_images_not_found": missing,
+                "index_items_sha256": index.manifest["files"]["items"]["sha256"]}
+
     def stage_neighbours(self) -> dict:
         """The k_max neighbours of every training target by its pooled text key, with the
         proof that retrieval never hands a target back to itself: no retrieved item is a
-        training item (ids), and none has the target's very latent (content)."""
+        training item (ids; and by content hash for pairs read from files: ``_check_index``),
+        and none has the target's very latent (content at the model's resolution)."""
         cfg, d = self.cfg, self.dir / "neighbours"
         d.mkdir(exist_ok=True)
         info: dict = {"retrieval": cfg.retrieval}
@@ -241,27 +462,28 @@ class AdapterRun(StagedRun):
                 self._say(f"k_max {cfg.k_max} is larger than the index ({len(index)} items); "
                           f"using k = {k}")
             pooled = self.cache["pooled"].numpy()
-            from imageragturbo import shapesworld as sw
-
-            train_ids = {it.id for it in sw.make_split("train", cfg.n_train, cfg.seed)}
-            shared = train_ids & set(index.item_ids)
-            if shared:
-                raise ValueError(f"the index at {index.path} holds {len(shared)} training items "
-                                 f"(e.g. {sorted(shared)[:3]}): the retrieval database must be "
-                                 "disjoint from the training split")
+            rows = self.items
+            # the content hashes again only for another index than the data stage compared
+            checked = (self.done("data") or {}).get("index_items_sha256")
+            info.update(self._check_index(
+                rows, content=checked != index.manifest["files"]["items"]["sha256"]))
             # A scene drawn in both splits renders to the same image: such a neighbour would
             # be the target itself. Search a few extra and drop them (counted in done.json).
             extra = min(4, len(index) - k)
-            _, captions = training_data(cfg, self.dir / "data")
+            captions = [r["caption"] for r in rows]
             cand, cand_scores = index.search(pooled, k + extra, prompts=captions,
                                              rerank=cfg.rerank)          # [N, k + extra]
-            lat = self.cache["latents"].numpy()                          # [N, C, h, w] fp16
+            lat = self.cache["latents"].numpy()          # [n_real, C, h, w] fp16: real pairs
+            n_real = len(lat)                            # first; prompts have no image
             ids = np.empty((len(cand), k), np.int64)
             scores = np.empty((len(cand), k), np.float32)
             dropped = 0
             for a in range(0, len(cand), 1024):
                 nb = index.latents(cand[a:a + 1024]).astype(np.float16)  # [n, k+e, C, h, w]
-                same = (nb == lat[a:a + 1024, None]).reshape(*nb.shape[:2], -1).all(-1)
+                m = max(0, min(n_real - a, len(nb)))
+                same = np.zeros(nb.shape[:2], bool)
+                if m:
+                    same[:m] = (nb[:m] == lat[a:a + m, None]).reshape(m, nb.shape[1], -1).all(-1)
                 for j, row in enumerate(same):
                     keep = np.flatnonzero(~row)[:k]
                     if len(keep) < k:
@@ -270,8 +492,9 @@ class AdapterRun(StagedRun):
                     dropped += int(row[:k + int(row.sum())].sum())
                     ids[a + j], scores[a + j] = cand[a + j, keep], cand_scores[a + j, keep]
             # the proof, checked (not asserted: it must hold under python -O too)
-            check = index.latents(ids).astype(np.float16)
-            own = (check == lat[:, None]).reshape(*ids.shape, -1).all(-1)
+            check = index.latents(ids).astype(np.float16)[:n_real]
+            own = (check == lat[:, None]).reshape(n_real, k, -1).all(-1) if n_real else \
+                np.zeros((0, k), bool)
             if own.any():
                 t = int(np.flatnonzero(own.any(1))[0])
                 raise ValueError(f"training target {t} has its own image among its neighbours "
@@ -280,7 +503,7 @@ class AdapterRun(StagedRun):
                 save_atomic({"ids": torch.from_numpy(ids), "scores": torch.from_numpy(scores)},
                             d / "neighbours.pt")
             info.update({"index": str(index.path), "index_items": len(index), "k": k,
-                         "targets": len(ids), "training_items_in_index": 0,
+                         "targets": len(ids),
                          "dropped_neighbours_with_the_targets_image": dropped,
                          "neighbours_with_the_targets_image": 0,
                          "top1_similarity_mean": float(scores[:, 0].mean()),

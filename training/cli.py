@@ -42,12 +42,19 @@ def _cmd_train_adapter(args: argparse.Namespace) -> int:
     from .adapter import AdapterConfig, AdapterRun, install
 
     kw = {"model": args.model}
+    if args.pairs and args.n_train is not None and args.pairs != ["shapesworld"]:
+        raise SystemExit("train adapter: --n-train counts ShapesWorld items; with --pairs "
+                         "every usable pair is used")
     for key in ("steps", "batch", "k_max", "lora_rank", "synth_prompts", "n_train", "seed",
                 "adv_weight", "distill_weight", "real_fraction", "text_drop",
-                "scene_neighbour", "real_input", "perceptual_weight", "rerank",
+                "scene_neighbour", "real_input", "perceptual_weight", "rerank", "teacher",
+                "prompts", "min_image_side", "max_bad_share", "guidance", "synth_steps",
                 "neighbour_sdedit"):
         if getattr(args, key) is not None:
-            kw[key] = getattr(args, key)
+            kw[key] = str(getattr(args, key)) if key in ("teacher", "prompts") \
+                else getattr(args, key)
+    if args.pairs:
+        kw["pairs"] = tuple(str(p) for p in args.pairs)
     if args.control:
         kw["retrieval"] = "none"
     if args.lam_one:
@@ -118,20 +125,44 @@ def add_parsers(sub, bench) -> None:
                     "H-space adapter (cross-attention from the target's mid-block feature to "
                     "the retrieved items' cached ones, Eqs. 4-5) and LoRA on the UNet decoder, "
                     "trained with latent adversarial distillation, smooth-L1 distillation and "
-                    "a latent perceptual loss (Eq. 10), on ShapesWorld training renders and "
-                    "the teacher's samples, retrieving from the index of the retrieval split "
-                    "(built when missing). Stages: data, neighbours, synth, train, export; "
-                    "every stage resumes after an interruption (rerun the same command). "
-                    "--control trains the same thing without retrieval.",
+                    "a latent perceptual loss (Eq. 10), on real pairs (ShapesWorld's training "
+                    "renders by default, or --pairs: your own) and the teacher's samples for "
+                    "prompts (the pairs' captions, or --prompts), retrieving from an index "
+                    "(for ShapesWorld, of its retrieval split, built when missing; for your "
+                    "pairs, --index: one you built with `index build --pairs`). Stages: data, "
+                    "neighbours, synth, train, export; every stage resumes after an "
+                    "interruption (rerun the same command). --control trains the same thing "
+                    "without retrieval.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a.add_argument("--run-dir", type=Path, default=Path("runs/adapter"),
                    help="folder for checkpoints, caches and outputs")
-    a.add_argument("--model", default=DEFAULT_MODEL,
-                   help="the one-step student to fine-tune (variant name or diffusers folder "
-                        "with teacher_unet/)")
+    a.add_argument("--model", "--student", dest="model", default=DEFAULT_MODEL,
+                   help="the one-step student to fine-tune (variant name or diffusers folder, "
+                        "e.g. SD-Turbo's)")
+    a.add_argument("--teacher", type=Path, default=None,
+                   help="the teacher: a diffusers folder whose unet/ is the multi-step teacher "
+                        "(e.g. SD 2.1-base for SD-Turbo); it must share the student's text "
+                        "encoder, VAE and noise schedule (default: the student folder's "
+                        "teacher_unet/, as tiny-shapes has)")
+    a.add_argument("--pairs", action="append", default=None, metavar="PATH",
+                   help="real text-image pairs (repeatable): .jsonl / .parquet (caption, image, "
+                        "optional id per row, as `index build --pairs` reads) or WebDataset "
+                        ".tar shards (KEY.jpg|png|webp + KEY.txt or KEY.json with a caption; "
+                        "brace ranges like shards/{00000..00009}.tar); images of any size, "
+                        "resized and centre-cropped; 'shapesworld' names the default source")
+    a.add_argument("--prompts", type=Path, default=None,
+                   help="prompts for the teacher's synthetic pairs: a text file (one per line) "
+                        "or JSONL with a prompt or caption field (default: the pairs' captions)")
+    a.add_argument("--min-image-side", type=int, default=None,
+                   help="pairs: skip an image whose shorter side is below this many pixels "
+                        "(default: half the student's resolution)")
+    a.add_argument("--max-bad-share", type=float, default=None,
+                   help="pairs: stop before training when more than this share of the images "
+                        f"is missing, corrupt or too small (default {A.max_bad_share:g})")
     a.add_argument("--index", type=Path, default=None,
-                   help="retrieval index built with this model (default: "
-                        f"{index_dir_of('<model>')}, built when missing)")
+                   help="retrieval index built with this model (default for ShapesWorld: "
+                        f"{index_dir_of('<model>')}, built when missing; needed with --pairs "
+                        "or --prompts)")
     a.add_argument("--data", type=Path, default=DATA_ROOT,
                    help="ShapesWorld folder whose retrieval split the default index is built "
                         "from (rendered when missing)")
@@ -144,6 +175,11 @@ def add_parsers(sub, bench) -> None:
     a.add_argument("--lora-rank", type=int, default=None, help=f"decoder LoRA rank (default {A.lora_rank})")
     a.add_argument("--synth-prompts", type=int, default=None,
                    help=f"teacher samples for training prompts (default {A.synth_prompts})")
+    a.add_argument("--synth-steps", type=int, default=None,
+                   help=f"the teacher's DDIM steps per synthetic pair (default {A.synth_steps})")
+    a.add_argument("--guidance", type=float, default=None,
+                   help="the teacher's classifier-free guidance scale for the synthetic pairs "
+                        f"(default {A.guidance:g}, ShapesWorld's; the paper's SD 2.1 uses 7.5)")
     a.add_argument("--n-train", type=int, default=None,
                    help=f"ShapesWorld training items used (default {A.n_train})")
     a.add_argument("--seed", type=int, default=None, help="data and initialisation seed")
@@ -153,8 +189,9 @@ def add_parsers(sub, bench) -> None:
     a.add_argument("--distill-weight", type=float, default=None,
                    help=f"alpha of Eq. 10 (default {A.distill_weight:g}; the paper's is 2.5)")
     a.add_argument("--real-fraction", type=float, default=None,
-                   help=f"share of real ShapesWorld renders per batch (default {A.real_fraction:g}; "
-                        "more measured worse here; the rest are the teacher's synthetic pairs)")
+                   help=f"share of real pairs per batch (default {A.real_fraction:g}; more "
+                        "measured worse on ShapesWorld; the rest are the teacher's synthetic "
+                        "pairs)")
     a.add_argument("--text-drop", type=float, default=None,
                    help="share of each batch for which the student sees the empty prompt, so "
                         f"the neighbours are its only source of the content (default {A.text_drop:g})")

@@ -56,6 +56,15 @@ class RecipeConfig:
 class AdapterConfig:
     model: str = DEFAULT_MODEL    # the one-step student to fine-tune (a variant or a folder)
     seed: int = 0
+    teacher: str | None = None    # a diffusers folder whose unet/ is the teacher (SD 2.1-base
+    #                               beside SD-Turbo); None: the student folder's teacher_unet/
+    pairs: tuple = ()             # real pairs: JSONL / Parquet / WebDataset .tar files, or
+    #                               ("shapesworld",); () means ShapesWorld unless prompts are given
+    prompts: str | None = None    # prompts for the teacher's synthetic pairs (.txt or .jsonl);
+    #                               None: the real pairs' captions
+    min_image_side: int = 0       # pairs: an image whose shorter side is below this is skipped
+    #                               as too small; 0: half the student's resolution
+    max_bad_share: float = 0.05   # pairs: more than this share of bad images stops the run
     n_train: int = 10000          # ShapesWorld training items: real pairs and target prompts
     threads: int = 2
     synth_prompts: int = 1500     # teacher samples (synthetic pairs) for training prompts
@@ -109,9 +118,26 @@ class AdapterConfig:
             raise ValueError(f"k_max must be >= 1, got {self.k_max}")
         if self.neighbour_sdedit > 0 and self.retrieval == "none":
             raise ValueError("neighbour_sdedit needs retrieval: the control has no neighbours")
-        for name in ("real_fraction", "scene_neighbour", "text_drop", "neighbour_sdedit"):
+        for name in ("real_fraction", "scene_neighbour", "text_drop", "max_bad_share",
+                     "neighbour_sdedit"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        self.pairs = tuple(str(p) for p in self.pairs)
+        if "shapesworld" in self.pairs and len(self.pairs) > 1:
+            raise ValueError("pairs: 'shapesworld' cannot be mixed with pairs files")
+        if self.min_image_side < 0:
+            raise ValueError(f"min_image_side must be >= 0, got {self.min_image_side}")
+        if self.scene_neighbour > 0 and (not self.shapesworld or self.prompts):
+            raise ValueError("scene_neighbour re-renders the training items' ShapesWorld "
+                             "scenes: it needs ShapesWorld's pairs, without pairs files or "
+                             "prompts")
+        if not self.pairs and self.prompts and self.real_fraction > 0:
+            raise ValueError("real_fraction > 0 needs real pairs (pairs), not prompts alone")
+
+    @property
+    def shapesworld(self) -> bool:
+        """Whether the real pairs are ShapesWorld's training split (the shipped recipe)."""
+        return self.pairs == ("shapesworld",) or (not self.pairs and not self.prompts)
 
     @classmethod
     def quick(cls, **kw) -> AdapterConfig:

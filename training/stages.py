@@ -11,7 +11,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +95,15 @@ class StagedRun:
         saved = self.dir / self.config_file
         mine = json.loads(json.dumps(asdict(self.cfg)))
         mine.pop("threads")  # speed only, not results
-        if saved.exists() and json.loads(saved.read_text()) != mine and not reconfigure:
+        before = json.loads(saved.read_text()) if saved.exists() else None
+        if before is not None:
+            # a field added to the configuration since the folder was started, at its
+            # default, is the configuration the folder was run with
+            defaults = json.loads(json.dumps({f.name: f.default for f in fields(self.cfg)
+                                              if f.default is not MISSING}))
+            before = {**{k: v for k, v in mine.items()
+                         if k not in before and k in defaults and v == defaults[k]}, **before}
+        if before is not None and before != mine and not reconfigure:
             raise ValueError(f"{saved} was written by a different recipe configuration; use a "
                              "new run folder, or --reconfigure to keep finished stages and "
                              "run the rest with the new one")

@@ -37,8 +37,11 @@ class TorchRetrievalEncoder:
 
     @torch.no_grad()
     def encode_images(self, images: list) -> np.ndarray:
+        from imageragturbo.images import fit_square
+
+        # the shorter side resized and the centre cropped, as training reads its images
         size = self.c.vae.config.sample_size
-        arr = np.stack([np.asarray(im.convert("RGB").resize((size, size))) for im in images])
+        arr = np.stack([np.asarray(fit_square(im.convert("RGB"), size)) for im in images])
         x = images_to_unit(arr)                                                     # (B, 3, H, W)
         z = self.c.vae.encode(x.to(self.c.vae.dtype)).latent_dist.mode()
         return (z * self.c.vae.config.scaling_factor).float().numpy()              # (B, C, h, w)

@@ -272,3 +272,63 @@ def attach_neighbour_attention(c: Components, path: str | Path) -> None:
         c.neighbour_attention = NeighbourAttention.from_pretrained(Path(path) / FOLDER).to(
             next(c.unet.parameters()).dtype)
         c.neighbour_attention.attach(c.unet)
+
+
+# The noise schedule's fields that a teacher must share with its student: the synthetic pairs
+# are sampled, and the discriminator's inputs noised, with the student's scheduler.
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                 "prediction_type")
+
+
+def load_teacher_unet(folder: str | Path, student: Components,
+                      dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The teacher UNet of ``student`` from a separate diffusers folder (SD 2.1-base beside
+    SD-Turbo): its ``unet/``. The teacher reads the student's latents and text states, so it
+    is refused, with what differs named, unless its latent channels and cross-attention width
+    are the student's, its noise schedule (where the folder has ``scheduler/``) is the
+    student's, and its ``text_encoder/`` and ``vae/`` (where the folder has them) hold the
+    student's weights (SD 2.1-base and SD-Turbo share both)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    path = resolve(folder)
+    if not (path / "unet").is_dir():
+        raise FileNotFoundError(f"teacher {path} has no unet/ subfolder: give a diffusers "
+                                "folder (e.g. stable-diffusion-2-1-base)")
+    refuse_pickled_weights(path)
+    unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype,
+                                                use_safetensors=True)
+    mine, theirs = student.unet.config, unet.config
+    text_dim = int(student.text_encoder.config.hidden_size)
+    for what, want, got in (("latent channels in", mine.in_channels, theirs.in_channels),
+                            ("latent channels out", mine.out_channels, theirs.out_channels),
+                            ("cross-attention width (the student's text states)", text_dim,
+                             theirs.cross_attention_dim)):
+        if want != got:
+            raise ValueError(f"teacher {path}: {what} {got}, the student's {want}: the teacher "
+                             "must read the student's latents and text states")
+    if (path / "scheduler").is_dir():
+        sched = EulerDiscreteScheduler.load_config(path / "scheduler")
+        for key in SCHEDULE_KEYS:
+            want, got = student.scheduler.config.get(key), sched.get(key)
+            if got is not None and got != want:
+                raise ValueError(f"teacher {path}: scheduler {key} {got!r}, the student's "
+                                 f"{want!r}: the teacher must share the student's noise "
+                                 "schedule (SD 2.1-base does SD-Turbo's; SD 2.1-768 predicts v)")
+    for sub, cls, module in (("text_encoder", CLIPTextModel, student.text_encoder),
+                             ("vae", AutoencoderKL, student.vae)):
+        if not (path / sub).is_dir():
+            continue
+        other = cls.from_pretrained(path / sub, torch_dtype=torch.float32,
+                                    use_safetensors=True).state_dict()
+        ours = module.state_dict()
+        diff = sorted(set(ours) ^ set(other)) or [
+            k for k in ours if ours[k].shape != other[k].shape
+            or not torch.allclose(ours[k].float(), other[k], rtol=2e-3, atol=1e-4)]
+        if diff:
+            raise ValueError(f"teacher {path}: its {sub}/ is not the student's (first "
+                             f"difference: {diff[0]}); the teacher reads the student's text "
+                             "states and latents, so both models must share the text encoder "
+                             "and the VAE (SD 2.1-base and SD-Turbo do)")
+        del other
+    return unet.eval()
