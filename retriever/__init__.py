@@ -2,7 +2,7 @@
 retrieved items' latents and H-space features cached at build time
 (installed as ``imageragturbo.retriever``)."""
 
-from .build import build_index, publish
+from .build import build_index, copy_index, publish
 from .index import (
     DEFAULT_EF,
     DEFAULT_EF_CONSTRUCTION,
@@ -12,6 +12,7 @@ from .index import (
     Neighbours,
     RetrievalEncoder,
     RetrievalIndex,
+    verify_index,
 )
 from .pairs import Pair, read_pairs, shapesworld_pairs
 
@@ -26,7 +27,9 @@ __all__ = [
     "RetrievalEncoder",
     "RetrievalIndex",
     "build_index",
+    "copy_index",
     "publish",
     "read_pairs",
     "shapesworld_pairs",
+    "verify_index",
 ]

@@ -1,6 +1,8 @@
 """Building a retrieval index (``build_index``): encode the pairs batch by batch into fp16
 memory maps (resumable), build the hnswlib graph, write the manifest last, and publish the
-folder atomically for readers (``publish``). The format is described in ``index.py``."""
+folder atomically for readers (``publish``); copying one elsewhere (``copy_index``). Publishing
+and copying check every file's sha256 against the manifest, so that a replica's load can
+check only the structure. The format is described in ``index.py``."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imageragturbo.checksums import sha256_file
+from imageragturbo.checksums import copy_with_sha256, sha256_file
 
 from .index import (
     ARRAYS,
@@ -24,7 +26,11 @@ from .index import (
     MANIFEST,
     PROGRESS,
     HNSWParams,
+    IndexFormatError,
     RetrievalEncoder,
+    check_structure,
+    read_manifest,
+    verify_index,
 )
 from .pairs import Pair, load_image
 
@@ -205,12 +211,19 @@ def build_index(pairs: Sequence[Pair], encoder: RetrievalEncoder, out: str | os.
     }
     (tmp / PROGRESS).unlink()
     _write_json(tmp / MANIFEST, manifest)
-    publish(tmp, out)
+    # The digests were just computed from these very files: checking them again would read
+    # the whole index a second time (124 GB at the paper's size) to compare a hash with itself.
+    publish(tmp, out, verify=False)
     return out
 
 
-def publish(built: Path, out: Path) -> None:
+def publish(built: Path, out: Path, *, verify: bool = True, progress: bool = False) -> None:
     """Make the finished folder ``built`` the index at ``out``, atomically for readers.
+
+    With ``verify`` (the default) ``built`` is first checked completely against its manifest
+    (structure and every file's sha256, :func:`verify_index`); a folder that fails is left
+    where it is and ``out`` is not touched. ``build_index`` passes ``verify=False``: it has
+    just computed those digests from the same files.
 
     ``out`` is a symlink to a versioned sibling (``<out>.v<time>-<pid>``) and is replaced by
     one rename (``os.replace`` of a new link), so a reader opening ``out`` finds the old index
@@ -219,6 +232,9 @@ def publish(built: Path, out: Path) -> None:
     moment ago; older ones are removed. A real folder at ``out`` (an index built before
     versioning) is moved aside first: only then is there an instant with no index.
     """
+    built, out = Path(built), Path(out)
+    if verify:
+        verify_index(built, progress=progress)
     version = out.with_name(f"{out.name}.v{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}-"
                             f"{time.monotonic_ns() % 10**6}")
     built.rename(version)
@@ -239,3 +255,44 @@ def publish(built: Path, out: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+
+
+def copy_index(src: str | os.PathLike, dst: str | os.PathLike, *,
+               progress: bool = False) -> Path:
+    """Copy the index at ``src`` into the new folder ``dst``, checking every file's sha256
+    against ``src``'s manifest as it is copied (one read of each file, not two).
+
+    The copy is written into ``<dst>.partial`` and renamed to ``dst`` only when every file
+    matched; a mismatch removes it and raises :class:`IndexFormatError` naming the files, so
+    a damaged index is never copied into a model repository. ``dst`` must not exist. Returns
+    ``dst``.
+    """
+    from tqdm import tqdm
+
+    path, manifest = read_manifest(src)
+    check_structure(path, manifest)  # a truncated file fails here, before any copying
+    dst = Path(dst)
+    if dst.exists() or dst.is_symlink():
+        raise FileExistsError(f"{dst} exists; copy the index to a new folder")
+    tmp = dst.with_name(dst.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    entries = [manifest["files"][key] for key in FILES]
+    bad = []
+    try:
+        with tqdm(total=sum(int(e["bytes"]) for e in entries), unit="B", unit_scale=True,
+                  unit_divisor=1024, desc="index: copy", disable=not progress) as bar:
+            for e in entries:
+                if copy_with_sha256(path / e["name"], tmp / e["name"],
+                                    progress=bar.update) != e["sha256"]:
+                    bad.append(e["name"])
+        if bad:
+            raise IndexFormatError(f"{path}: sha256 of {', '.join(bad)} differs from the "
+                                   "manifest (altered or corrupted); not copied")
+        shutil.copy2(path / MANIFEST, tmp / MANIFEST)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tmp.rename(dst)
+    return dst

@@ -476,13 +476,13 @@ def test_dev_shm_is_memory_backed():
 def test_startup_budget_covers_the_sized_minimum():
     v = _values()
     minimum = _startup_minimum(v["startupSizing"])
-    assert minimum == 2664  # 120 + 1500 + 600 s, +20%: values.yaml says how each was sized
+    assert minimum == 2016  # 120 + 1500 + 60 s, +20%: values.yaml says how each was sized
     probe = _server(_pod(_render()))["startupProbe"]
     budget = probe["failureThreshold"] * probe["periodSeconds"]
     assert budget >= minimum, f"startup budget {budget} s < sized minimum {minimum} s"
     # The chart refuses a budget under the minimum.
     errors = importlib.import_module("helm_python.errors")
-    with pytest.raises(errors.HelmRenderError, match="sized startup minimum 2664 s"):
+    with pytest.raises(errors.HelmRenderError, match="sized startup minimum 2016 s"):
         _render_raw({"probes": {"startup": {"failureThreshold": 200}}})
     # The KServe runtime carries the same budget.
     sr = yaml.safe_load((KSERVE / "servingruntime.yaml").read_text())
@@ -548,16 +548,32 @@ def test_model_repository_and_index_come_from_volumes():
         "imageragturbo-index"
     source = (ROOT / "imageragturbo" / "serving" / "repository.py").read_text()
     assert 'out / "retriever" / "1" / "index"' in source
-    sync, sync_index = pod["initContainers"]
+    sync, sync_index, verify = pod["initContainers"]
     assert sync["command"] == ["aws", "s3", "sync", "--only-show-errors", "--delete",
                                ALL_ON["sync"]["url"], repo]
     assert {m["mountPath"] for m in sync["volumeMounts"]} >= {repo}
     assert sync_index["command"][-2:] == [ALL_ON["sync"]["indexUrl"], "/index"]
     assert sync["image"] == _values()["sync"]["images"]["s3"]
+    # After the sync, the server's own image checks every index file's sha256 where the
+    # server will load it (the load itself checks only the structure).
+    assert verify["command"] == ["imageragturbo", "index", "verify", index_path, "--quiet"]
+    assert verify["image"] == _server(pod)["image"]
+    vmounts = {m["mountPath"]: m for m in verify["volumeMounts"]}
+    assert vmounts[index_path]["name"] == mounts[index_path]["name"]
+    assert vmounts[repo]["name"] == mounts[repo]["name"]
+    assert all(m["readOnly"] for m in vmounts.values())
     gs = _pod(_render({**ALL_ON, "sync": {"enabled": True, "url": "gs://b/repo"}}))
-    (init,) = gs["initContainers"]
+    init, verify = gs["initContainers"]
     assert init["command"][:3] == ["gcloud", "storage", "rsync"] and init["image"] == \
         _values()["sync"]["images"]["gs"]
+    assert verify["command"][:3] == ["imageragturbo", "index", "verify"]
+    # Without a volume of its own, the index is checked inside the repository's.
+    plain = _pod(_render({"sync": {"enabled": True, "url": "s3://b/repo"}}))
+    _, verify = plain["initContainers"]
+    assert verify["command"][3] == index_path
+    assert [m["mountPath"] for m in verify["volumeMounts"]] == [repo]
+    off = _pod(_render({**ALL_ON, "sync": {**ALL_ON["sync"], "verifyIndex": False}}))
+    assert [c["name"] for c in off["initContainers"]] == ["sync-model-repository", "sync-index"]
 
 
 def test_metrics_service_monitor_and_autoscaler():

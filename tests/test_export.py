@@ -415,12 +415,25 @@ def test_gpu_profile_of_an_fp16_export_references_only_graphs_that_load(sd21_fp1
     """Render the Triton repository's gpu profile for the fp16 export (linked and copied) and
     open every ONNX graph its onnxruntime-backend models reference in an ONNX Runtime CPU
     session, then run it once on zeros at batch 1 as the profile's model_warmup does. The
-    retrieval index is a stub: rendering only links it, and no retriever runs here."""
+    retrieval index is a three-item stand-in (rendering links it, or copies it checking its
+    digests), and no retriever runs here."""
+    from imageragturbo.retriever import Pair, build_index
     from imageragturbo.serving.repository import ONNX_STAGES, load_configs, render_repository
 
-    index = tmp_path / "index"
-    index.mkdir()
-    (index / "manifest.json").write_text("{}\n")  # render_repository checks it is there
+    class StandIn:  # not a model: fixed keys and zero tensors, enough for a whole index
+        model_id, text_dim = "stand-in", 4
+
+        def encode_text(self, captions):
+            return np.eye(4, dtype=np.float32)[: len(captions)]
+
+        def encode_images(self, images):
+            return np.zeros((len(images), 4, 1, 1), np.float32)
+
+        def h_features(self, latents, captions):
+            return np.zeros((len(captions), 2, 1, 1), np.float32)
+
+    index = build_index([Pair(str(i), f"item {i}", "-") for i in range(3)], StandIn(),
+                        tmp_path / "index", progress=False, image_loader=lambda path: None)
     for link in ("symlink", "copy"):
         repo = render_repository(sd21_fp16, index, tmp_path / f"gpu-{link}", "gpu", link=link)
         onnx_models = {name: c for name, c in load_configs(repo).items()

@@ -200,13 +200,87 @@ def test_truncated_file_gives_a_clean_error(built, tmp_path):
             RetrievalIndex.load(idx)
 
 
-def test_altered_file_fails_the_checksum(built, tmp_path):
+def test_a_truncated_array_is_caught_by_the_cheap_load_check_even_with_a_matching_manifest(
+        built, tmp_path):
+    """The load check reads headers, not data, and still refuses a cut array: by the size the
+    manifest records, and, when the manifest was rewritten to match, by the size the .npy
+    header implies."""
     idx = _copy(built[2], tmp_path / "idx")
-    data = bytearray((idx / "latents.f16.npy").read_bytes())
-    data[-1] ^= 0xFF
-    (idx / "latents.f16.npy").write_bytes(bytes(data))
-    with pytest.raises(IndexFormatError, match="sha256"):
+    data = (idx / "h.f16.npy").read_bytes()
+    (idx / "h.f16.npy").write_bytes(data[:-100])
+    with pytest.raises(IndexFormatError, match="truncated: .* the manifest says"):
         RetrievalIndex.load(idx)
+    m = json.loads((idx / "manifest.json").read_text())
+    m["files"]["h"]["bytes"] = len(data) - 100
+    (idx / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IndexFormatError, match=r"h.f16.npy is truncated: .* its header"):
+        RetrievalIndex.load(idx)
+
+
+def _corrupt(idx: Path, name: str = "latents.f16.npy") -> Path:
+    """Flip the last byte of one of the index's files: same size, same header, other data."""
+    data = bytearray((idx / name).read_bytes())
+    data[-1] ^= 0xFF
+    (idx / name).write_bytes(bytes(data))
+    return idx
+
+
+def test_altered_file_fails_the_checksum_when_verified(built, tmp_path):
+    """A changed byte inside an array passes the cheap load check (it reads no data: that is
+    the point at 124 GB) and is caught by the full check, ``load(verify=True)``."""
+    idx = _corrupt(_copy(built[2], tmp_path / "idx"))
+    assert len(RetrievalIndex.load(idx)) == 300
+    with pytest.raises(IndexFormatError, match="sha256 of latents.f16.npy differs"):
+        RetrievalIndex.load(idx, verify=True)
+
+
+def test_index_verify_command_catches_a_corrupted_array(built, tmp_path, capsys):
+    from imageragturbo.cli import main
+
+    assert main(["index", "verify", str(built[2]), "--quiet", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    m = json.loads((built[2] / "manifest.json").read_text())
+    assert res["ok"] and res["count"] == 300
+    assert res["bytes"] == sum(f["bytes"] for f in m["files"].values())  # every byte read
+    idx = _corrupt(_copy(built[2], tmp_path / "idx"), "h.f16.npy")
+    assert main(["index", "verify", str(idx)]) == 2
+    err = capsys.readouterr().err
+    assert "sha256 of h.f16.npy differs" in err and "index: sha256" in err  # the progress bar
+    (idx / "text.f16.npy").write_bytes(b"")
+    assert main(["index", "verify", str(idx), "--quiet"]) == 2
+    assert "text.f16.npy is truncated" in capsys.readouterr().err
+
+
+def test_publish_refuses_a_corrupted_index_and_keeps_the_current_one(built, tmp_path):
+    from imageragturbo.retriever import publish
+
+    pairs, enc, _ = built
+    out = tmp_path / "idx"
+    build_index(pairs[:10], enc, out, progress=False)
+    current = out.resolve()
+    other = build_index(pairs[:20], enc, tmp_path / "elsewhere", progress=False).resolve()
+    staged = _corrupt(_copy(other, tmp_path / "staged"))
+    with pytest.raises(IndexFormatError, match="sha256 of latents.f16.npy differs"):
+        publish(staged, out)
+    assert staged.is_dir() and out.resolve() == current and len(RetrievalIndex.load(out)) == 10
+    good = _copy(other, tmp_path / "good")
+    publish(good, out)
+    assert not good.exists() and len(RetrievalIndex.load(out)) == 20
+
+
+def test_copy_index_checks_digests_as_it_copies(built, tmp_path):
+    from imageragturbo.retriever import copy_index
+
+    dst = copy_index(built[2], tmp_path / "copy")
+    for f in json.loads((dst / "manifest.json").read_text())["files"].values():
+        assert (dst / f["name"]).read_bytes() == (built[2] / f["name"]).read_bytes()
+    assert len(RetrievalIndex.load(dst, verify=True)) == 300
+    with pytest.raises(FileExistsError):
+        copy_index(built[2], dst)
+    bad = _corrupt(_copy(built[2], tmp_path / "bad"), "index.hnsw")
+    with pytest.raises(IndexFormatError, match="sha256 of index.hnsw differs.*not copied"):
+        copy_index(bad, tmp_path / "copy2")
+    assert not (tmp_path / "copy2").exists() and not (tmp_path / "copy2.partial").exists()
 
 
 def test_missing_file_and_missing_index_are_file_not_found(built, tmp_path):
@@ -452,7 +526,7 @@ def test_every_subcommand_has_help(capsys):
     from imageragturbo.cli import main
 
     for argv in (["index", "--help"], ["index", "build", "--help"], ["index", "query", "--help"],
-                 ["bench", "retrieval", "--help"]):
+                 ["index", "verify", "--help"], ["bench", "retrieval", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 0
@@ -549,10 +623,10 @@ def test_republishing_an_index_leaves_a_whole_one_at_every_filesystem_step(built
         monkeypatch.setattr(os, name, checked(name))
     real_publish = rbuild.publish
 
-    def publish(built_dir, out):
+    def publish(built_dir, out, **kw):
         look("before publish")
         try:
-            real_publish(built_dir, out)
+            real_publish(built_dir, out, **kw)
         finally:
             state["on"] = False
         look("after publish")
@@ -584,7 +658,7 @@ def test_sampled_neighbours_follow_the_seed_and_stay_in_the_pool(built):
     picks = {}
     for seed in range(12):
         _, _, nb = request.retrieve(index, q, 2, prompts, 32, [seed, seed], pool=4)
-        assert nb.ids.shape == (2, 2)
+        assert nb.ids.shape == (2, 2) and nb.latents is None  # the request path reads h only
         for b in range(2):
             assert set(nb.ids[b]) <= set(top[b]) and len(set(nb.ids[b])) == 2
             # best-first order kept among the drawn ones

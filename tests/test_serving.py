@@ -91,10 +91,42 @@ def test_slerp_injection_option_serves_an_adapter_export_training_free(assets, t
         adapter / "h_adapter" / "1" / "model.onnx").exists()
     assert not (slerp / "h_adapter" / "1" / "model.onnx").exists()
     assert "slerp" in (slerp / "h_adapter" / "1" / "model.py").read_text()
-    assert 'string_value: "false"' in (slerp / "retriever" / "config.pbtxt").read_text()
+    assert 'key: "has_adapter" value: { string_value: "false" }' in (
+        slerp / "retriever" / "config.pbtxt").read_text()
     assert wiring(adapter)["imageragturbo"] == wiring(slerp)["imageragturbo"]
     with pytest.raises(ValueError, match="injection"):
         RenderOptions(injection="sometimes")
+
+
+def test_a_copied_index_is_checked_as_it_is_copied_and_a_corrupted_one_refused(assets,
+                                                                                tmp_path):
+    """``--link copy`` (the gpu default) copies the index through ``copy_index``, which checks
+    every file's sha256, so the served load can check only the structure (``verify`` "false"
+    unless ``--verify-index``); a corrupted index fails the render and leaves nothing behind."""
+    import shutil
+
+    from imageragturbo.retriever import IndexFormatError, RetrievalIndex
+    from imageragturbo.serving.repository import RenderOptions
+
+    repo = render_repository(assets["adapter"], assets["index"], tmp_path / "gpu", "gpu",
+                             link="copy")
+    copied = repo / "retriever" / "1" / "index"
+    assert copied.is_dir() and not copied.is_symlink()
+    assert len(RetrievalIndex.load(copied, verify=True)) == 40
+    verify = 'key: "verify" value: { string_value: "%s" }'
+    assert verify % "false" in (repo / "retriever" / "config.pbtxt").read_text()
+    checked = render_repository(assets["adapter"], assets["index"], tmp_path / "v", "cpu",
+                                RenderOptions(verify_index=True))
+    assert verify % "true" in (checked / "retriever" / "config.pbtxt").read_text()
+
+    bad = tmp_path / "bad-index"
+    shutil.copytree(assets["index"].resolve(), bad)
+    h = bytearray((bad / "h.f16.npy").read_bytes())
+    h[-1] ^= 0xFF
+    (bad / "h.f16.npy").write_bytes(bytes(h))
+    with pytest.raises(IndexFormatError, match="sha256 of h.f16.npy differs"):
+        render_repository(assets["adapter"], bad, tmp_path / "bad", "gpu", link="copy")
+    assert not any((tmp_path / "bad").iterdir())
 
 
 def test_render_refuses_to_overwrite_a_folder_that_is_not_a_rendering(assets, tmp_path):

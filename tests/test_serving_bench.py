@@ -78,3 +78,14 @@ def test_the_light_steps_wait_follows_the_heavy_one_unless_given():
                                       "--light-queue-delay-us", "100"]))
     assert (one.queue_delay_us, one.light_queue_delay_us) == (2000, 2000)
     assert (two.queue_delay_us, two.light_queue_delay_us) == (2000, 100)
+
+
+def test_serve_checks_index_digests_at_load_only_when_asked():
+    """The retriever's load checks the index's structure; `serve --verify-index` adds the
+    sha256 of every file (the whole index read by every instance before it is ready)."""
+    from imageragturbo.cli import build_parser
+    from imageragturbo.serving.cli import _options
+
+    parser = build_parser()
+    assert _options(parser.parse_args(["serve"])).verify_index is False
+    assert _options(parser.parse_args(["serve", "--verify-index"])).verify_index is True

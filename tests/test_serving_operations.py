@@ -69,16 +69,31 @@ def _broken_copy(src, dst, name):
     return dst
 
 
-@pytest.mark.parametrize("broken", ["index", "graph"])
+@pytest.mark.parametrize("broken", ["index", "truncated index", "graph"])
 def test_server_with_a_broken_index_or_graph_never_reports_ready(assets, tmp_path, broken):
-    """A changed byte in the index's H features (the retriever checks the manifest's sha256)
-    or a truncated ONNX graph: the server does not become ready, and says why in its log."""
+    """A changed byte in the index's H features (the retriever checks the manifest's sha256
+    when rendered with verify_index; a copy into the repository refuses it already), a
+    truncated H array (the retriever's structural check at load, the default), or a truncated
+    ONNX graph: the server does not become ready, and says why in its log."""
+    from imageragturbo.retriever import IndexFormatError
+    from imageragturbo.serving.repository import RenderOptions
     from imageragturbo.serving.server import ServerError
 
-    index = assets["index"]
+    index, opts = assets["index"], None
     if broken == "index":
         index = _broken_copy(assets["index"], tmp_path / "index", "h.f16.npy")
-    repo = render_repository(assets["adapter"], index, tmp_path / "repo", "cpu", link="copy")
+        with pytest.raises(IndexFormatError, match="sha256 of h.f16.npy"):
+            render_repository(assets["adapter"], index, tmp_path / "copied", "cpu", link="copy")
+        opts = RenderOptions(verify_index=True)
+    if broken == "truncated index":
+        import shutil
+
+        index = tmp_path / "index"
+        shutil.copytree(assets["index"].resolve(), index)
+        h = index / "h.f16.npy"
+        h.write_bytes(h.read_bytes()[:-64])
+    repo = render_repository(assets["adapter"], index, tmp_path / "repo", "cpu", opts,
+                             link="copy" if broken == "graph" else "symlink")
     if broken == "graph":  # broken after rendering (rendering itself checks the manifest)
         graph = repo / "unet_decoder" / "1" / "model.onnx"
         graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
@@ -91,7 +106,9 @@ def test_server_with_a_broken_index_or_graph_never_reports_ready(assets, tmp_pat
     finally:
         s.stop()
     log = (tmp_path / "server.log").read_text(errors="replace")
-    assert ("sha256" in log) if broken == "index" else ("unet_decoder" in log)
+    want = {"index": "sha256 of h.f16.npy", "truncated index": "h.f16.npy is truncated",
+            "graph": "unet_decoder"}[broken]
+    assert want in log
 
 
 def test_prometheus_metrics_count_ensemble_successes_and_failures(server, client):

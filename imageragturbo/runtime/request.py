@@ -55,12 +55,15 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return x.transpose(0, 2, 3, 1)                                     # (B, H, W, 3)
 
 
-def load_index(path: str | Path, text_dim: int, h_shape: Sequence[int], ef: int | None = None):
+def load_index(path: str | Path, text_dim: int, h_shape: Sequence[int], ef: int | None = None,
+               verify: bool = False):
     """Open a retrieval index (``imageragturbo.retriever``) and check it fits this model: the
-    same text width, and cached H-space features of the UNet encoder's h shape."""
+    same text width, and cached H-space features of the UNet encoder's h shape. The index's
+    structure is checked, its arrays memory-mapped, not read; ``verify`` adds the sha256 of
+    every file (``RetrievalIndex.load``)."""
     from imageragturbo.retriever import RetrievalIndex
 
-    index = RetrievalIndex.load(path, text_dim=text_dim, ef=ef)
+    index = RetrievalIndex.load(path, text_dim=text_dim, ef=ef, verify=verify)
     cached = tuple(index.manifest["shapes"]["h"][1:])
     if cached != tuple(h_shape):
         raise ValueError(f"index {path} caches H-space features of shape {cached}; this model's "
@@ -88,7 +91,9 @@ def retrieve(index, pooled: np.ndarray, k: int, prompts: Sequence[str] | None = 
     """Neighbours of each query: (h_retr (B, k, C, h', w'), scores (B, k), Neighbours). With
     the ``prompts``, the dense top ``rerank`` are re-ranked by their words
     (``RetrievalIndex.search``). With ``seeds`` and ``pool`` > 1, the k are drawn from the top
-    k * pool by each query's seed (``sample_neighbours``). The served retriever does the same."""
+    k * pool by each query's seed (``sample_neighbours``). The served retriever does the same.
+    Reads the k rows of h per query and nothing else of the index's arrays: the Neighbours
+    carry no latents (no output of the request path uses them)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if pool < 1:
@@ -98,7 +103,7 @@ def retrieve(index, pooled: np.ndarray, k: int, prompts: Sequence[str] | None = 
                                rerank=rerank)
     if sampled:
         ids, scores = sample_neighbours(ids, scores, k, seeds)
-    nb = index.lookup(ids, scores)
+    nb = index.lookup(ids, scores, latents=False)
     return nb.h.astype(np.float32), nb.scores, nb
 
 

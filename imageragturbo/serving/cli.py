@@ -24,7 +24,8 @@ def _options(args: argparse.Namespace):
         queue_timeout_us=int(args.queue_timeout * 1e6), max_queue_size=args.max_queue_size,
         default_k=args.default_k, max_k=args.max_k, threads=args.threads,
         instances=args.instances, trt_cache=args.trt_cache, injection=args.injection,
-        rerank=args.rerank, neighbour_pool=args.neighbour_pool)
+        rerank=args.rerank, neighbour_pool=args.neighbour_pool,
+        verify_index=args.verify_index)
 
 
 def _assets(args: argparse.Namespace):
@@ -255,6 +256,10 @@ def _render_args(p: argparse.ArgumentParser) -> None:
                         "queued batch for ~500 ms)")
     p.add_argument("--trt-cache", default="/tmp/imageragturbo-trt-cache",
                    help="gpu profile: TensorRT engine cache folder (inside the container)")
+    p.add_argument("--verify-index", action="store_true",
+                   help="the retriever checks the sha256 of every index file when it loads "
+                        "(reads the whole index in every instance before the server is ready; "
+                        "without it the structure is checked and the arrays memory-mapped)")
 
 
 def _clean_errors(func):

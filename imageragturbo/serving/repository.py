@@ -12,7 +12,8 @@ Everything else (the ensemble, preprocess, retriever, postprocess, every tensor 
 and shape, dynamic batching and queue policy) is the same text in both. The rendered folder
 is self-contained: each model's ``1/`` holds what it loads (``model.onnx``, ``tokenizer/``,
 ``index/``), as links into the export and index (``link="symlink"``) or copies (``"copy"``,
-to ship it into a container).
+to ship it into a container; the index is copied by ``retriever.copy_index``, which checks
+every file's sha256 as it copies, so the retriever's load can check only the structure).
 """
 
 from __future__ import annotations
@@ -70,7 +71,11 @@ class RenderOptions:
     ef: int | None = None              # hnswlib query beam (default: the index's)
     rerank: int = RERANK_CANDIDATES    # dense candidates re-ranked by the prompt's words; 0: off
     neighbour_pool: int = 1            # > 1: the k neighbours drawn from the top k * pool by seed
-    verify_index: bool = True          # sha256 of the index files at load
+    # The retriever's load checks the index's structure (sizes, shapes, counts, dtypes) and maps
+    # its arrays; True adds the sha256 of every file, which reads the whole index (124 GB at the
+    # paper's size) in every instance before the server is ready. Digests are checked where an
+    # index is published or copied, and by `imageragturbo index verify`.
+    verify_index: bool = False
     trt_cache: str = "/tmp/imageragturbo-trt-cache"  # gpu: TensorRT engine cache root
     trt_workspace_bytes: int = 4 << 30  # gpu: TensorRT builder workspace
     injection: str = "adapter"         # "adapter" (the export's trained H-adapter, when it has
@@ -174,6 +179,15 @@ def render_repository(export_dir: str | Path, index_dir: str | Path, out: str | 
             raise FileExistsError(f"{out} is not empty and not a rendered model repository; "
                                   "choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    if link == "copy":
+        # First, into the still empty folder: a copy that fails its digests leaves it empty.
+        from imageragturbo.retriever import copy_index
+
+        try:
+            copy_index(index_dir, out / "retriever" / "1" / "index")
+        except BaseException:
+            shutil.rmtree(out / "retriever", ignore_errors=True)
+            raise
 
     stages = m["stages"]
     h_shape = stages["unet_encoder"]["outputs"][0]["shape"][1:]               # (C, h', w')
@@ -215,7 +229,8 @@ def render_repository(export_dir: str | Path, index_dir: str | Path, out: str | 
         d = write(name, _template(f"{name}/config.pbtxt.in").substitute(common))
         shutil.copy2(SOURCE / name / "1" / "model.py", d / "1" / "model.py")
     _place(export_dir / "tokenizer", out / "preprocess" / "1" / "tokenizer", link)
-    _place(index_dir, out / "retriever" / "1" / "index", link)
+    if link != "copy":
+        _place(index_dir, out / "retriever" / "1" / "index", link)
 
     stage_tpl = _template(f"onnx_stage/config.{profile}.pbtxt.in")
     # Warm-up at batch 1 and at the largest batch, in both profiles: each runner's memory

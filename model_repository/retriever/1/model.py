@@ -11,8 +11,12 @@ here), lam FP32 [1] and the neighbours' ids, captions and cosine scores.
 lam is what the h_adapter step takes: with an H-adapter, lambda = strength x top-1 similarity
 (paper Eq. 5); without one (the slerp step), the neighbour's slerp weight 1 - w = strength
 (paper Eq. 3). k = 0: no search, zero h_retr [1, ...], lam 0, no neighbours. The index is
-loaded (and its files checked against its manifest) in initialize, so the model, and with it
-the server, is READY only once retrieval works.
+loaded in initialize, so the model, and with it the server, is READY only once retrieval
+works: its structure is checked against its manifest (file sizes, array shapes, counts,
+dtypes) and its arrays are memory-mapped, not read, so the start does not grow with them; the
+parameter verify = "true" adds the sha256 of every file (reads the whole index). A request
+reads the k rows of h it injects and nothing else of the arrays (no neighbour latents: no
+output carries them).
 """
 
 import json
@@ -37,7 +41,7 @@ class TritonPythonModel:
         self.pool = int(p.get("pool") or 1)
         path = Path(args["model_repository"]) / args["model_version"] / "index"
         self.index = RetrievalIndex.load(path, text_dim=int(p["text_dim"]), ef=ef,
-                                         verify=p.get("verify", "true") == "true")
+                                         verify=p.get("verify", "false") == "true")
         cached = tuple(self.index.manifest["shapes"]["h"][1:])
         if cached != self.h_shape:
             raise ValueError(f"index {path} caches H-space features of shape {cached}; the "
