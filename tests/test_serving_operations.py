@@ -41,20 +41,44 @@ def _ensemble_counters(server) -> dict[str, float]:
     return out
 
 
+def _settled_counter(server, kind: str, at_least: float, deadline_s: float = 5.0,
+                     quiet_s: float = 0.5) -> float:
+    """The ensemble's ``kind`` counter once it has reached ``at_least`` and then not moved for
+    ``quiet_s``. Triton can count a request after its reply has reached the client, so a read
+    right after the reply may come too early. Fails when the counter has not reached
+    ``at_least`` within ``deadline_s``, or is still moving then."""
+    end = time.monotonic() + deadline_s
+    value = _ensemble_counters(server)[kind]
+    while value < at_least:
+        assert time.monotonic() < end, f"{kind} counter at {value}, not {at_least}, after " \
+                                       f"{deadline_s} s"
+        time.sleep(0.05)
+        value = _ensemble_counters(server)[kind]
+    still = time.monotonic()
+    while time.monotonic() - still < quiet_s:
+        time.sleep(0.05)
+        now = _ensemble_counters(server)[kind]
+        if now != value:
+            assert time.monotonic() < end, f"{kind} counter still moving after {deadline_s} s"
+            value, still = now, time.monotonic()
+    return value
+
+
 def test_sdk_does_not_retry_invalid_argument(server, client):
     """A refused request reaches the server once: one SDK call moves the ensemble's failure
     counter exactly as much as one plain tritonclient request does (UNAVAILABLE alone is
-    retried; the counter may move by more than one per refused request)."""
+    retried; the counter may move by more than one per refused request). The counter is
+    polled until it settles: it must reach that much and go no further."""
     before = _ensemble_counters(server)["failure"]
     with grpcclient.InferenceServerClient(server.url) as c:
         with pytest.raises(InferenceServerException):
             c.infer("imageragturbo", [_prompt("   ")])
-    one_request = _ensemble_counters(server)["failure"] - before
-    assert one_request >= 1
-    before = _ensemble_counters(server)["failure"]
+    after = _settled_counter(server, "failure", before + 1)
+    one_request = after - before
+    before = after
     with pytest.raises(InvalidInputError):
         client.generate("   ", seed=1)
-    assert _ensemble_counters(server)["failure"] - before == one_request
+    assert _settled_counter(server, "failure", before + one_request) - before == one_request
 
 
 def _broken_copy(src, dst, name):
