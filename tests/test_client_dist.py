@@ -3,7 +3,9 @@ SDK as ``imageragturbo_client``): its version and dependencies are the main dist
 built as a wheel from a copy of client/ and installed with requirements.lock's versions into a
 clean venv, it brings none of the model stack (no scipy, matplotlib, fonttools, torch, model
 weights, nothing under ``imageragturbo/``), and from that venv it gets the same image, neighbours
-and typed error from the session's real tritonserver as the in-repo SDK."""
+and typed error from the session's real tritonserver as the in-repo SDK. Installed beside the
+main distribution's wheel, the two share no file: each package comes from its own, and
+uninstalling either leaves the other whole."""
 
 from __future__ import annotations
 
@@ -77,6 +79,66 @@ def slim_venv(tmp_path_factory):
     assert r.returncode == 0, r.stderr[-3000:]
     (site,) = venv.glob("lib/python3*/site-packages")
     return {"python": python, "site": site, "wheel": wheel, "tmp": tmp}
+
+
+SIDE_BY_SIDE = """
+import importlib.metadata as md, importlib.util, json
+import imageragturbo, imageragturbo.defaults
+print(json.dumps({
+    "version": imageragturbo.__version__,
+    "main": imageragturbo.__file__,
+    "client": importlib.util.find_spec("imageragturbo.client").origin,
+    "slim": importlib.util.find_spec("imageragturbo_client").origin,
+    "files": {d: [str(f) for f in md.files(d)] for d in ("imageragturbo", "imageragturbo-client")},
+}))
+"""
+
+
+def test_slim_and_main_wheels_side_by_side_share_no_file_and_uninstall_cleanly(slim_venv,
+                                                                              tmp_path):
+    """Both wheels, without dependencies (only what imports with the standard library is
+    imported), in one venv. (The checkout installed editable beside the slim wheel was checked
+    by hand: docs/environment.md, "The slim SDK".)"""
+    pip = [sys.executable, "-m", "pip"]
+    had_build = (ROOT / "build").exists()
+    r = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)
+    if not had_build:  # setuptools builds in the source tree: leave it as it was
+        shutil.rmtree(ROOT / "build", ignore_errors=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (main_wheel,) = tmp_path.glob("imageragturbo-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    python = venv / "bin" / "python"
+    (site,) = venv.glob("lib/python3*/site-packages")
+    target = [*pip, "--python", str(python)]
+
+    def install(*wheels):
+        r = subprocess.run([*target, "install", "-q", "--no-deps", *map(str, wheels)],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    def uninstall(name):
+        r = subprocess.run([*target, "uninstall", "-y", "-q", name], capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    install(main_wheel, slim_venv["wheel"])
+    info = _run(python, SIDE_BY_SIDE, tmp_path)
+    assert info["version"] == imageragturbo.__version__
+    assert info["main"] == str(site / "imageragturbo" / "__init__.py")
+    assert info["client"] == str(site / "imageragturbo" / "client" / "__init__.py")
+    assert info["slim"] == str(site / "imageragturbo_client" / "__init__.py")
+    main_files, slim_files = (set(info["files"][d]) for d in ("imageragturbo",
+                                                               "imageragturbo-client"))
+    assert not main_files & slim_files, main_files & slim_files
+    sdk = ("__init__.py", "errors.py", "sdk.py")
+    for gone, wheel, left in (("imageragturbo-client", slim_venv["wheel"], "imageragturbo/client"),
+                              ("imageragturbo", main_wheel, "imageragturbo_client")):
+        uninstall(gone)
+        assert all((site / left / f).is_file() for f in sdk), (gone, left)
+        install(wheel)
 
 
 INSPECT = """
