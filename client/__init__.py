@@ -1,8 +1,12 @@
-"""gRPC client SDK for the served ImageRAGTurbo ensemble (installed as ``imageragturbo.client``).
+"""gRPC client SDK for the served ImageRAGTurbo ensemble.
 
-Depends on tritonclient[grpc], numpy and pillow only, never on torch.
+Installed twice over, from these same files: as ``imageragturbo.client`` by the main
+distribution ``imageragturbo``, and as ``imageragturbo_client`` by the slim distribution
+``imageragturbo-client`` (this folder's pyproject.toml; docs/environment.md says why the two
+names). Depends on tritonclient[grpc], numpy and pillow only, never on torch; its modules import
+one another relatively, so the code is the same under either name.
 
->>> from imageragturbo.client import ImageRAGTurboClient
+>>> from imageragturbo.client import ImageRAGTurboClient   # or: from imageragturbo_client import ...
 >>> with ImageRAGTurboClient("127.0.0.1:8001", timeout=30) as client:
 ...     result = client.generate("a small red circle", seed=0, k=3)
 ...     result.save("circle.png")
