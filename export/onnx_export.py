@@ -45,7 +45,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -122,8 +122,7 @@ def model_identity(c: family.Components, source: str | Path | None = None) -> di
         if m is None:
             continue
         cfg = m.config
-        cfg = (cfg.to_dict() if hasattr(cfg, "to_dict")
-               else asdict(cfg) if is_dataclass(cfg) else dict(cfg))
+        cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
         configs.update(name.encode() + json.dumps(cfg, sort_keys=True, default=str).encode())
         for k, v in m.state_dict().items():
             weights.update(f"{name}.{k}".encode())
@@ -310,7 +309,8 @@ def export_model(c: family.Components, out: str | Path, *, source: str | Path | 
         "max_length": int(c.tokenizer.model_max_length),
         "text_dim": int(c.text_encoder.config.hidden_size),
         "num_skips": len(stages["unet_encoder"]["outputs"]) - 2,
-        "h_adapter": ({"config": asdict(adapter.config),
+        "h_adapter": ({"config": {k: v for k, v in adapter.config.items()
+                                  if not k.startswith("_")},
                        "fresh": c.h_adapter is None} if adapter is not None else None),
         "external_data_threshold": external_data_threshold,
         "stages": stages,

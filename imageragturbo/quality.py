@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imageragturbo.defaults import DEFAULT_MODEL, RERANK_CANDIDATES
+from imageragturbo.defaults import DEFAULT_MODEL
 
 from . import evaluate, stats, tifa
 from . import shapesworld as sw
@@ -44,7 +44,6 @@ NULL_ORACLE = "student + slerp null oracle w* (random h)"
 CROSS_FITTED = ", cross-fitted"
 TUNED_OFF = "ImageRAGTurbo, retrieval off (K = 0)"
 NULL_EXCLUDE = 32        # the null oracle's h comes from outside the prompt's top 32
-SEED_STRIDE = 100_000    # seed j of prompt i: seed * 1_000_000 + i + j * SEED_STRIDE
 
 # an extra row: (prompts, seeds) -> uint8 images (len(prompts), H, W, 3)
 RowFn = Callable[[list, list], np.ndarray]
@@ -55,13 +54,6 @@ def prompt_class(scene: sw.Scene) -> str:
     scene (absent < rare < common)."""
     found = {sw.combo_class(g.colour, g.shape) for g in scene.groups}
     return next((c for c in CLASSES if c in found), "common")
-
-
-def noise_seeds(seed: int, n: int, seeds: int) -> np.ndarray:
-    """(S, N) noise seeds: seed j of prompt i is seed * 1e6 + i + j * 1e5 (j = 0: one-seed)."""
-    if n > SEED_STRIDE:
-        raise ValueError(f"at most {SEED_STRIDE} prompts (the seed grid's stride), got {n}")
-    return (seed * 1_000_000 + np.arange(n)[None] + SEED_STRIDE * np.arange(seeds)[:, None])
 
 
 def with_finetune(model: str, run_export: str | Path):
@@ -83,75 +75,9 @@ def with_finetune(model: str, run_export: str | Path):
     return c.eval()
 
 
-def student_images(c, prompts, seeds, h_retr=None, lam=None, slerp_w=None, batch=100,
-                   desc="student", progress=True) -> np.ndarray:
-    """One-step images for the prompts (as ``pipeline.student_generate``), ``batch`` at a
-    time; h_retr (N, k, C, h, w), lam (N,) or slerp_w (scalar) as that function takes them."""
-    import torch
-    from tqdm import tqdm
-
-    from .model.pipeline import student_generate
-
-    out = []
-    for a in tqdm(range(0, len(prompts), batch), desc=desc, disable=not progress):
-        sl = slice(a, a + batch)
-        hr = None if h_retr is None else torch.from_numpy(h_retr[sl])
-        lm = None if lam is None else torch.from_numpy(lam[sl])
-        out.append(student_generate(c, list(prompts[sl]), list(seeds[sl]), h_retr=hr, lam=lm,
-                                    slerp_w=slerp_w))
-    return np.concatenate(out)
-
-
-def guided_images(c, prompts, seeds, h_retr, lam, scale: float, batch=100, progress=True,
-                  desc="retrieval guidance") -> np.ndarray:
-    """Classifier-free guidance on retrieval (an extension, not the paper's): z0 = z0_off +
-    scale (z0_on - z0_off), with z0_on the one-step latent with the retrieved features and
-    z0_off the same weights without them (K = 0). Two UNet decoder passes; in-process only."""
-    import torch
-    from tqdm import tqdm
-
-    from .model.pipeline import decode_latents, student_generate
-
-    out = []
-    for a in tqdm(range(0, len(prompts), batch), desc=desc, disable=not progress):
-        sl = slice(a, a + batch)
-        p, s = list(prompts[sl]), list(seeds[sl])
-        _, on = student_generate(c, p, s, h_retr=torch.from_numpy(h_retr[sl]),
-                                 lam=torch.from_numpy(lam[sl]), return_latents=True)
-        _, off = student_generate(c, p, s, return_latents=True)
-        out.append(decode_latents(c, off + scale * (on - off)))
-    return np.concatenate(out)
-
-
 def _tile(x: np.ndarray, s: int) -> np.ndarray:
     """Per-prompt arrays (N, ...) repeated for S seeds, seed-major (S * N, ...)."""
     return np.concatenate([x] * s)
-
-
-def prompt_embeddings(c, prompts: Sequence[str]) -> np.ndarray:
-    """The pooled (retrieval) text embeddings of the prompts, (N, D)."""
-    import torch
-
-    from .model.pipeline import encode_prompt
-
-    with torch.no_grad():
-        return np.concatenate([encode_prompt(c, list(prompts[a:a + 256]))[1].numpy()
-                               for a in range(0, len(prompts), 256)])
-
-
-def neighbours(model: str, c, prompts: Sequence[str], k: int, index=None, progress=True,
-               rerank: int = RERANK_CANDIDATES):
-    """The index (``index`` or the model's default, built when missing), and each prompt's k
-    neighbours as served (the dense top ``rerank`` re-ranked by the prompt's words; 0: dense
-    only): their cached H features (N, k, C, h, w) float32 and scores (N, k)."""
-    from .retriever import RetrievalIndex
-    from .serving.assets import ensure_index
-
-    idx = RetrievalIndex.load(ensure_index(model, Path(index) if index else None,
-                                           quiet=not progress))
-    ids, scores = idx.search(prompt_embeddings(c, prompts), k, prompts=list(prompts),
-                             rerank=rerank)
-    return idx, ids, idx.h(ids).astype(np.float32), scores.astype(np.float32)
 
 
 def non_neighbours(idx, pooled: np.ndarray, retrieved: np.ndarray, count: int,
@@ -264,18 +190,18 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
         retrieval_guidance: Sequence[float] = (), neighbour_pools: Sequence[int] = (),
         runs_only: bool = False) -> dict:
     """Every row on the eval split's first ``n`` prompts, each under ``seeds`` noise seeds
-    (``noise_seeds``). ``runs``: extra rows {name: a run's export folder} (the control and
-    ablations), each at k = 4 with a "<name>, K = 0" partner (the control, named so, without
-    retrieval). ``extra_rows``: {name: fn(prompts, seeds) -> uint8 images}, called once with
-    the S * N prompts and seeds (seed-major: all prompts at seed 0, then seed 1, ...);
+    (``evaluate.noise_seeds``), generated by ``evaluate.generate``. ``runs``: extra rows
+    {name: a run's export folder} (the control and ablations), each at k = 4 with a
+    "<name>, K = 0" partner (the control, named so, without retrieval). ``extra_rows``:
+    {name: fn(prompts, seeds) -> uint8 images}, called once with the S * N prompts and seeds
+    (seed-major: all prompts at seed 0, then seed 1, ...);
     ``retrieval_off``: {row: its retrieval-off row} for them (any row name, built-in ones
     such as ``TUNED_OFF`` included); ``extra_nfe``: their NFE (default 1). ``runs_only``: the
     student and the ``runs`` (each with its K = 0 row) alone: no teacher, slerp, oracle or
     installed-model rows, no latency or grid (comparing training runs; minutes, not an hour)."""
     import torch
 
-    from .model.clip_scorer import ClipScorer
-    from .model.family import load_components, resolve
+    from .model.family import load_components
     from .model.pipeline import decode_latents
 
     if seeds < 1:
@@ -284,23 +210,21 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
     n, s = len(items), seeds
     prompts = [it.caption for it in items]
     classes = np.array([prompt_class(it.scene) for it in items])
-    grid_seeds = noise_seeds(seed, n, s)
+    grid_seeds = evaluate.noise_seeds(seed, n, s)
     P, SD = prompts * s, grid_seeds.reshape(-1).tolist()       # every image, seed-major
     records = [(it.id, it.caption, it.scene) for it in items] * s
     base = load_components(model, with_teacher=True, retrieval_tuned=False)
     tuned = load_components(model)
-    if tuned.h_adapter is None:
-        raise FileNotFoundError(f"{model} has no trained h_adapter: run `imageragturbo train "
-                                "adapter --install` first")
-    scorer = ClipScorer.from_pretrained(resolve(model) / "clip_scorer")
-    ref_items = sw.make_split("retrieval", max(2 * n, 200), seed)
-    reference = np.stack([np.asarray(sw.render(it.scene)) for it in ref_items])
+    evaluate.require_adapter(tuned, model)
+    scorer = evaluate.load_scorer(model)
+    reference = evaluate.fd_reference(n, seed)
 
-    idx, ids, h4, scores = neighbours(model, base, prompts, 4, index, progress)
+    idx, ids, h4, scores = evaluate.neighbours(model, base, prompts, 4, index, progress)
     H4, LAM = _tile(h4, s), _tile(scores[:, 0].copy(), s)
 
-    def student(c, h=None, lam=None, w=None, desc="student"):
-        return student_images(c, P, SD, h, lam, slerp_w=w, desc=desc, progress=progress)
+    def student(c, h=None, lam=None, w=None, desc="student", guidance=None):
+        return evaluate.generate(c, P, SD, h_retr=h, lam=lam, slerp_w=w,
+                                 retrieval_guidance=guidance, desc=desc, progress=progress)
 
     images: dict[str, np.ndarray] = {}
     nfe: dict[str, int] = {}
@@ -320,7 +244,7 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
         images["student + slerp w=0.8"] = student(base, H4[:, :1], w=0.8, desc="slerp 0.8")
         # the oracles: per prompt and seed, the best of the nine slerp strengths by ShapesTIFA
         # itself, with the top-1 neighbour and with a random non-neighbour (a new one per w)
-        null_h = idx.h(non_neighbours(idx, prompt_embeddings(base, prompts), ids,
+        null_h = idx.h(non_neighbours(idx, evaluate.prompt_embeddings(base, prompts), ids,
                                       len(SLERP_GRID), seed)).astype(np.float32)
         searches = {
             ORACLE: lambda m, w: student(base, H4[:, :1], w=w, desc=f"slerp {w}"),
@@ -341,7 +265,8 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
             from .runtime.request import sample_neighbours
 
             name = f"ImageRAGTurbo k=1, neighbour drawn by seed from top {pool}"
-            _, cand, _, cand_sc = neighbours(model, base, prompts, pool, index, progress=False)
+            _, cand, _, cand_sc = evaluate.neighbours(model, base, prompts, pool, index,
+                                                      progress=False)
             rows = [sample_neighbours(cand, cand_sc, 1, grid_seeds[j].tolist())
                     for j in range(s)]                                   # per seed: (N, 1) each
             ids_p = np.concatenate([r[0] for r in rows])                 # (S * N, 1), seed-major
@@ -350,7 +275,7 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
             partner[name] = TUNED_OFF
         for g in retrieval_guidance:
             name = f"ImageRAGTurbo k=4, retrieval guidance {g:g}"
-            images[name] = guided_images(tuned, P, SD, H4, LAM, g, progress=progress, desc=name)
+            images[name] = student(tuned, H4, LAM, desc=name, guidance=g)
             partner[name], nfe[name] = TUNED_OFF, 2
     for name, folder in (runs or {}).items():
         folder, _, k = str(folder).partition("@")          # FOLDER@K: served at k (default 4)
@@ -403,7 +328,7 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
         results[name]["w_star_histogram"] = {str(v): int((w == v).sum()) for v in SLERP_GRID}
     results["_meta"] = {
         "model": str(model), "n": n, "seeds": s, "seed": seed,
-        "noise_seed": f"seed * 1_000_000 + i + j * {SEED_STRIDE} (prompt i, seed j)",
+        "noise_seed": f"seed * 1_000_000 + i + j * {evaluate.SEED_STRIDE} (prompt i, seed j)",
         "teacher_steps": teacher_steps, "guidance": guidance,
         "classes": {c: int((classes == c).sum()) for c in CLASSES},
         "class_rule": "a prompt's rarest colour-shape combination in training "
@@ -498,6 +423,6 @@ def _control_images(c, prompts, seeds, progress=True) -> np.ndarray:
 
     c.h_adapter = OwnFeature(c.h_adapter)
     shape = (len(prompts), 1, c.h_adapter.adapter.config.channels, 1, 1)
-    return student_images(c, prompts, seeds, np.zeros(shape, np.float32),
-                          np.ones(len(prompts), np.float32), desc="control",
-                          progress=progress)
+    return evaluate.generate(c, prompts, seeds, h_retr=np.zeros(shape, np.float32),
+                             lam=np.ones(len(prompts), np.float32), desc="control",
+                             progress=progress)

@@ -42,11 +42,11 @@ def run(model: str = DEFAULT_MODEL, n: int = 64, seed: int = 0,
     import torch
 
     from . import shapesworld as sw
+    from .evaluate import neighbours, noise_seeds
     from .model.family import load_components
     from .model.h_space import slerp_inject
     from .model.pipeline import encode_prompt, latent_shape
     from .model.stages import OneStepStudent
-    from .quality import neighbours
     from .runtime.request import initial_noise
 
     if n < 2:
@@ -54,7 +54,7 @@ def run(model: str = DEFAULT_MODEL, n: int = 64, seed: int = 0,
     c = load_components(model, retrieval_tuned=False)
     items = sw.make_split("eval", n, seed)
     prompts = [it.caption for it in items]
-    seeds = [seed * 1_000_000 + i for i in range(n)]
+    seeds = noise_seeds(seed, n)[0].tolist()
     _, _, h_nb, _ = neighbours(model, c, prompts, 1, index, progress)
     student = OneStepStudent(c.unet, c.alphas_cumprod, c.scheduler.config.prediction_type)
     with torch.no_grad():

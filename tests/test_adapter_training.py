@@ -120,7 +120,10 @@ def test_run_retrieves_from_the_index_never_itself_and_installs_a_loadable_model
     assert not same.reshape(*ids.shape, -1).all(-1).any()
     assert out["train"]["lora_parameters"] > 0 and out["train"]["adapter_parameters"] > 0
     export = tmp_path / "run" / "export"
-    assert (export / "h_adapter" / "model.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    weights = load_file(export / "h_adapter" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in weights.values()} == {torch.float16}     # shipped in fp16
     assert (export / family.LORA_DIR / "lora.safetensors").is_file()
     rec = json.loads((export / "adapter_training.json").read_text())
     assert rec["config"]["retrieval"] == "index" and rec["train"]["steps"] == 4
@@ -405,5 +408,5 @@ def test_decoder_attention_trains_exports_installs_and_is_refused_for_the_contro
     model = tmp_path / "model"
     shutil.copytree(model_and_index[0], model)
     install(tmp_path / "run", model)
-    assert (model / FOLDER / "model.safetensors").is_file()
+    assert (model / FOLDER / "diffusion_pytorch_model.safetensors").is_file()
     assert family.load_components(model).neighbour_attention is not None

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from imageragturbo import quality, stats
+from imageragturbo import evaluate, quality, stats
 from imageragturbo import shapesworld as sw
 from imageragturbo.cli import main
 from imageragturbo.quality import CROSS_FITTED, NULL_ORACLE, ORACLE, STUDENT, TUNED_OFF
@@ -94,8 +94,8 @@ def test_eval_prompts_split_222_192_86():
 
 
 def test_noise_seeds_keep_the_one_seed_grid_as_seed_0():
-    assert quality.noise_seeds(0, 3, 2).tolist() == [[0, 1, 2], [100_000, 100_001, 100_002]]
-    assert quality.noise_seeds(2, 2, 1).tolist() == [[2_000_000, 2_000_001]]
+    assert evaluate.noise_seeds(0, 3, 2).tolist() == [[0, 1, 2], [100_000, 100_001, 100_002]]
+    assert evaluate.noise_seeds(2, 2, 1).tolist() == [[2_000_000, 2_000_001]]
 
 
 def test_oracle_search_picks_per_seed_and_cross_fits_across_seeds():
@@ -144,7 +144,8 @@ def index(tmp_path_factory):
 def bench(index, tmp_path_factory):
     """One ``quality.run`` with an extra row (the student once more, paired with the tuned
     model's retrieval-off row) and a --run row at k = 1 (the shipped adapter and LoRA as a run's
-    export folder), every student_images call recorded."""
+    export folder), every ``evaluate.generate`` call (the one generator loop every row goes
+    through) recorded."""
     import shutil
 
     from imageragturbo.model import family
@@ -155,15 +156,17 @@ def bench(index, tmp_path_factory):
 
     mp = pytest.MonkeyPatch()
     calls = []
-    real = quality.student_images
+    real = evaluate.generate
 
-    def spy(c, prompts, seeds, h_retr=None, lam=None, slerp_w=None, **kw):
-        calls.append({"desc": kw.get("desc"), "adapter": c.h_adapter is not None,
-                      "h": None if h_retr is None else h_retr.copy(), "w": slerp_w,
-                      "seeds": list(seeds)})
-        return real(c, prompts, seeds, h_retr, lam, slerp_w, **kw)
+    def spy(c, prompts, seeds, pipeline="student", steps=1, guidance=4.0, **kw):
+        h_retr = kw.get("h_retr")
+        calls.append({"desc": kw.get("desc"), "pipeline": pipeline, "steps": steps,
+                      "adapter": c.h_adapter is not None,
+                      "h": None if h_retr is None else h_retr.copy(), "w": kw.get("slerp_w"),
+                      "seeds": list(seeds), "prompts": list(prompts)})
+        return real(c, prompts, seeds, pipeline, steps, guidance, **kw)
 
-    mp.setattr(quality, "student_images", spy)
+    mp.setattr(evaluate, "generate", spy)
     student = family.load_components("tiny-shapes", retrieval_tuned=False)
     extra_args = []
 
@@ -191,8 +194,13 @@ def test_run_holds_per_seed_scores_and_intervals_for_every_row(bench):
     items = sw.make_split("eval", N, 0)
     classes = [quality.prompt_class(it.scene) for it in items]
     assert res["_meta"]["classes"] == {c: classes.count(c) for c in quality.CLASSES}
-    flat = quality.noise_seeds(0, N, S).reshape(-1).tolist()
-    assert next(c for c in calls if c["desc"] == "student")["seeds"] == flat
+    flat = evaluate.noise_seeds(0, N, S).reshape(-1).tolist()
+    captions = [it.caption for it in items] * S
+    # every row's images come from the one generator loop, on every prompt under every seed
+    assert all(c["seeds"] == flat and c["prompts"] == captions for c in calls)
+    assert next(c for c in calls if c["desc"] == "student")["pipeline"] == "student"
+    teacher = [(c["pipeline"], c["steps"]) for c in calls if c["pipeline"] == "teacher"]
+    assert teacher == [("teacher", 2), ("teacher", 1)]
     assert extra_args[0][1] == flat and extra_args[0][0] == [it.caption for it in items] * S
     for name, r in rows.items():
         pp = r["per_prompt"]
@@ -278,7 +286,7 @@ def test_non_neighbours_avoid_the_top_32_and_repeat_with_the_seed(index):
     idx = RetrievalIndex.load(index)
     c = family.load_components("tiny-shapes", retrieval_tuned=False)
     prompts = [it.caption for it in sw.make_split("eval", 6, 0)]
-    pooled = quality.prompt_embeddings(c, prompts)
+    pooled = evaluate.prompt_embeddings(c, prompts)
     retrieved, _ = idx.search(pooled, 4)
     got = quality.non_neighbours(idx, pooled, retrieved, 9, seed=0)
     top, _ = idx.exact_search(pooled, 32)
@@ -360,14 +368,33 @@ def test_retrieval_guidance_interpolates_between_retrieval_off_and_on():
     prompts, seeds = ["a red circle", "two blue squares"], [3, 4]
     h = np.random.default_rng(0).standard_normal((2, 2, 96, 4, 4)).astype(np.float32)
     lam = np.ones(2, np.float32)
-    on = quality.student_images(c, prompts, seeds, h, lam, progress=False)
-    off = quality.student_images(c, prompts, seeds, progress=False)
+    on = evaluate.generate(c, prompts, seeds, h_retr=h, lam=lam, progress=False)
+    off = evaluate.generate(c, prompts, seeds, progress=False)
     assert np.abs(on.astype(int) - off).max() > 2                     # retrieval changes it
-    g0 = quality.guided_images(c, prompts, seeds, h, lam, 0.0, progress=False)
-    g1 = quality.guided_images(c, prompts, seeds, h, lam, 1.0, progress=False)
-    g2 = quality.guided_images(c, prompts, seeds, h, lam, 2.0, progress=False)
+    # one prompt a batch: each batch takes its own prompts' features and lambda (the batch
+    # size itself can move a pixel by one level through float rounding)
+    one = evaluate.generate(c, prompts, seeds, h_retr=h, lam=lam, batch=1, progress=False)
+    assert np.abs(one.astype(int) - on).max() <= 1
+
+    def guided(scale):
+        return evaluate.generate(c, prompts, seeds, h_retr=h, lam=lam, retrieval_guidance=scale,
+                                 progress=False)
+
+    g0, g1, g2 = guided(0.0), guided(1.0), guided(2.0)
     assert np.abs(g0.astype(int) - off).max() <= 1 and np.abs(g1.astype(int) - on).max() <= 1
     assert np.abs(g2.astype(int) - off).mean() > np.abs(g1.astype(int) - off).mean()
+
+
+def test_generate_refuses_what_its_pipeline_cannot_take():
+    h = np.zeros((1, 1, 96, 4, 4), np.float32)
+    with pytest.raises(ValueError, match="teacher takes no retrieved"):
+        evaluate.generate(None, ["a red circle"], [0], "teacher", 2, h_retr=h)
+    with pytest.raises(ValueError, match="one-step"):
+        evaluate.generate(None, ["a red circle"], [0], "student", 2)
+    with pytest.raises(ValueError, match="needs retrieved features"):
+        evaluate.generate(None, ["a red circle"], [0], retrieval_guidance=2.0)
+    with pytest.raises(ValueError, match="unknown pipeline"):
+        evaluate.generate(None, ["a red circle"], [0], "adapter")
 
 
 def test_pool_row_draws_each_seeds_neighbour_from_the_prompts_top_pool(bench, index):
@@ -379,7 +406,7 @@ def test_pool_row_draws_each_seeds_neighbour_from_the_prompts_top_pool(bench, in
     idx = RetrievalIndex.load(index)
     items = sw.make_split("eval", N, 0)
     prompts = [it.caption for it in items]
-    _, top3, _, _ = quality.neighbours("tiny-shapes", _base(), prompts, 3, index,
+    _, top3, _, _ = evaluate.neighbours("tiny-shapes", _base(), prompts, 3, index,
                                        progress=False)
     h = call["h"][:, 0].reshape(S, N, -1)
     for i in range(N):

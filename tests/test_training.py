@@ -160,7 +160,7 @@ def test_quick_recipe_runs_end_to_end_and_resumes(tmp_path):
     imgs = student_generate(c, ["a red star"], [0])
     assert imgs.shape == (1, 64, 64, 3) and imgs.dtype == np.uint8
     assert teacher_generate(c, ["a red star"], [0], steps=2).shape == (1, 64, 64, 3)
-    assert (folder / "clip_scorer" / "model.safetensors").is_file()
+    assert (folder / "clip_scorer" / "diffusion_pytorch_model.safetensors").is_file()
 
     from imageragturbo import evaluate
 

@@ -9,14 +9,14 @@ network of the Frechet distance (FID's analogue).
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+from .pretrained import PretrainedModule, takes_config
 from .stages import images_to_unit
 
 
@@ -32,7 +32,7 @@ class ImageTower(nn.Module):
     """(B, 3, 64, 64) in [-1, 1] -> (B, embed_dim). Four stride-2 conv stages, then a linear
     layer over the whole 4x4 map (not a global pool: positions and relations matter)."""
 
-    def __init__(self, cfg: ClipScorerConfig):
+    def __init__(self, cfg):
         super().__init__()
         w = cfg.width
         chans = [3, w, 2 * w, 4 * w, 4 * w]
@@ -51,12 +51,19 @@ class ImageTower(nn.Module):
         return self.proj(self.features(x))                            # (B, E)
 
 
-class ClipScorer(nn.Module):
-    def __init__(self, cfg: ClipScorerConfig):
+class ClipScorer(PretrainedModule):
+    """The image tower and the text projection; built from a ``ClipScorerConfig`` or its fields
+    as keyword arguments, saved and loaded as diffusers' models are
+    (``pretrained.PretrainedModule``)."""
+
+    @takes_config
+    @register_to_config
+    def __init__(self, embed_dim: int = ClipScorerConfig.embed_dim,
+                 text_dim: int = ClipScorerConfig.text_dim, width: int = ClipScorerConfig.width,
+                 image_size: int = ClipScorerConfig.image_size):
         super().__init__()
-        self.config = cfg
-        self.image = ImageTower(cfg)
-        self.text_proj = nn.Linear(cfg.text_dim, cfg.embed_dim, bias=False)
+        self.image = ImageTower(self.config)
+        self.text_proj = nn.Linear(text_dim, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
 
     def encode_text(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -70,20 +77,7 @@ class ClipScorer(nn.Module):
         """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1] (``stages.images_to_unit``)."""
         return images_to_unit(images_uint8)
 
-    def save_pretrained(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()},
-                  str(path / "model.safetensors"))
-
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> ClipScorer:
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        m = cls(ClipScorerConfig(**json.loads((path / "config.json").read_text())))
-        m.load_state_dict({k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()})
-        return m.eval().requires_grad_(False)
+    def from_pretrained(cls, path, **kwargs) -> ClipScorer:
+        """A measuring stick: loaded for inference, without gradients."""
+        return super().from_pretrained(path, **kwargs).eval().requires_grad_(False)

@@ -253,7 +253,7 @@ def load_components(model: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torc
     if retrieval_tuned and (path / "h_adapter").is_dir():
         from .h_space import HAdapter
 
-        c.h_adapter = HAdapter.from_pretrained(path / "h_adapter").to(dtype)
+        c.h_adapter = HAdapter.from_pretrained(path / "h_adapter", torch_dtype=dtype)
     if retrieval_tuned and (path / LORA_DIR).is_dir():
         from .lora import merge_decoder_lora
 
@@ -269,8 +269,8 @@ def attach_neighbour_attention(c: Components, path: str | Path) -> None:
     from .neighbour_attention import FOLDER, NeighbourAttention
 
     if (Path(path) / FOLDER).is_dir():
-        c.neighbour_attention = NeighbourAttention.from_pretrained(Path(path) / FOLDER).to(
-            next(c.unet.parameters()).dtype)
+        c.neighbour_attention = NeighbourAttention.from_pretrained(
+            Path(path) / FOLDER, torch_dtype=next(c.unet.parameters()).dtype)
         c.neighbour_attention.attach(c.unet)
 
 

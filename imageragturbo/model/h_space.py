@@ -6,12 +6,13 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
+from diffusers.configuration_utils import register_to_config
 from torch import nn
+
+from .pretrained import PretrainedModule, takes_config
 
 
 def slerp_inject(h_tgt: torch.Tensor, h_retr: torch.Tensor, w: float | torch.Tensor,
@@ -45,6 +46,9 @@ def slerp_inject(h_tgt: torch.Tensor, h_retr: torch.Tensor, w: float | torch.Ten
 
 @dataclass
 class HAdapterConfig:
+    """The H-adapter's size (what ``adapter_config_for`` computes); ``HAdapter(config)`` builds
+    it, and its fields are the adapter's ``config.json``."""
+
     channels: int            # C of the H-space feature (SD 2.1: 1280; tiny-shapes: mid-block width)
     num_heads: int = 8       # attention heads (SD 2.1 size: 20 heads of 64)
     head_dim: int = 64       # width of one head
@@ -57,7 +61,7 @@ class HAdapterConfig:
         return self.num_heads * self.head_dim
 
 
-class HAdapter(nn.Module):
+class HAdapter(PretrainedModule):
     """g_phi of paper Eqs. 4-5, as an SD-style transformer block on H-space tokens.
 
     h = h_tgt + lambda * g(h_tgt, h_retr). Target tokens (B, H*W, C) attend to themselves, then
@@ -67,29 +71,36 @@ class HAdapter(nn.Module):
     from the student exactly. lambda (B,) is the cosine similarity of the target and retrieved
     text embeddings (Eq. 5). At SD 2.1 width (1280 channels, 20 heads of 64) this has about
     36 M parameters, the paper's "36M, 4%".
+
+    Built from an ``HAdapterConfig`` or its fields as keyword arguments; saved and loaded as
+    diffusers' models are (``pretrained.PretrainedModule``).
     """
 
-    def __init__(self, config: HAdapterConfig):
+    @takes_config
+    @register_to_config
+    def __init__(self, channels: int, num_heads: int = HAdapterConfig.num_heads,
+                 head_dim: int = HAdapterConfig.head_dim, ff_mult: int = HAdapterConfig.ff_mult,
+                 norm_groups: int = HAdapterConfig.norm_groups,
+                 positional: bool = HAdapterConfig.positional):
         super().__init__()
         from diffusers.models.attention import BasicTransformerBlock
 
-        self.config = config
-        c, d = config.channels, config.inner_dim
-        groups = min(config.norm_groups, c)
+        c, d = channels, num_heads * head_dim
+        groups = min(norm_groups, c)
         while c % groups:
             groups -= 1
         self.norm = nn.GroupNorm(groups, c, eps=1e-6, affine=True)
         self.proj_in = nn.Linear(c, d)
         self.block = BasicTransformerBlock(
-            d, config.num_heads, config.head_dim, cross_attention_dim=d,
-            activation_fn="geglu", ff_inner_dim=config.ff_mult * d,
+            d, num_heads, head_dim, cross_attention_dim=d,
+            activation_fn="geglu", ff_inner_dim=ff_mult * d,
         )
         self.proj_out = nn.Linear(d, c)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
         # Cross-attention sees the neighbours' tokens as a set; with ``positional`` every token
         # (target and retrieved alike) also carries where it sits, so layout can be copied.
-        self.pos_proj = nn.Linear(4 * POS_FREQS, d) if config.positional else None
+        self.pos_proj = nn.Linear(4 * POS_FREQS, d) if positional else None
         if self.pos_proj is not None:
             nn.init.zeros_(self.pos_proj.weight)
             nn.init.zeros_(self.pos_proj.bias)
@@ -122,27 +133,6 @@ class HAdapter(nn.Module):
                 lam: torch.Tensor) -> torch.Tensor:
         """Paper Eq. 5: h = h_tgt + lambda * g(h_tgt, h_retr); lam: (B,)."""
         return h_tgt + lam.reshape(-1, 1, 1, 1).to(h_tgt.dtype) * self.delta(h_tgt, h_retr)
-
-    # -- persistence, diffusers-style: config.json beside safetensors weights
-    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-        sd = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in self.state_dict().items()}
-        save_file(sd, str(path / "model.safetensors"))
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> HAdapter:
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        cfg = HAdapterConfig(**json.loads((path / "config.json").read_text()))
-        m = cls(cfg)
-        sd = {k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()}
-        m.load_state_dict(sd)
-        return m
 
 
 POS_FREQS = 4  # sin-cos frequencies per axis of the adapter's positional code

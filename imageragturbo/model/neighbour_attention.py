@@ -25,26 +25,14 @@ same weights with retrieval off are exactly the student with its decoder LoRA.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-
 import torch
+from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from .h_space import POS_FREQS, sincos_2d
+from .pretrained import PretrainedModule
 
 FOLDER = "neighbour_attention"
-
-
-@dataclass
-class NeighbourAttentionConfig:
-    channels: int                 # C of the H features (the UNet's mid-block width)
-    context_dim: int              # the text states' width (the UNet's cross_attention_dim)
-    text_len: int                 # text tokens before the neighbours' (the tokenizer's length)
-    layers: dict = field(default_factory=dict)  # decoder attn2 module name -> its inner width
-    positional: bool = True       # add a learnt projection of each token's 2-D position
-    norm_groups: int = 32
 
 
 def decoder_cross_attentions(unet) -> dict[str, nn.Module]:
@@ -64,30 +52,38 @@ def _weight(linear: nn.Module) -> torch.Tensor:
     return getattr(linear, "base_layer", linear).weight
 
 
-class NeighbourAttention(nn.Module):
+class NeighbourAttention(PretrainedModule):
     """The neighbours' token projection and, per decoder cross-attention layer, the decoupled
     key/value projections and gate (module docstring). ``attach(unet)`` installs the
-    processors; ``decoder_context(ehs, h_retr)`` builds what the decoder then takes."""
+    processors; ``decoder_context(ehs, h_retr)`` builds what the decoder then takes. Saved and
+    loaded as diffusers' models are (``pretrained.PretrainedModule``); the processors are not
+    part of it, so a loaded module is attached again (``family.attach_neighbour_attention``)."""
 
-    def __init__(self, config: NeighbourAttentionConfig):
+    @register_to_config
+    def __init__(self, channels: int, context_dim: int, text_len: int,
+                 layers: dict[str, int], positional: bool = True,
+                 norm_groups: int = 32):
+        """``channels``: C of the H features (the UNet's mid-block width); ``context_dim``: the
+        text states' width (the UNet's cross_attention_dim); ``text_len``: text tokens before
+        the neighbours' (the tokenizer's length); ``layers``: decoder attn2 module name -> its
+        inner width; ``positional``: add a learnt projection of each token's 2-D position."""
         super().__init__()
-        self.config = config
-        c, d = config.channels, config.context_dim
-        groups = min(config.norm_groups, c)
+        c, d = channels, context_dim
+        groups = min(norm_groups, c)
         while c % groups:
             groups -= 1
         self.norm = nn.GroupNorm(groups, c, eps=1e-6, affine=True)
         self.proj = nn.Linear(c, d)
-        self.pos_proj = nn.Linear(4 * POS_FREQS, d) if config.positional else None
+        self.pos_proj = nn.Linear(4 * POS_FREQS, d) if positional else None
         if self.pos_proj is not None:
             nn.init.zeros_(self.pos_proj.weight)
             nn.init.zeros_(self.pos_proj.bias)
         self.to_k = nn.ModuleDict({_key(n): nn.Linear(d, w, bias=False)
-                                   for n, w in config.layers.items()})
+                                   for n, w in layers.items()})
         self.to_v = nn.ModuleDict({_key(n): nn.Linear(d, w, bias=False)
-                                   for n, w in config.layers.items()})
+                                   for n, w in layers.items()})
         self.gate = nn.ParameterDict({_key(n): nn.Parameter(torch.zeros(w))
-                                      for n, w in config.layers.items()})
+                                      for n, w in layers.items()})
 
     @classmethod
     def for_unet(cls, unet, text_len: int, positional: bool = True) -> NeighbourAttention:
@@ -96,12 +92,10 @@ class NeighbourAttention(nn.Module):
         layers = decoder_cross_attentions(unet)
         if not layers:
             raise ValueError("the UNet decoder has no cross-attention layers to attend from")
-        cfg = NeighbourAttentionConfig(
-            channels=int(unet.config.block_out_channels[-1]),
-            context_dim=int(unet.config.cross_attention_dim), text_len=int(text_len),
-            layers={n: int(_weight(a.to_k).shape[0]) for n, a in layers.items()},
-            positional=positional)
-        m = cls(cfg)
+        m = cls(channels=int(unet.config.block_out_channels[-1]),
+                context_dim=int(unet.config.cross_attention_dim), text_len=int(text_len),
+                layers={n: int(_weight(a.to_k).shape[0]) for n, a in layers.items()},
+                positional=positional)
         with torch.no_grad():
             for n, a in layers.items():
                 m.to_k[_key(n)].weight.copy_(_weight(a.to_k))
@@ -149,26 +143,6 @@ class NeighbourAttention(nn.Module):
         for a in decoder_cross_attentions(unet).values():
             if isinstance(a.processor, _Processor):
                 a.set_processor(a.processor.base)
-
-    # -- persistence, as the H-adapter's: config.json beside safetensors weights
-    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-        sd = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in self.state_dict().items()}
-        save_file(sd, str(path / "model.safetensors"))
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> NeighbourAttention:
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        m = cls(NeighbourAttentionConfig(**json.loads((path / "config.json").read_text())))
-        m.load_state_dict({k: v.float() for k, v in
-                           load_file(str(path / "model.safetensors")).items()})
-        return m
 
 
 class _Processor:
