@@ -107,7 +107,9 @@ def serve(assets, tmp_path):
     def start(*args: str) -> Serve:
         s = Serve(assets, tmp_path, *args)
         started.append(s)
-        s.wait_until(s.ready, 180, "ready")
+        # serve's own state, not only tritonserver's: the signal path under test is the one
+        # taken once serve has seen the models ready (it polls every 0.5 s)
+        s.wait_until(lambda: s.ready() and "Ctrl-C stops the server" in s.text(), 180, "ready")
         return s
 
     yield start

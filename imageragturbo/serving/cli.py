@@ -49,6 +49,7 @@ class _Signals:
 
     def __call__(self, signum, frame):
         if not self.serving:
+            self.name = signal.Signals(signum).name
             raise KeyboardInterrupt
         if self.stop.is_set():
             self.hurry.set()
@@ -129,7 +130,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         report = graceful_stop(server, supervisor, args.drain_timeout, signals.hurry, _say)
         _say(f"stopped in {report.seconds:.1f} s; exit code {report.exit_code}")
         return report.exit_code
-    except KeyboardInterrupt:  # while starting: nothing is served yet, nothing to drain
+    except KeyboardInterrupt:
+        signals.serving = True  # from here a signal only hurries the stop
+        if server.process is not None and server.process.poll() is None and server.is_ready():
+            # Ready before serve noticed (it polls every 0.5 s): a load balancer probing
+            # tritonserver may already route requests here, so drain them as on any stop.
+            print(file=sys.stderr)
+            _say(f"{signals.name or 'interrupt'} just as the models became ready: stopping")
+            report = graceful_stop(server, None, args.drain_timeout, signals.hurry, _say)
+            _say(f"stopped in {report.seconds:.1f} s; exit code {report.exit_code}")
+            return report.exit_code
+        # still starting: nothing is served yet, nothing to drain
         print("\nserve: interrupted while starting; stopping tritonserver", file=sys.stderr,
               flush=True)
         return 0
