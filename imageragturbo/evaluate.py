@@ -56,7 +56,8 @@ def generate(components, prompts: Sequence[str], seeds: Sequence[int], pipeline:
              steps: int = 1, guidance: float = 4.0, *, h_retr: np.ndarray | None = None,
              lam: np.ndarray | None = None, slerp_w: float | None = None,
              retrieval_guidance: float | None = None, batch: int | None = None,
-             desc: str | None = None, progress: bool = True) -> np.ndarray:
+             desc: str | None = None, progress: bool = True,
+             z_init: np.ndarray | None = None, t_init: int | None = None) -> np.ndarray:
     """uint8 images (N, H, W, 3) for the prompts, ``batch`` at a time (``BATCH`` by default):
     the teacher (``steps`` DDIM steps, classifier-free ``guidance``) or the one-step student.
 
@@ -65,7 +66,9 @@ def generate(components, prompts: Sequence[str], seeds: Sequence[int], pipeline:
     decoder neighbour attention when the components have one; or slerp of the top-1 neighbour
     at target weight ``slerp_w`` (paper Eq. 3). ``retrieval_guidance`` s (an extension, not the
     paper's; two decoder passes): z0 = z0_off + s (z0_on - z0_off), z0_off the same weights
-    without the retrieved features (K = 0)."""
+    without the retrieved features (K = 0). ``z_init`` (N, C, h, w) and ``t_init``: a
+    ``neighbour_init`` model's start, the top-1 neighbour's latent noised to t_init (beyond
+    the paper; ``pipeline.student_generate``)."""
     import torch
     from tqdm import tqdm
 
@@ -86,6 +89,11 @@ def generate(components, prompts: Sequence[str], seeds: Sequence[int], pipeline:
             return teacher_generate(components, p, s, steps=steps, guidance=guidance)
         hr = None if h_retr is None else torch.from_numpy(h_retr[sl])
         lm = None if lam is None else torch.from_numpy(lam[sl])
+        if z_init is not None:
+            if retrieval_guidance is not None:
+                raise ValueError("retrieval guidance with a neighbour start is not defined")
+            return student_generate(components, p, s, h_retr=hr, lam=lm, slerp_w=slerp_w,
+                                    z_init=torch.from_numpy(z_init[sl]), t_init=t_init)
         if retrieval_guidance is None:
             return student_generate(components, p, s, h_retr=hr, lam=lm, slerp_w=slerp_w)
         _, on = student_generate(components, p, s, h_retr=hr, lam=lm, slerp_w=slerp_w,

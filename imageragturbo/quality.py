@@ -24,6 +24,7 @@ and without retrieval.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -73,6 +74,21 @@ def with_finetune(model: str, run_export: str | Path):
         merge_decoder_lora(c.unet, run_export / LORA_DIR)
     attach_neighbour_attention(c, run_export)
     return c.eval()
+
+
+def neighbour_start(c, run_export: str | Path, idx, ids: np.ndarray, s: int) -> dict | None:
+    """For a run trained with ``neighbour_init`` (beyond the paper): the start it is served
+    with, ``z_init`` (the top-1 neighbour's latent, tiled for ``s`` seeds) and ``t_init`` (the
+    SDEdit timestep of its training); None for every other run."""
+    from .model.pipeline import sdedit_timestep
+
+    record = Path(run_export) / "adapter_training.json"
+    cfg = json.loads(record.read_text())["config"] if record.exists() else {}
+    if not cfg.get("neighbour_init"):
+        return None
+    z = idx.latents(ids[:, 0]).astype(np.float32)
+    return {"z_init": _tile(z, s),
+            "t_init": sdedit_timestep(c, cfg["synth_steps"], cfg["neighbour_sdedit"])}
 
 
 def _tile(x: np.ndarray, s: int) -> np.ndarray:
@@ -287,7 +303,13 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
             # its adapter was trained on the target's own feature, lambda 1: served that way
             images[name] = _control_images(c, P, SD, progress)
         else:
-            images[name] = student(c, H4[:, :k], LAM, desc=name)
+            start = neighbour_start(c, folder, idx, ids, s)
+            if start is None:
+                images[name] = student(c, H4[:, :k], LAM, desc=name)
+            else:   # a neighbour_init run: on = the top-1 neighbour's latent as the start
+                images[name] = evaluate.generate(c, P, SD, h_retr=H4[:, :k], lam=LAM,
+                                                 desc=name, progress=progress, **start)
+                nfe[name] = 1
             partner[name] = f"{name}, K = 0"
             images[partner[name]] = student(c, desc=partner[name])
     for name, fn in (extra_rows or {}).items():

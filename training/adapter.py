@@ -49,7 +49,7 @@ from imageragturbo.model.h_space import HAdapter, adapter_config_for, count_para
 from imageragturbo.model.lora import add_decoder_lora, lora_parameters, save_decoder_lora
 from imageragturbo.model.neighbour_attention import FOLDER as NB_DIR
 from imageragturbo.model.neighbour_attention import NeighbourAttention
-from imageragturbo.model.pipeline import teacher_sample_latents, tokenize
+from imageragturbo.model.pipeline import noised, sdedit_timestep, teacher_sample_latents, tokenize
 from imageragturbo.model.unet_split import UNetEncoder
 from imageragturbo.runtime.request import initial_noise
 
@@ -559,6 +559,15 @@ class AdapterRun(StagedRun):
         n_real = int(round(cfg.batch * cfg.real_fraction))
         n_syn = len(syn["idx"])
         t999 = torch.full((n_real,), STUDENT_TIMESTEP, dtype=torch.long)
+        t_syn = None
+        if cfg.neighbour_init:
+            # the student starts where the teacher's SDEdit started: the top-1 neighbour's
+            # latent noised with the target's z_T to the SDEdit timestep
+            t_init = sdedit_timestep(self.c, cfg.synth_steps, cfg.neighbour_sdedit)
+            syn = {**syn, "z_t": noised(self.c, self._top1_latents(syn["idx"].numpy()),
+                                        syn["z_t"], t_init)}
+            t_syn = torch.cat([t999, torch.full((cfg.batch - n_real,), t_init,
+                                                dtype=torch.long)]).to(self.acc.device)
 
         def step(i):
             rng = self._rng("train", i)
@@ -615,7 +624,7 @@ class AdapterRun(StagedRun):
                              sync_heads=self._sync_grads,
                              perceptual=perceptual if perc is not None else None,
                              perceptual_weight=cfg.perceptual_weight,
-                             adv_weight=cfg.adv_weight, decoder_ehs=dec_ehs)
+                             adv_weight=cfg.adv_weight, decoder_ehs=dec_ehs, t=t_syn)
 
         t0 = time.perf_counter()
         hist = self._loop("train", state, step, cfg.steps)
@@ -631,6 +640,7 @@ class AdapterRun(StagedRun):
                 "lora_parameters": sum(p.numel() for p in lora_parameters(student)),
                 **({"decoder_attention_parameters": count_parameters(nb_attn)}
                    if nb_attn is not None else {}),
+                **({"neighbour_init_timestep": int(t_syn[-1])} if t_syn is not None else {}),
                 "retrieval": cfg.retrieval, "device": str(self.acc.device),
                 "processes": self.acc.num_processes}
         for key in ("distill", "lpips", "g_adv", "d"):

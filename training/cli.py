@@ -67,6 +67,8 @@ def _cmd_train_adapter(args: argparse.Namespace) -> int:
         kw["positional"] = True
     if args.decoder_attention:
         kw["decoder_attention"] = True
+    if args.neighbour_init:
+        kw["neighbour_init"] = True
     if args.threads:
         kw["threads"] = args.threads
     cfg = AdapterConfig.quick(**kw) if args.quick else AdapterConfig(**kw)
@@ -216,6 +218,11 @@ def add_parsers(sub, bench) -> None:
                         "target's top-1 neighbour (SDEdit at STRENGTH in (0, 1]) instead of from "
                         "noise, so the neighbour shows the target's layout (default 0: the "
                         "paper's pairs)")
+    a.add_argument("--neighbour-init", action="store_true",
+                   help="beyond the paper (with --neighbour-sdedit): the student learns the "
+                        "teacher's SDEdit in one step, starting from the top-1 neighbour's "
+                        "latent noised to the SDEdit timestep; retrieval on serves that start, "
+                        "retrieval off pure noise at t = 999")
     a.add_argument("--decoder-attention", action="store_true",
                    help="beyond the paper: the UNet decoder's cross-attention layers also attend "
                         "to the neighbours' tokens (decoupled, IP-Adapter style), trained with "

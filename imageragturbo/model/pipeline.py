@@ -58,14 +58,23 @@ def to_uint8_images(x: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def student_generate(c: Components, prompts: Sequence[str], seeds: Sequence[int],
                      h_retr: torch.Tensor | None = None, lam: torch.Tensor | None = None,
-                     slerp_w: float | None = None, return_latents: bool = False):
+                     slerp_w: float | None = None, return_latents: bool = False,
+                     z_init: torch.Tensor | None = None, t_init: int | None = None):
     """One step at t=999 through the split UNet. With ``h_retr`` (B, k, C, h, w): the
     H-adapter (when the model has one and ``slerp_w`` is None) or slerp injection of the
-    top-1 neighbour with target weight ``slerp_w`` (paper Eq. 3)."""
+    top-1 neighbour with target weight ``slerp_w`` (paper Eq. 3). With ``z_init`` (B, C, h, w)
+    and ``t_init`` (beyond the paper, for a model trained with ``neighbour_init``): the step
+    starts at t_init from z_init (the top-1 neighbour's latent) noised with the seed's noise."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if (z_init is None) != (t_init is None):
+        raise ValueError("z_init and t_init go together")
     ehs, _ = encode_prompt(c, prompts)
     z = torch.from_numpy(initial_noise(seeds, latent_shape(c))).to(ehs.dtype)
+    t = None
+    if z_init is not None:
+        z = noised(c, z_init.to(z.dtype), z, t_init)
+        t = torch.full((len(z),), int(t_init), dtype=torch.long)
     h_edit = None
     if h_retr is not None:
         if slerp_w is not None:
@@ -84,7 +93,7 @@ def student_generate(c: Components, prompts: Sequence[str], seeds: Sequence[int]
     if h_retr is not None and slerp_w is None and c.neighbour_attention is not None:
         decoder_ehs = c.neighbour_attention.decoder_context(ehs, h_retr.to(ehs.dtype))
     student = OneStepStudent(c.unet, c.alphas_cumprod, c.scheduler.config.prediction_type)
-    z0 = student(z, ehs, h_edit, decoder_ehs)
+    z0 = student(z, ehs, h_edit, decoder_ehs, t)
     images = decode_latents(c, z0)
     return (images, z0) if return_latents else images
 
@@ -138,8 +147,7 @@ def teacher_sample_latents(c: Components, unet, ehs: torch.Tensor, ehs_uncond: t
     sched.set_timesteps(steps)
     timesteps = sched.timesteps
     if z_init is not None and strength < 1.0:
-        keep = max(1, round(strength * steps))
-        timesteps = timesteps[steps - keep:]
+        timesteps = timesteps[steps - sdedit_keep(steps, strength):]
         z = sched.add_noise(z_init, z, timesteps[:1].expand(len(z)))
     cond = torch.cat([ehs_uncond.expand(len(z), -1, -1), ehs])
     for t in timesteps:
@@ -147,6 +155,26 @@ def teacher_sample_latents(c: Components, unet, ehs: torch.Tensor, ehs_uncond: t
         eps = eps_u + guidance * (eps_c - eps_u)
         z = sched.step(eps, t, z).prev_sample
     return z
+
+
+def sdedit_keep(steps: int, strength: float) -> int:
+    """How many of ``steps`` DDIM steps an SDEdit at ``strength`` runs (the last ones)."""
+    return max(1, round(strength * steps))
+
+
+def sdedit_timestep(c: Components, steps: int, strength: float) -> int:
+    """The timestep an SDEdit of ``steps`` DDIM steps (trailing spacing) at ``strength``
+    starts from: where ``teacher_sample_latents`` noises ``z_init`` to, and where a
+    ``neighbour_init`` student starts from its noised neighbour."""
+    sched = ddim_scheduler(c)
+    sched.set_timesteps(steps)
+    return int(sched.timesteps[steps - sdedit_keep(steps, strength)])
+
+
+def noised(c: Components, z_init: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
+    """z_init noised to timestep t with noise eps (paper Eq. 1; DDPM's forward process)."""
+    abar = c.alphas_cumprod.to(z_init.device, torch.float64)[int(t)]
+    return (abar.sqrt() * z_init.double() + (1 - abar).sqrt() * eps.double()).to(eps.dtype)
 
 
 @torch.no_grad()

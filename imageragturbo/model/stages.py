@@ -92,10 +92,15 @@ class OneStepStudent(nn.Module):
         return self.unet_decoder.alphas_cumprod
 
     def forward(self, z_t: torch.Tensor, ehs: torch.Tensor, h_edit=None,
-                decoder_ehs: torch.Tensor | None = None) -> torch.Tensor:
+                decoder_ehs: torch.Tensor | None = None,
+                t: torch.Tensor | None = None) -> torch.Tensor:
         """``decoder_ehs``: what the decoder's cross-attention takes in place of ``ehs`` (the
-        text states with the neighbours' tokens appended: ``NeighbourAttention``)."""
-        t = torch.full((z_t.shape[0],), STUDENT_TIMESTEP, dtype=torch.long, device=z_t.device)
+        text states with the neighbours' tokens appended: ``NeighbourAttention``). ``t`` (B,)
+        long: each input's timestep, t = 999 (SD-Turbo's one step) when None; a smaller t
+        only for a model trained to start from a noised neighbour (``neighbour_init``)."""
+        if t is None:
+            t = torch.full((z_t.shape[0],), STUDENT_TIMESTEP, dtype=torch.long,
+                           device=z_t.device)
         h, temb, *skips = self.unet_encoder(z_t, t, ehs)
         if h_edit is not None:
             h = h_edit(h)
