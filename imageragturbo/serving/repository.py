@@ -186,9 +186,9 @@ def render_repository(export_dir: str | Path, index_dir: str | Path, out: str | 
         from imageragturbo.retriever import copy_index
 
         try:
-            copy_index(index_dir, out / "retriever" / "1" / "index")
+            copy_index(index_dir, out / C.RETRIEVER / "1" / "index")
         except BaseException:
-            shutil.rmtree(out / "retriever", ignore_errors=True)
+            shutil.rmtree(out / C.RETRIEVER, ignore_errors=True)
             raise
 
     stages = m["stages"]
@@ -231,9 +231,9 @@ def render_repository(export_dir: str | Path, index_dir: str | Path, out: str | 
     for name in PYTHON_MODELS:
         d = write(name, _template(f"{name}/config.pbtxt.in").substitute(common))
         shutil.copy2(SOURCE / name / "1" / "model.py", d / "1" / "model.py")
-    _place(export_dir / "tokenizer", out / "preprocess" / "1" / "tokenizer", link)
+    _place(export_dir / "tokenizer", out / C.PREPROCESS / "1" / "tokenizer", link)
     if link != "copy":
-        _place(index_dir, out / "retriever" / "1" / "index", link)
+        _place(index_dir, out / C.RETRIEVER / "1" / "index", link)
 
     stage_tpl = _template(f"onnx_stage/config.{profile}.pbtxt.in")
     # Warm-up at batch 1 and at the largest batch, in both profiles: each runner's memory

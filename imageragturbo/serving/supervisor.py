@@ -39,6 +39,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
+from imageragturbo.client import contract as C
+
 from .repository import ENSEMBLE
 from .server import ServerError, TritonServer, http_error_message
 
@@ -170,9 +172,9 @@ class Supervisor:
         """One request through the ensemble (HTTP, so it works under mutual TLS); None when it
         gave an image of the served shape, else the error."""
         body = {"inputs": [
-            {"name": "PROMPT", "shape": [1, 1], "datatype": "BYTES", "data": [CANARY_PROMPT]},
-            {"name": "SEED", "shape": [1, 1], "datatype": "INT64", "data": [0]}],
-            "outputs": [{"name": "IMAGE", "parameters": {"binary_data": True}}]}
+            {"name": t.name, "shape": [1, 1], "datatype": t.dtype, "data": [value]}
+            for t, value in ((C.PROMPT, CANARY_PROMPT), (C.SEED, 0))],
+            "outputs": [{"name": C.IMAGE_OUT.name, "parameters": {"binary_data": True}}]}
         req = urllib.request.Request(
             f"{self.server.http_url}/v2/models/{ENSEMBLE}/infer", data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"}, method="POST")
