@@ -96,9 +96,13 @@ def test_slerp_injection_option_serves_an_adapter_export_training_free(assets, t
     # the same steps; the adapter step takes lam (the graph) or slerp_w (the slerp step)
     a, s = wiring(adapter)["imageragturbo"]["steps"], wiring(slerp)["imageragturbo"]["steps"]
     assert [x[0] for x in a] == [x[0] for x in s]
-    assert {m: (i, o) for m, i, o in a if m != "h_adapter"} == {
-        m: (i, o) for m, i, o in s if m not in ("h_adapter", "retriever")}
-    assert dict(a)["h_adapter"]["lam"] == "lam" and dict(s)["h_adapter"]["slerp_w"] == "slerp_w"
+    moded = ("h_adapter", "retriever")  # lam or slerp_w: into the adapter step, out of retrieval
+    assert {m: (i, o) for m, i, o in a if m not in moded} == {
+        m: (i, o) for m, i, o in s if m not in moded}
+    steps_a, steps_s = {m: (i, o) for m, i, o in a}, {m: (i, o) for m, i, o in s}
+    assert steps_a["h_adapter"][0]["lam"] == "lam" and "slerp_w" not in steps_a["h_adapter"][0]
+    assert steps_s["h_adapter"][0]["slerp_w"] == "slerp_w" and "lam" not in steps_s["h_adapter"][0]
+    assert "lam" in steps_a["retriever"][1] and "slerp_w" in steps_s["retriever"][1]
     with pytest.raises(ValueError, match="injection"):
         RenderOptions(injection="sometimes")
 
