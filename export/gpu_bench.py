@@ -127,15 +127,15 @@ def dry_run(upcast_attention: bool = False, batch: int = 1) -> dict:
     ad_p = count_parameters(c.h_adapter)
     return {
         "dry_run": True,
-        "parameters": {"text_encoder": count_parameters(c.text_encoder), "unet": unet_p,
-                       "vae_decoder": count_parameters(c.vae.decoder)
+        "parameters": {C.TEXT_ENCODER: count_parameters(c.text_encoder), "unet": unet_p,
+                       C.VAE_DECODER: count_parameters(c.vae.decoder)
                        + count_parameters(c.vae.post_quant_conv),
-                       "h_adapter": ad_p},
+                       C.H_ADAPTER: ad_p},
         "adapter_share_of_unet": round(ad_p / unet_p, 4),
-        "shapes": {"last_hidden_state": list(ehs.shape),
-                   "pooled": list(pooled.shape), "h": list(h.shape),
-                   "temb": list(temb.shape), "skips": [list(s.shape) for s in skips],
-                   "z0": list(z0.shape), "image": list(img.shape)},
+        "shapes": {C.LAST_HIDDEN_STATE: list(ehs.shape),
+                   C.POOLED: list(pooled.shape), C.H: list(h.shape),
+                   C.TEMB: list(temb.shape), "skips": [list(s.shape) for s in skips],
+                   C.Z0: list(z0.shape), C.IMAGE: list(img.shape)},
         "fp16_unet_bytes_estimate": unet_p * 2,
         "fp32_unet_over_2GB": unet_p * 4 > 2 * 1024**3,
     }
