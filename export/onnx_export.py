@@ -53,7 +53,6 @@ from torch import nn
 
 from imageragturbo.checksums import sha256_file
 from imageragturbo.client import contract as C
-from imageragturbo.client.contract import STAGES  # noqa: F401 - the stage order, re-exported
 from imageragturbo.defaults import STUDENT_TIMESTEP, model_files_id
 from imageragturbo.model import family
 from imageragturbo.model.h_space import HAdapter, adapter_config_for

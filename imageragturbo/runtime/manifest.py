@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from imageragturbo.checksums import sha256_file
-from imageragturbo.client.contract import STAGES  # noqa: F401 - the stage order, re-exported
+from imageragturbo.client.contract import STAGES
 
 FORMAT = "imageragturbo-onnx"
 FORMAT_VERSION = 1

@@ -35,9 +35,6 @@ SOURCE = next((p for p in (Path(__file__).resolve().parents[1] / "model_reposito
                if (p / "dynamic_batching.pbtxt.in").exists()),
               Path(__file__).resolve().parents[2] / "model_repository")
 PROFILES = ("cpu", "gpu")
-ENSEMBLE = C.ENSEMBLE_NAME
-ONNX_STAGES = C.STAGES
-PYTHON_MODELS = C.PYTHON_MODELS
 # The stages where most of a request's compute is, and so where batching pays: their dynamic
 # batcher waits ``queue_delay_us`` for a batch, the light steps ``light_queue_delay_us``.
 HEAVY_STAGES = (C.UNET_ENCODER, C.UNET_DECODER, C.VAE_DECODER)
@@ -227,8 +224,8 @@ def render_repository(export_dir: str | Path, index_dir: str | Path, out: str | 
         (d / "config.pbtxt").write_text(text)
         return d
 
-    write(ENSEMBLE, _template(f"{ENSEMBLE}/config.pbtxt.in").substitute(common))
-    for name in PYTHON_MODELS:
+    write(C.ENSEMBLE_NAME, _template(f"{C.ENSEMBLE_NAME}/config.pbtxt.in").substitute(common))
+    for name in C.PYTHON_MODELS:
         d = write(name, _template(f"{name}/config.pbtxt.in").substitute(common))
         shutil.copy2(SOURCE / name / "1" / "model.py", d / "1" / "model.py")
     _place(export_dir / "tokenizer", out / C.PREPROCESS / "1" / "tokenizer", link)
@@ -240,7 +237,7 @@ def render_repository(export_dir: str | Path, index_dir: str | Path, out: str | 
     # arena then starts at the size it will keep (in the cpu profile, warming at batch 1 only
     # let the VAE decoder's stubs grow 28% during a 2,000-request soak).
     warm_batches = [1, opt.max_batch_size] if opt.max_batch_size > 1 else [1]
-    for name in ONNX_STAGES:
+    for name in C.STAGES:
         if name == C.H_ADAPTER and not has_adapter:
             d = write(name, _template(f"{C.H_SLERP}/config.pbtxt.in").substitute(common))
             shutil.copy2(SOURCE / C.H_SLERP / "1" / "model.py", d / "1" / "model.py")
@@ -259,7 +256,7 @@ def render_repository(export_dir: str | Path, index_dir: str | Path, out: str | 
             _place(export_dir / f, d / "1" / target, link)
         if profile == "cpu":
             shutil.copy2(SOURCE / "onnx_stage" / "1" / "model.py", d / "1" / "model.py")
-    check_ensemble(out / ENSEMBLE / "config.pbtxt", int(m["num_skips"]), has_adapter)
+    check_ensemble(out / C.ENSEMBLE_NAME / "config.pbtxt", int(m["num_skips"]), has_adapter)
     (out / MARKER).write_text(f"profile {profile}\nexport {export_dir.resolve()}\n"
                               f"index {index_dir.resolve()}\n")
     return out
