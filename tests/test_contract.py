@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +98,85 @@ def test_the_rendered_ensemble_is_the_contracts(assets, tmp_path):
     bad.write_text(text.replace('value: "z_T"', 'value: "z_T2"', 1))
     with pytest.raises(ValueError, match="differs from the stage contract"):
         repository.check_ensemble(bad, skips, False)
+
+
+# ----------------------------------------------------------------------------- the backends
+
+BACKENDS = sorted((Path(__file__).resolve().parents[1] / "model_repository").glob("*/1/model.py"))
+
+
+def test_backends_load_neither_the_pipeline_nor_the_index_builder():
+    """A Triton stub imports its model.py (and, in initialize, what that imports lazily): the
+    request path's NumPy steps and the index reader, never OnnxPipeline or the builder."""
+    code = r'''
+import importlib.util, json, sys, types
+sys.modules["triton_python_backend_utils"] = types.ModuleType("triton_python_backend_utils")
+out = {}
+for path in sys.argv[1:]:
+    before = set(sys.modules)
+    spec = importlib.util.spec_from_file_location("b" + str(len(out)), path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out[path] = {"has_finalize": hasattr(mod.TritonPythonModel, "finalize")}
+import imageragturbo.runtime.request as r
+r.load_index  # the retriever's initialize reads the index through this
+import imageragturbo.retriever.index
+print(json.dumps({"backends": out, "modules": sorted(sys.modules)}))
+'''
+    r = subprocess.run([sys.executable, "-c", code, *map(str, BACKENDS)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(info["backends"]) == 5 and all(b["has_finalize"]
+                                              for b in info["backends"].values())
+    unused = {"imageragturbo.runtime.pipeline", "imageragturbo.runtime.manifest",
+              "imageragturbo.retriever.build", "imageragturbo.retriever.pairs", "torch",
+              "transformers", "onnxruntime", "tritonclient"}
+    assert not unused & set(info["modules"]), unused & set(info["modules"])
+
+
+def _backend(name, monkeypatch, config):
+    import importlib.util
+
+    from backend_stub import pb_utils_stub
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb_utils_stub())
+    path = next(p for p in BACKENDS if p.parent.parent.name == name)
+    spec = importlib.util.spec_from_file_location(f"{name}_backend_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    m = mod.TritonPythonModel()
+    m.initialize({"model_config": json.dumps(config)})
+    return m
+
+
+def test_the_slerp_step_reads_slerp_w_and_its_dtype_from_the_config(monkeypatch):
+    """slerp_w is slerp's target weight: 1 keeps h_tgt bit for bit, any other value is
+    runtime.slerp_inject's result; the output dtype is the config's."""
+    import numpy as np
+
+    from imageragturbo.runtime.request import slerp_inject
+
+    m = _backend("h_slerp", monkeypatch,
+                 {"output": [{"name": "h", "data_type": "TYPE_FP32", "dims": [2, 1, 1]}]})
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((3, 2, 1, 1)).astype(np.float32)
+    h_retr = rng.standard_normal((3, 2, 2, 1, 1)).astype(np.float32)
+    w = np.array([[1.0], [0.8], [0.0]], np.float32)
+    (resp,) = m.execute([{"h_tgt": h, "h_retr": h_retr, "slerp_w": w}])
+    out = resp.outputs["h"]
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out[0], h[0])
+    np.testing.assert_array_equal(out[1:], slerp_inject(h[1:], h_retr[1:, 0], w[1:, 0]))
+    m.finalize()
+
+
+def test_postprocess_writes_the_configs_dtype(monkeypatch):
+    import numpy as np
+
+    m = _backend("postprocess", monkeypatch,
+                 {"output": [{"name": "IMAGE", "data_type": "TYPE_UINT8", "dims": [2, 2, 3]}]})
+    (resp,) = m.execute([{"image": np.zeros((1, 3, 2, 2), np.float32)}])
+    assert resp.outputs["IMAGE"].dtype == np.uint8
+    assert (resp.outputs["IMAGE"] == 128).all()   # 0 in [-1, 1] -> 127.5, rounded half to even
+    m.finalize()
