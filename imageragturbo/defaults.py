@@ -1,8 +1,9 @@
 """Names, places and identities every part agrees on, in the standard library only, so that
 the request path (``serve``, the Triton backends, the SDK's CLI) can use them without torch.
 
-- ``DEFAULT_MODEL`` and ``VARIANTS``: the shipped default model, a diffusers folder inside
-  the package; ``resolve`` turns a variant name or a folder path into the folder.
+- ``DEFAULT_MODEL`` and ``VARIANTS``: the shipped default model variant, a diffusers folder
+  inside the package; ``resolve`` turns a variant name or a folder path into the folder. (The
+  served Triton ensemble's name is another thing: ``client.contract.ENSEMBLE_NAME``.)
 - ``LORA_DIR``: where ImageRAGTurbo's decoder LoRA lives in a model folder.
 - ``STUDENT_TIMESTEP``: the one step of SD-Turbo and the tiny student (t = 999).
 - ``export_dir_of`` / ``index_dir_of``: where an export and a retrieval index of a model go by default.

@@ -697,6 +697,9 @@ def test_the_retriever_backend_gives_the_in_process_neighbours(built, monkeypatc
     m = mod.TritonPythonModel()
     m.index = RetrievalIndex.load(out, verify=False)
     m.has_adapter, m.h_shape, m.rerank, m.pool = True, (6, 1, 1), 32, 3
+    m.dtypes = {"h_retr": np.float32, "lam": np.float32, "slerp_w": np.float32,
+                "NEIGHBOUR_IDS": np.object_, "NEIGHBOUR_CAPTIONS": np.object_,
+                "NEIGHBOUR_SCORES": np.float32}
     prompts, seeds = ["w1 w2 w3", "w9 w8 w7"], [11, 12]
     q = enc.encode_text(prompts)
     req = {"pooled": q, "k": np.full((2, 1), 2, np.int32),
@@ -712,3 +715,6 @@ def test_the_retriever_backend_gives_the_in_process_neighbours(built, monkeypatc
     assert resp.outputs["NEIGHBOUR_IDS"].tolist() == [[i.encode() for i in r]
                                                       for r in nb.item_ids]
     np.testing.assert_allclose(resp.outputs["lam"][:, 0], scores[:, 0])
+    np.testing.assert_array_equal(resp.outputs["slerp_w"][:, 0], [1, 1])  # no slerp here
+    assert {a.dtype for a in resp.outputs.values()} == {np.dtype(np.float32),
+                                                        np.dtype(np.object_)}

@@ -81,7 +81,7 @@ def test_cpu_and_gpu_profiles_have_identical_wiring(assets, tmp_path):
 
 def test_slerp_injection_option_serves_an_adapter_export_training_free(assets, tmp_path):
     """``serve --injection slerp``: the h_adapter step of an export that has a trained adapter
-    becomes the python slerp step (paper Eq. 3); the wiring stays the adapter rendering's."""
+    becomes the python slerp step (paper Eq. 3), fed slerp_w where the graph takes lam."""
     from imageragturbo.serving.repository import RenderOptions
 
     adapter = render_repository(assets["adapter"], assets["index"], tmp_path / "a", "cpu")
@@ -93,7 +93,16 @@ def test_slerp_injection_option_serves_an_adapter_export_training_free(assets, t
     assert "slerp" in (slerp / "h_adapter" / "1" / "model.py").read_text()
     assert 'key: "has_adapter" value: { string_value: "false" }' in (
         slerp / "retriever" / "config.pbtxt").read_text()
-    assert wiring(adapter)["imageragturbo"] == wiring(slerp)["imageragturbo"]
+    # the same steps; the adapter step takes lam (the graph) or slerp_w (the slerp step)
+    a, s = wiring(adapter)["imageragturbo"]["steps"], wiring(slerp)["imageragturbo"]["steps"]
+    assert [x[0] for x in a] == [x[0] for x in s]
+    moded = ("h_adapter", "retriever")  # lam or slerp_w: into the adapter step, out of retrieval
+    assert {m: (i, o) for m, i, o in a if m not in moded} == {
+        m: (i, o) for m, i, o in s if m not in moded}
+    steps_a, steps_s = {m: (i, o) for m, i, o in a}, {m: (i, o) for m, i, o in s}
+    assert steps_a["h_adapter"][0]["lam"] == "lam" and "slerp_w" not in steps_a["h_adapter"][0]
+    assert steps_s["h_adapter"][0]["slerp_w"] == "slerp_w" and "lam" not in steps_s["h_adapter"][0]
+    assert "lam" in steps_a["retriever"][1] and "slerp_w" in steps_s["retriever"][1]
     with pytest.raises(ValueError, match="injection"):
         RenderOptions(injection="sometimes")
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from imageragturbo.client import contract as C
 from imageragturbo.defaults import STUDENT_TIMESTEP, from_unit
 from imageragturbo.runtime.request import initial_noise
 
@@ -37,10 +38,8 @@ def encode_prompt(c: Components, prompts: Sequence[str]) -> tuple[torch.Tensor, 
 
 
 def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings, not one string")
-    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
+    """Token ids (B, L) as a tensor: ``contract.tokenize``, the call every stage shares."""
+    return C.tokenize(tokenizer, prompts, return_tensors="pt")
 
 
 @torch.no_grad()

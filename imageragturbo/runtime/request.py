@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imageragturbo.client.contract import check_h_shape
 from imageragturbo.defaults import RERANK_CANDIDATES, from_unit
 
 
@@ -61,13 +62,10 @@ def load_index(path: str | Path, text_dim: int, h_shape: Sequence[int], ef: int 
     same text width, and cached H-space features of the UNet encoder's h shape. The index's
     structure is checked, its arrays memory-mapped, not read; ``verify`` adds the sha256 of
     every file (``RetrievalIndex.load``)."""
-    from imageragturbo.retriever import RetrievalIndex
+    from imageragturbo.retriever.index import RetrievalIndex
 
     index = RetrievalIndex.load(path, text_dim=text_dim, ef=ef, verify=verify)
-    cached = tuple(index.manifest["shapes"]["h"][1:])
-    if cached != tuple(h_shape):
-        raise ValueError(f"index {path} caches H-space features of shape {cached}; this model's "
-                         f"UNet encoder gives {tuple(h_shape)}: rebuild the index for it")
+    check_h_shape(index.manifest["shapes"]["h"][1:], h_shape, path)
     return index
 
 
