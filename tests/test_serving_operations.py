@@ -14,13 +14,13 @@ import tritonclient.grpc as grpcclient
 from serving_support import PROMPTS, _prompt
 from tritonclient.utils import InferenceServerException
 
-from imageragturbo.cli import main
 from imageragturbo.client import (
     AsyncImageRAGTurboClient,
     ImageRAGTurboClient,
     InvalidInputError,
     RetryPolicy,
 )
+from imageragturbo.commands.main import main
 from imageragturbo.serving.repository import render_repository
 from imageragturbo.serving.server import TritonServer
 
