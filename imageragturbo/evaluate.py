@@ -143,7 +143,8 @@ def neighbours(model: str, c, prompts: Sequence[str], k: int, index=None, progre
     neighbours as served (the dense top ``rerank`` re-ranked by the prompt's words; 0: dense
     only): their cached H features (N, k, C, h, w) float32 and scores (N, k)."""
     from .model import load_retrieval_encoder
-    from .retriever import RetrievalIndex, ensure_index
+    from .retriever import RetrievalIndex
+    from .retriever.ensure import ensure_index
 
     idx = RetrievalIndex.load(ensure_index(model, Path(index) if index else None,
                                            quiet=not progress,

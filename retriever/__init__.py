@@ -3,7 +3,6 @@ retrieved items' latents and H-space features cached at build time
 (installed as ``imageragturbo.retriever``)."""
 
 from .build import build_index, copy_index, publish
-from .ensure import ensure_index
 from .index import (
     DEFAULT_EF,
     DEFAULT_EF_CONSTRUCTION,
@@ -29,7 +28,6 @@ __all__ = [
     "RetrievalIndex",
     "build_index",
     "copy_index",
-    "ensure_index",
     "publish",
     "read_pairs",
     "shapesworld_pairs",

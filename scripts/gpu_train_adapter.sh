@@ -32,7 +32,7 @@ import torch
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 from imageragturbo.model import load_retrieval_encoder
-from imageragturbo.retriever import ensure_index
+from imageragturbo.retriever.ensure import ensure_index
 print("index:", ensure_index("tiny-shapes", load_encoder=load_retrieval_encoder))
 PY
 flags() {

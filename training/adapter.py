@@ -64,7 +64,7 @@ STAGES = ("data", "neighbours", "synth", "train", "export")  # synth may start f
 class AdapterRun(StagedRun):
     """ImageRAGTurbo fine-tuning of ``cfg.model`` into ``run_dir``, retrieving from the index
     at ``index`` (for ShapesWorld, built over ``data``'s retrieval split with the model's
-    encoder when missing: ``retriever.ensure_index``; for a user's pairs or prompts, an
+    encoder when missing: ``retriever.ensure.ensure_index``; for a user's pairs or prompts, an
     index the user built with ``imageragturbo index build --pairs``). The teacher is
     ``cfg.teacher``'s ``unet/`` or the student folder's ``teacher_unet/``."""
 
@@ -381,7 +381,8 @@ class AdapterRun(StagedRun):
         if self._index is None:
             from imageragturbo.defaults import model_files_id
             from imageragturbo.model import load_retrieval_encoder
-            from imageragturbo.retriever import IndexFormatError, RetrievalIndex, ensure_index
+            from imageragturbo.retriever import IndexFormatError, RetrievalIndex
+            from imageragturbo.retriever.ensure import ensure_index
 
             if self.cfg.shapesworld:
                 path = ensure_index(str(self.cfg.model), self.index_dir, self.data_dir,

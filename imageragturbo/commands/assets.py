@@ -1,6 +1,6 @@
 """What a server needs on disk: the ONNX export and the retrieval index of one model, made
 once when missing (export via ``export_from_model``; index from the ShapesWorld retrieval
-split: ``retriever.ensure_index`` with the model's own encoder), handed to ``serving`` as
+split: ``retriever.ensure.ensure_index`` with the model's own encoder), handed to ``serving`` as
 ``serving.session.Assets``."""
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def prepare(model: str = DEFAULT_MODEL, export_dir: Path | None = None,
     another model is refused (its keys are in another text space)."""
     from imageragturbo.defaults import model_files_id
     from imageragturbo.model import load_retrieval_encoder
-    from imageragturbo.retriever import ensure_index
+    from imageragturbo.retriever.ensure import ensure_index
 
     model = model_folder(model, random_weights, quiet=quiet)
     exp = ensure_export(model, export_dir, fp16=fp16, quiet=quiet)
