@@ -274,6 +274,39 @@ def test_only_commands_import_serving_and_nothing_imports_commands():
     assert not bad, "\n".join(bad)
 
 
+HELP_CHILD = r"""
+import argparse, sys
+for name in ("torch", "onnxruntime", "hnswlib", "diffusers", "transformers"):
+    sys.modules[name] = None   # importing them raises
+from imageragturbo.commands.main import build_parser
+
+def walk(p, path):
+    yield path, p
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sub in a.choices.items():
+                yield from walk(sub, path + [name])
+
+n = 0
+for path, p in walk(build_parser(), []):
+    assert p.format_help(), path
+    n += 1
+print(n)
+"""
+
+
+def test_every_commands_help_needs_no_torch_onnxruntime_or_hnswlib():
+    """The command modules import heavy libraries in their handlers only: the whole parser,
+    every subcommand's --help included, builds with torch, onnxruntime, hnswlib, diffusers
+    and transformers unimportable."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-c", HELP_CHILD], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert int(r.stdout) > 25  # every command and subcommand was rendered
+
+
 def test_the_scan_sees_lazy_relative_and_dotted_imports(tmp_path):
     """The parser itself, on a tiny checkout: a lazy import inside a function, a relative one
     from a package's ``__init__`` and a submodule, and ``from pkg import submodule``."""
