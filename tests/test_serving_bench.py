@@ -91,3 +91,22 @@ def test_serve_checks_index_digests_at_load_only_when_asked():
     parser = build_parser()
     assert _options(parser.parse_args(["serve"])).verify_index is False
     assert _options(parser.parse_args(["serve", "--verify-index"])).verify_index is True
+
+
+def test_serve_flags_are_render_options_own_defaults_and_reach_it():
+    """serve's rendering flags are made from ``RenderOptions`` (its defaults are the only
+    copy): no flags give the default options, and each given flag reaches its field."""
+    from imageragturbo.commands.main import build_parser
+    from imageragturbo.commands.serve import _options
+    from imageragturbo.serving.repository import RenderOptions
+
+    parser = build_parser()
+    assert _options(parser.parse_args(["serve"])) == RenderOptions()
+    given = _options(parser.parse_args([
+        "serve", "--max-batch-size", "4", "--queue-timeout", "1.5", "--max-queue-size", "9",
+        "--default-k", "2", "--max-k", "5", "--rerank", "0", "--neighbour-pool", "3",
+        "--injection", "slerp", "--threads", "2", "--instances", "1", "--trt-cache", "/c"]))
+    assert given == RenderOptions(max_batch_size=4, queue_timeout_us=1_500_000,
+                                  max_queue_size=9, default_k=2, max_k=5, rerank=0,
+                                  neighbour_pool=3, injection="slerp", threads=2,
+                                  instances=1, trt_cache="/c")
