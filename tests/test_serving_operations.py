@@ -158,6 +158,19 @@ def test_cli_generate_url_writes_png_through_the_server(server, tmp_path, capsys
     assert '"neighbours"' in capsys.readouterr().out
 
 
+def test_cli_demo_url_draws_the_grid_through_a_running_server(server, tmp_path, capsys):
+    """`demo --url`: the grid through the SDK against a server already running; the command
+    prepares no export or index for it (its --model is not even installed here)."""
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--url", server.url, "--model", str(tmp_path / "no-such-model"),
+                 "--n", "2", "--k", "1", "-o", str(out)]) == 0
+    from PIL import Image
+
+    w, h = Image.open(out).size
+    assert w > 2 * 64 and h > 64
+    assert capsys.readouterr().out.strip() == str(out)
+
+
 # ----------------------------------------------------------------------------- TLS
 
 
