@@ -150,11 +150,13 @@ def neighbours(model: str, c, prompts: Sequence[str], k: int, index=None, progre
     """The index (``index`` or the model's default, built when missing), and each prompt's k
     neighbours as served (the dense top ``rerank`` re-ranked by the prompt's words; 0: dense
     only): their cached H features (N, k, C, h, w) float32 and scores (N, k)."""
+    from .model import load_retrieval_encoder
     from .retriever import RetrievalIndex
-    from .serving.assets import ensure_index
+    from .retriever.ensure import ensure_index
 
     idx = RetrievalIndex.load(ensure_index(model, Path(index) if index else None,
-                                           quiet=not progress))
+                                           quiet=not progress,
+                                           load_encoder=load_retrieval_encoder))
     ids, scores = idx.search(prompt_embeddings(c, prompts), k, prompts=list(prompts),
                              rerank=rerank)
     return idx, ids, idx.h(ids).astype(np.float32), scores.astype(np.float32)

@@ -153,15 +153,15 @@ def onnx_latency(c, index, k_values=(0, 1, 4), repeats: int = 30, threads: int =
     the loaded ``index`` for every k."""
     from imageragturbo import runtime
     from imageragturbo.export import onnx_export
-    from imageragturbo.serving.bench import _pct, batch1_ms, in_process_request
+    from imageragturbo.runtime.latency import batch1_ms, in_process_request
 
     with tempfile.TemporaryDirectory() as tmp:
         export = onnx_export.export_model(c, Path(tmp) / "export", source="bench-quality",
                                           progress=False)
         pipe = runtime.OnnxPipeline(export, providers=runtime.choose_providers(["cpu"]),
                                     threads=threads)
-        return {f"k{k}": round(_pct(batch1_ms(in_process_request(pipe, index, k), repeats, 3),
-                                    50), 3)
+        return {f"k{k}": round(stats.percentile(
+                    batch1_ms(in_process_request(pipe, index, k), repeats, 3), 50), 3)
                 for k in k_values}
 
 

@@ -12,10 +12,10 @@ import torch
 
 from imageragturbo import runtime
 from imageragturbo import shapesworld as sw
-from imageragturbo.cli import main
 from imageragturbo.client import (
     ImageRAGTurboClient,
 )
+from imageragturbo.commands.main import main
 from imageragturbo.export import onnx_export as oe
 from imageragturbo.model import family, load_retrieval_encoder
 from imageragturbo.model.h_space import HAdapter, adapter_config_for_channels

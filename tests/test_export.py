@@ -16,8 +16,8 @@ import torch
 
 from imageragturbo import runtime
 from imageragturbo.checksums import sha256_file
-from imageragturbo.cli import main
 from imageragturbo.client import contract as C
+from imageragturbo.commands.main import main
 from imageragturbo.export import onnx_export as oe
 from imageragturbo.model.pipeline import student_generate
 from imageragturbo.runtime.manifest import load_manifest
@@ -254,8 +254,8 @@ def test_export_from_a_folder_records_the_weight_files_identity(sd21, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
+    from imageragturbo.commands.assets import ensure_export
     from imageragturbo.defaults import model_files_id
-    from imageragturbo.serving.assets import ensure_export
 
     _, out, _, folder = sd21
     recorded = json.loads((out / "manifest.json").read_text())["model_files_id"]

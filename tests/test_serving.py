@@ -15,7 +15,6 @@ import tritonclient.grpc as grpcclient
 from serving_support import PIXEL_BOUND, PROMPTS, _inp, _maxdiff, _prompt, in_process
 from tritonclient.utils import InferenceServerException
 
-from imageragturbo.cli import main
 from imageragturbo.client import (
     AsyncImageRAGTurboClient,
     DeadlineExceededError,
@@ -23,6 +22,7 @@ from imageragturbo.client import (
     InvalidInputError,
     RetryPolicy,
 )
+from imageragturbo.commands.main import main
 from imageragturbo.model import family
 from imageragturbo.serving.repository import load_configs, render_repository, wiring
 

@@ -64,7 +64,7 @@ STAGES = ("data", "neighbours", "synth", "train", "export")  # synth may start f
 class AdapterRun(StagedRun):
     """ImageRAGTurbo fine-tuning of ``cfg.model`` into ``run_dir``, retrieving from the index
     at ``index`` (for ShapesWorld, built over ``data``'s retrieval split with the model's
-    encoder when missing: ``serving.assets.ensure_index``; for a user's pairs or prompts, an
+    encoder when missing: ``retriever.ensure.ensure_index``; for a user's pairs or prompts, an
     index the user built with ``imageragturbo index build --pairs``). The teacher is
     ``cfg.teacher``'s ``unet/`` or the student folder's ``teacher_unet/``."""
 
@@ -380,12 +380,13 @@ class AdapterRun(StagedRun):
         must come from this text encoder and its cached H features from this UNet encoder."""
         if self._index is None:
             from imageragturbo.defaults import model_files_id
+            from imageragturbo.model import load_retrieval_encoder
             from imageragturbo.retriever import IndexFormatError, RetrievalIndex
-            from imageragturbo.serving.assets import ensure_index
+            from imageragturbo.retriever.ensure import ensure_index
 
             if self.cfg.shapesworld:
                 path = ensure_index(str(self.cfg.model), self.index_dir, self.data_dir,
-                                    quiet=not self.progress)
+                                    quiet=not self.progress, load_encoder=load_retrieval_encoder)
             else:  # a user's index is never built behind their back from ShapesWorld
                 path = self.index_dir
                 if not (path / "manifest.json").is_file():

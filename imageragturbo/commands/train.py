@@ -1,4 +1,8 @@
-"""``imageragturbo train ...`` subcommands (registered by the main CLI)."""
+"""The training commands: ``train base`` and ``train adapter``.
+
+Standard library only at module level (the main CLI imports this for ``--help``); torch and
+the training code load inside the handlers (the adapter's defaults for ``--help`` come from
+``training.config``, which needs no torch)."""
 
 from __future__ import annotations
 
@@ -12,8 +16,7 @@ from imageragturbo.defaults import DATA_ROOT, DEFAULT_MODEL, index_dir_of
 
 def _cmd_train_base(args: argparse.Namespace) -> int:
     from imageragturbo.model.family import VARIANTS
-
-    from .base import STAGES, Recipe, RecipeConfig
+    from imageragturbo.training.base import STAGES, Recipe, RecipeConfig
 
     cfg = RecipeConfig.quick() if args.quick else RecipeConfig()
     if args.threads:
@@ -39,7 +42,7 @@ def _cmd_train_base(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_adapter(args: argparse.Namespace) -> int:
-    from .adapter import AdapterConfig, AdapterRun, install
+    from imageragturbo.training.adapter import AdapterConfig, AdapterRun, install
 
     kw = {"model": args.model}
     if args.pairs and args.n_train is not None and args.pairs != ["shapesworld"]:
@@ -83,7 +86,7 @@ def _cmd_train_adapter(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub, bench) -> None:
-    from .config import AdapterConfig
+    from imageragturbo.training.config import AdapterConfig
 
     A = AdapterConfig()  # the defaults the help states  # noqa: N806
     tr = sub.add_parser("train", help="train models",

@@ -65,8 +65,8 @@ def _generate_remote(args: argparse.Namespace, prompts: list[str], seeds: list[i
 def _cmd_generate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from . import pipeline as onnx_pipeline
-    from . import request
+    from imageragturbo.runtime import pipeline as onnx_pipeline
+    from imageragturbo.runtime import request
 
     if args.k < 0:
         raise ValueError(f"--k must be >= 0, got {args.k}")
