@@ -230,14 +230,19 @@ STRENGTH_WIRE = "strength"    # preprocess -> retriever: STRENGTH, NaN for the d
 SEED_WIRE = "seed"            # preprocess out: the seed used
 PROMPT_WIRE = "prompt"        # preprocess -> retriever: the checked text, for re-ranking
 Z_T = "z_T"                   # the ensemble's name for z_T (the stages call it sample)
+# retriever -> the UNet stages: where the one step starts. z_T at t (passed through), or, for a
+# model trained with a neighbour start (``neighbour_init``, beyond the paper), the top-1
+# neighbour's latent noised with z_T to that model's start timestep (when k > 0).
+START = "start"
+START_T = "start_t"
 EHS = "ehs"                   # the ensemble's name for the text states
 
 PYTHON_MODEL_IO = {
     PREPROCESS: ([t.name for t in ENSEMBLE_INPUTS],
                  [INPUT_IDS, SAMPLE, TIMESTEP, K_WIRE, STRENGTH_WIRE, SEED_WIRE, PROMPT_WIRE]),
-    RETRIEVER: ([POOLED, K_WIRE, STRENGTH_WIRE, PROMPT_WIRE, SEED_WIRE],
-                [H_RETR, LAM, SLERP_W, NEIGHBOUR_IDS.name, NEIGHBOUR_CAPTIONS.name,
-                 NEIGHBOUR_SCORES.name]),
+    RETRIEVER: ([POOLED, K_WIRE, STRENGTH_WIRE, PROMPT_WIRE, SEED_WIRE, SAMPLE, TIMESTEP],
+                [H_RETR, LAM, SLERP_W, START, START_T, NEIGHBOUR_IDS.name,
+                 NEIGHBOUR_CAPTIONS.name, NEIGHBOUR_SCORES.name]),
     POSTPROCESS: ([IMAGE], [IMAGE_OUT.name]),
 }
 
@@ -270,9 +275,10 @@ def ensemble_steps(num_skips: int, adapter: bool = True) -> list[Step]:
         return list(outs.values())
 
     inject = {LAM: LAM} if adapter else {SLERP_W: SLERP_W}
-    one_step(trace, Z_T, TIMESTEP, ids=INPUT_IDS, h_retr=H_RETR, **inject)
+    one_step(trace, START, START_T, ids=INPUT_IDS, h_retr=H_RETR, **inject)
     retriever_in = {POOLED: POOLED, K_WIRE: K_WIRE, STRENGTH_WIRE: STRENGTH_WIRE,
-                    PROMPT_WIRE: PROMPT_WIRE, SEED_WIRE: SEED_USED.name}
+                    PROMPT_WIRE: PROMPT_WIRE, SEED_WIRE: SEED_USED.name, SAMPLE: Z_T,
+                    TIMESTEP: TIMESTEP}
     neighbours = same(NEIGHBOUR_IDS.name, NEIGHBOUR_CAPTIONS.name, NEIGHBOUR_SCORES.name)
     return [
         Step(PREPROCESS, same(*(t.name for t in ENSEMBLE_INPUTS)),
@@ -280,7 +286,8 @@ def ensemble_steps(num_skips: int, adapter: bool = True) -> list[Step]:
               STRENGTH_WIRE: STRENGTH_WIRE, SEED_WIRE: SEED_USED.name,
               PROMPT_WIRE: PROMPT_WIRE}),
         stages[0],                                                     # text_encoder
-        Step(RETRIEVER, retriever_in, {H_RETR: H_RETR, **inject, **neighbours}),
+        Step(RETRIEVER, retriever_in, {H_RETR: H_RETR, **inject, START: START,
+                                       START_T: START_T, **neighbours}),
         *stages[1:],                                                   # unet_encoder .. vae
         Step(POSTPROCESS, same(IMAGE), {IMAGE_OUT.name: IMAGE_OUT.name}),
     ]

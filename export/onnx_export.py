@@ -292,6 +292,9 @@ def export_model(c: family.Components, out: str | Path, *, source: str | Path | 
         "h_adapter": ({"config": {k: v for k, v in adapter.config.items()
                                   if not k.startswith("_")},
                        "fresh": c.h_adapter is None} if adapter is not None else None),
+        # beyond the paper: a model trained with a neighbour start begins its step, with
+        # retrieval on, from the top-1 neighbour's latent noised to this timestep
+        "neighbour_start": c.neighbour_start if adapter is not None else None,
         "external_data_threshold": external_data_threshold,
         "stages": stages,
         "tokenizer": {str(p.relative_to(out)): sha256_file(p)

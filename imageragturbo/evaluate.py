@@ -215,10 +215,13 @@ def run(model: str = DEFAULT_MODEL, pipeline: str = "student", steps: int = 1,
 
         if k < 1:
             raise ValueError(f"k must be >= 1 for the {pipeline} pipeline, got {k}")
-        _, _, h, scores = neighbours(model, comps, prompts, k, index, progress)
+        idx, ids, h, scores = neighbours(model, comps, prompts, k, index, progress)
         lam, w = retrieval_controls(scores, strength, has_adapter=pipeline == "adapter")
+        start = ({"z_init": idx.latents(ids[:, 0]).astype(np.float32),
+                  "t_init": comps.neighbour_start["timestep"]}
+                 if pipeline == "adapter" and comps.neighbour_start else {})
         images = generate(comps, prompts, seeds, h_retr=h if lam is not None else h[:, :1],
-                          lam=lam, slerp_w=w, desc=pipeline, progress=progress)
+                          lam=lam, slerp_w=w, desc=pipeline, progress=progress, **start)
     else:
         # 50 a batch, as eval run has always generated these: the batch size can move a pixel
         # by one level through float rounding, so its images stay what they were

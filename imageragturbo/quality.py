@@ -24,7 +24,6 @@ and without retrieval.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -73,22 +72,10 @@ def with_finetune(model: str, run_export: str | Path):
     if (run_export / LORA_DIR).is_dir():
         merge_decoder_lora(c.unet, run_export / LORA_DIR)
     attach_neighbour_attention(c, run_export)
+    from .model.pipeline import neighbour_start_of
+
+    c.neighbour_start = neighbour_start_of(c, run_export / "adapter_training.json")
     return c.eval()
-
-
-def neighbour_start(c, run_export: str | Path, idx, ids: np.ndarray, s: int) -> dict | None:
-    """For a run trained with ``neighbour_init`` (beyond the paper): the start it is served
-    with, ``z_init`` (the top-1 neighbour's latent, tiled for ``s`` seeds) and ``t_init`` (the
-    SDEdit timestep of its training); None for every other run."""
-    from .model.pipeline import sdedit_timestep
-
-    record = Path(run_export) / "adapter_training.json"
-    cfg = json.loads(record.read_text())["config"] if record.exists() else {}
-    if not cfg.get("neighbour_init"):
-        return None
-    z = idx.latents(ids[:, 0]).astype(np.float32)
-    return {"z_init": _tile(z, s),
-            "t_init": sdedit_timestep(c, cfg["synth_steps"], cfg["neighbour_sdedit"])}
 
 
 def _tile(x: np.ndarray, s: int) -> np.ndarray:
@@ -238,9 +225,18 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
     idx, ids, h4, scores = evaluate.neighbours(model, base, prompts, 4, index, progress)
     H4, LAM = _tile(h4, s), _tile(scores[:, 0].copy(), s)
 
-    def student(c, h=None, lam=None, w=None, desc="student", guidance=None):
+    TOP1 = _tile(ids[:, 0], s)                                   # each image's top-1 item
+
+    def student(c, h=None, lam=None, w=None, desc="student", guidance=None, top1=None):
+        start = {}
+        if c.neighbour_start is not None and h is not None and w is None:
+            # a neighbour-start model, retrieval on: its step starts from the top-1 neighbour
+            top1 = TOP1 if top1 is None else top1
+            start = {"z_init": idx.latents(top1).astype(np.float32),
+                     "t_init": c.neighbour_start["timestep"]}
         return evaluate.generate(c, P, SD, h_retr=h, lam=lam, slerp_w=w,
-                                 retrieval_guidance=guidance, desc=desc, progress=progress)
+                                 retrieval_guidance=guidance, desc=desc, progress=progress,
+                                 **start)
 
     images: dict[str, np.ndarray] = {}
     nfe: dict[str, int] = {}
@@ -287,7 +283,8 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
                     for j in range(s)]                                   # per seed: (N, 1) each
             ids_p = np.concatenate([r[0] for r in rows])                 # (S * N, 1), seed-major
             lam_p = np.concatenate([r[1][:, 0] for r in rows]).astype(np.float32)
-            images[name] = student(tuned, idx.h(ids_p).astype(np.float32), lam_p, desc=name)
+            images[name] = student(tuned, idx.h(ids_p).astype(np.float32), lam_p, desc=name,
+                                   top1=ids_p[:, 0])
             partner[name] = TUNED_OFF
         for g in retrieval_guidance:
             name = f"ImageRAGTurbo k=4, retrieval guidance {g:g}"
@@ -303,13 +300,7 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
             # its adapter was trained on the target's own feature, lambda 1: served that way
             images[name] = _control_images(c, P, SD, progress)
         else:
-            start = neighbour_start(c, folder, idx, ids, s)
-            if start is None:
-                images[name] = student(c, H4[:, :k], LAM, desc=name)
-            else:   # a neighbour_init run: on = the top-1 neighbour's latent as the start
-                images[name] = evaluate.generate(c, P, SD, h_retr=H4[:, :k], lam=LAM,
-                                                 desc=name, progress=progress, **start)
-                nfe[name] = 1
+            images[name] = student(c, H4[:, :k], LAM, desc=name)
             partner[name] = f"{name}, K = 0"
             images[partner[name]] = student(c, desc=partner[name])
     for name, fn in (extra_rows or {}).items():

@@ -714,17 +714,24 @@ def test_the_retriever_backend_gives_the_in_process_neighbours(built, monkeypatc
     m = mod.TritonPythonModel()
     m.index = RetrievalIndex.load(out, verify=False)
     m.has_adapter, m.h_shape, m.rerank, m.pool = True, (6, 1, 1), 32, 3
+    m.start = None
     m.dtypes = {"h_retr": np.float32, "lam": np.float32, "slerp_w": np.float32,
+                "start": np.float32, "start_t": np.int64,
                 "NEIGHBOUR_IDS": np.object_, "NEIGHBOUR_CAPTIONS": np.object_,
                 "NEIGHBOUR_SCORES": np.float32}
     prompts, seeds = ["w1 w2 w3", "w9 w8 w7"], [11, 12]
     q = enc.encode_text(prompts)
+    z_t = request.initial_noise(seeds, m.index.latents(np.array([0])).shape[1:])
     req = {"pooled": q, "k": np.full((2, 1), 2, np.int32),
            "strength": np.full((2, 1), np.nan, np.float32),
            "prompt": np.array([p.encode() for p in prompts], np.object_).reshape(2, 1),
-           "seed": np.array(seeds, np.int64).reshape(2, 1)}
+           "seed": np.array(seeds, np.int64).reshape(2, 1),
+           "sample": z_t, "timestep": np.full((2, 1), 999, np.int64)}
     (resp,) = m.execute([req])
     assert resp.error is None, resp.error and resp.error.message
+    # the paper's model: the step starts from z_T at t, passed through
+    np.testing.assert_array_equal(resp.outputs["start"], z_t)
+    assert resp.outputs["start_t"].tolist() == [[999], [999]]
     h, scores, nb = request.retrieve(m.index, q, 2, prompts, 32, seeds, 3)
     assert not np.array_equal(nb.ids, request.retrieve(m.index, q, 2, prompts, 32)[2].ids)
     np.testing.assert_array_equal(resp.outputs["h_retr"], h)
@@ -734,4 +741,15 @@ def test_the_retriever_backend_gives_the_in_process_neighbours(built, monkeypatc
     np.testing.assert_allclose(resp.outputs["lam"][:, 0], scores[:, 0])
     np.testing.assert_array_equal(resp.outputs["slerp_w"][:, 0], [1, 1])  # no slerp here
     assert {a.dtype for a in resp.outputs.values()} == {np.dtype(np.float32),
-                                                        np.dtype(np.object_)}
+                                                        np.dtype(np.int64), np.dtype(np.object_)}
+    # a neighbour-start model: from the (seed-drawn) top-1 neighbour's latent, noised with z_T
+    m.start = {"timestep": 479, "alpha_bar": 0.25}
+    (resp,) = m.execute([req])
+    lat = m.index.latents(nb.ids[:, 0]).astype(np.float32)
+    np.testing.assert_allclose(resp.outputs["start"], 0.5 * lat + np.sqrt(0.75) * z_t,
+                               rtol=1e-6, atol=1e-6)
+    assert resp.outputs["start_t"].tolist() == [[479], [479]]
+    # K = 0 asks for nothing: z_T at t again, whatever the model
+    (resp,) = m.execute([{**req, "k": np.zeros((2, 1), np.int32)}])
+    np.testing.assert_array_equal(resp.outputs["start"], z_t)
+    assert resp.outputs["start_t"].tolist() == [[999], [999]]

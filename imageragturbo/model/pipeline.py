@@ -8,6 +8,7 @@ the ONNX Runtime pipeline and the Triton ensemble draw the very same z_T for a s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -109,6 +110,7 @@ class TorchStudent:
         self.c = load_components(model)
         self.text_dim = int(self.c.text_encoder.config.hidden_size)
         self.has_adapter = self.c.h_adapter is not None
+        self.neighbour_start = self.c.neighbour_start
         cfg = self.c.unet.config
         down = 2 ** (len(cfg.block_out_channels) - 1)
         _, lh, lw = latent_shape(self.c)
@@ -117,10 +119,18 @@ class TorchStudent:
     def pooled(self, prompts: Sequence[str]) -> np.ndarray:
         return encode_prompt(self.c, prompts)[1].numpy()
 
-    def generate(self, prompts, seeds, h_retr=None, lam=None, slerp_w=None) -> np.ndarray:
+    def generate(self, prompts, seeds, h_retr=None, lam=None, slerp_w=None,
+                 z_init=None) -> np.ndarray:
         ht = None if h_retr is None else torch.from_numpy(np.asarray(h_retr))
         lt = None if lam is None else torch.from_numpy(np.asarray(lam))
-        return student_generate(self.c, prompts, seeds, h_retr=ht, lam=lt, slerp_w=slerp_w)
+        start = {}
+        if z_init is not None:
+            if self.neighbour_start is None:
+                raise ValueError("z_init given, but this model has no neighbour start")
+            start = {"z_init": torch.from_numpy(np.asarray(z_init, np.float32)),
+                     "t_init": self.neighbour_start["timestep"]}
+        return student_generate(self.c, prompts, seeds, h_retr=ht, lam=lt, slerp_w=slerp_w,
+                                **start)
 
 
 def ddim_scheduler(c: Components):
@@ -170,10 +180,27 @@ def sdedit_timestep(c: Components, steps: int, strength: float) -> int:
     return int(sched.timesteps[steps - sdedit_keep(steps, strength)])
 
 
+def neighbour_start_of(c: Components, record: str | Path) -> dict | None:
+    """A retrieval fine-tuning run's start (``adapter_training.json`` of a run's export or of
+    the model folder it was installed into): for a run trained with ``neighbour_init`` (beyond
+    the paper), {"timestep": t, "alpha_bar": alphas_cumprod[t]}: with retrieval on, its one
+    step starts at t from the top-1 neighbour's latent noised with z_T. None otherwise."""
+    import json
+
+    record = Path(record)
+    cfg = json.loads(record.read_text()).get("config", {}) if record.is_file() else {}
+    if not cfg.get("neighbour_init"):
+        return None
+    t = sdedit_timestep(c, int(cfg["synth_steps"]), float(cfg["neighbour_sdedit"]))
+    return {"timestep": t, "alpha_bar": float(c.alphas_cumprod[t])}
+
+
 def noised(c: Components, z_init: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
-    """z_init noised to timestep t with noise eps (paper Eq. 1; DDPM's forward process)."""
-    abar = c.alphas_cumprod.to(z_init.device, torch.float64)[int(t)]
-    return (abar.sqrt() * z_init.double() + (1 - abar).sqrt() * eps.double()).to(eps.dtype)
+    """z_init noised to timestep t with noise eps (paper Eq. 1; DDPM's forward process), in
+    float32 as the served retriever computes it (``runtime.request.neighbour_start``)."""
+    abar = float(c.alphas_cumprod[int(t)])
+    return (np.float32(np.sqrt(abar)) * z_init.float()
+            + np.float32(np.sqrt(1.0 - abar)) * eps.float()).to(eps.dtype)
 
 
 @torch.no_grad()

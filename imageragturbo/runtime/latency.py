@@ -18,9 +18,11 @@ def in_process_request(pipe, index, k: int):
     def one(prompts, seeds):
         if k > 0:
             _, pooled = pipe.encode_prompt(prompts)
-            h_retr, scores, _ = retrieve(index, pooled, k, prompts)
+            h_retr, scores, nb = retrieve(index, pooled, k, prompts)
             lam, w = retrieval_controls(scores, None, pipe.has_adapter)
-            pipe.generate(prompts, seeds, h_retr=h_retr, lam=lam, slerp_w=w)
+            z_init = (index.latents(nb.ids[:, 0]) if pipe.neighbour_start and lam is not None
+                      else None)
+            pipe.generate(prompts, seeds, h_retr=h_retr, lam=lam, slerp_w=w, z_init=z_init)
         else:
             pipe.generate(prompts, seeds)
     return one

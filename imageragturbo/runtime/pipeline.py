@@ -24,7 +24,7 @@ from imageragturbo.client import contract as C
 
 from . import device
 from .manifest import MANIFEST, load_manifest, stage_names
-from .request import initial_noise, slerp_inject, to_uint8
+from .request import initial_noise, slerp_inject, start_from, to_uint8
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -120,6 +120,8 @@ class OnnxPipeline:
         self.tokenizer = CLIPTokenizer.from_pretrained(self.path / "tokenizer")
         self.latent_shape = tuple(self.manifest["latent_shape"])
         self.timestep = int(self.manifest["timestep"])
+        # beyond the paper: a model trained with a neighbour start ({"timestep", "alpha_bar"})
+        self.neighbour_start = self.manifest.get("neighbour_start")
         self.num_skips = int(self.manifest["num_skips"])
         h = self.manifest["stages"][C.UNET_ENCODER]["outputs"][0]["shape"]
         self.h_shape = tuple(h[1:])                                    # (C, h', w')
@@ -203,16 +205,27 @@ class OnnxPipeline:
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int],
                  h_retr: np.ndarray | None = None, lam: np.ndarray | None = None,
-                 slerp_w: float | None = None, return_latents: bool = False):
+                 slerp_w: float | None = None, return_latents: bool = False,
+                 z_init: np.ndarray | None = None):
         """One step at t=999, as ``pipeline.student_generate``: uint8 (B, H, W, 3). With
         ``h_retr`` (B, k, C, h', w'): the H-adapter with ``lam`` (paper Eq. 5), or slerp of
-        the top-1 neighbour with target weight ``slerp_w`` (paper Eq. 3)."""
+        the top-1 neighbour with target weight ``slerp_w`` (paper Eq. 3). ``z_init`` (B, C, h,
+        w): for a neighbour-start export (``neighbour_start``), the top-1 neighbours' latents
+        (``index.latents(neighbours.ids[:, 0])``): the step starts from them noised with z_T, at
+        the export's start timestep, as the served retriever does."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         t0 = time.perf_counter()
         self.timings = {}
         z = initial_noise(seeds, self.latent_shape)                    # (B, 4, h, w)
         t = np.full((len(prompts),), self.timestep, dtype=np.int64)    # (B,)
+        if z_init is not None:
+            if self.neighbour_start is None or h_retr is None or slerp_w is not None:
+                raise ValueError("z_init is a neighbour-start model's, with its adapter's "
+                                 "retrieval: this export has no neighbour start, or no "
+                                 "neighbours were given")
+            z = start_from(z_init, z, self.neighbour_start)
+            t[:] = int(self.neighbour_start["timestep"])
         if h_retr is not None:
             h_retr = np.asarray(h_retr, dtype=np.float32)
             if slerp_w is None and not self.has_adapter:

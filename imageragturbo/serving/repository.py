@@ -193,6 +193,7 @@ def render_repository(export_dir: str | Path, index_dir: str | Path, out: str | 
     img = stages[C.VAE_DECODER]["outputs"][0]["shape"]                       # (B, 3, H, W)
     skips = C.skip_names(int(m["num_skips"]))
     has_adapter = C.H_ADAPTER in stages and opt.injection == "adapter"
+    start = m.get("neighbour_start") if has_adapter else None
     def batching(delay_us: int) -> str:
         return _template("dynamic_batching.pbtxt.in").substitute(
             queue_delay_us=delay_us, queue_timeout_us=opt.queue_timeout_us,
@@ -210,6 +211,9 @@ def render_repository(export_dir: str | Path, index_dir: str | Path, out: str | 
         "h_dims": ", ".join(map(str, h_shape)), "h_shape": ",".join(map(str, h_shape)),
         "ef": "" if opt.ef is None else opt.ef, "rerank": opt.rerank,
         "neighbour_pool": opt.neighbour_pool,
+        # a neighbour-start model's start (its trained adapter only; slerp starts from z_T)
+        "start_timestep": start["timestep"] if start else "",
+        "start_alpha_bar": repr(float(start["alpha_bar"])) if start else "",
         "verify_index": "true" if opt.verify_index else "false",
         "injection": C.LAM if has_adapter else C.SLERP_W,
         "encoder_skip_outputs": "\n".join(

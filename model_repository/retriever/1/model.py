@@ -12,14 +12,17 @@ captions and cosine scores.
 Two injection controls, each with one meaning (``runtime.request.retrieval_controls``): lam,
 the H-adapter's lambda = strength x top-1 similarity (paper Eq. 5; 0 without an adapter), and
 slerp_w, the slerp step's target weight w = 1 - strength (paper Eq. 3; 1, keep the target,
-with an adapter). The ensemble hands the adapter step the one its mode uses. k = 0: no
+with an adapter). start, start_t: where the one step begins, z_T (sample) at t (timestep)
+passed through, or for a model trained with a neighbour start (the parameter start_timestep)
+and k > 0, the top-1 neighbour's latent noised with z_T to that timestep
+(``runtime.request.neighbour_start``: one latent row read per request). The ensemble hands the adapter step the one its mode uses. k = 0: no
 search, zero h_retr [1, ...], lam 0, slerp_w 1, no neighbours. The index is
 loaded in initialize, so the model, and with it the server, is READY only once retrieval
 works: its structure is checked against its manifest (file sizes, array shapes, counts,
 dtypes) and its arrays are memory-mapped, not read, so the start does not grow with them; the
 parameter verify = "true" adds the sha256 of every file (reads the whole index). A request
-reads the k rows of h it injects and nothing else of the arrays (no neighbour latents: no
-output carries them).
+reads the k rows of h it injects and nothing else of the arrays (no neighbour latents, but
+the top-1's for a neighbour-start model).
 """
 
 import json
@@ -29,7 +32,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from imageragturbo.client import contract as C
-from imageragturbo.runtime.request import load_index, retrieval_controls, retrieve
+from imageragturbo.runtime.request import load_index, neighbour_start, retrieval_controls, retrieve
 
 
 class TritonPythonModel:
@@ -41,6 +44,9 @@ class TritonPythonModel:
         ef = int(p["ef"]) if p.get("ef") else None
         self.rerank = int(p.get("rerank") or 0)
         self.pool = int(p.get("pool") or 1)
+        self.start = ({"timestep": int(p["start_timestep"]),
+                       "alpha_bar": float(p["start_alpha_bar"])}
+                      if p.get("start_timestep") else None)
         path = Path(args["model_repository"]) / args["model_version"] / "index"
         self.index = load_index(path, int(p["text_dim"]), self.h_shape, ef=ef,
                                 verify=p.get("verify", "false") == "true")
@@ -55,6 +61,7 @@ class TritonPythonModel:
         k = int(get(C.K_WIRE).reshape(-1)[0])
         strength = get(C.STRENGTH_WIRE).reshape(-1)
         n = pooled.shape[0]
+        start, start_t = get(C.SAMPLE), get(C.TIMESTEP)      # z_T, t: passed through by default
         lam = np.zeros(n)                 # no adapter injection
         slerp_w = np.ones(n)              # slerp keeps the target
         if k == 0:
@@ -76,7 +83,11 @@ class TritonPythonModel:
             ids = np.array([[i.encode() for i in row] for row in nb.item_ids], np.object_)
             caps = np.array([[c.encode() for c in row] for row in nb.captions], np.object_)
             scores = nb.scores
+            if self.start is not None:    # a neighbour-start model: from the top-1 neighbour
+                start = neighbour_start(self.index, nb.ids[:, 0], start, self.start)
+                start_t = np.full_like(start_t, self.start["timestep"])
         values = {C.H_RETR: h_retr, C.LAM: lam.reshape(n, 1), C.SLERP_W: slerp_w.reshape(n, 1),
+                  C.START: start, C.START_T: start_t,
                   C.NEIGHBOUR_IDS.name: ids, C.NEIGHBOUR_CAPTIONS.name: caps,
                   C.NEIGHBOUR_SCORES.name: scores}
         return pb_utils.InferenceResponse(output_tensors=[
