@@ -197,6 +197,31 @@ def test_served_image_equals_in_process_with_slerp_retrieval(servers, pipes):
     assert [n.caption for n in r.neighbours] == nb.captions[0]
 
 
+def test_a_neighbour_start_model_is_served_from_its_top1_neighbour_as_in_process(servers,
+                                                                                   pipes):
+    """A model trained with a neighbour start (beyond the paper): served, its step starts from
+    the top-1 neighbour's latent noised to its start timestep, as in process (2/255); the
+    start changes the image against the same weights started from z_T; K = 0 is the plain
+    step from z_T at t = 999, in a batch with a K > 0 request as alone."""
+    pipe, index = pipes["start"]
+    assert pipe.neighbour_start["timestep"] < 999
+    with ImageRAGTurboClient(servers["start"].url, timeout=60) as c:
+        r = c.generate(PROMPTS[1], seed=11, k=3)
+        r0 = c.generate(PROMPTS[1], seed=11, k=0)
+    ref, nb = in_process(pipes, "start", PROMPTS[1:2], [11], k=3)
+    assert _maxdiff(r.array[None], ref) <= PIXEL_BOUND
+    assert [n.id for n in r.neighbours] == nb.item_ids[0]
+    same_weights_from_z_t, _ = in_process(pipes, "adapter", PROMPTS[1:2], [11], k=3)
+    assert _maxdiff(ref, same_weights_from_z_t) > PIXEL_BOUND   # the start is used
+    plain, _ = in_process(pipes, "start", PROMPTS[1:2], [11])
+    assert _maxdiff(r0.array[None], plain) <= PIXEL_BOUND
+    with grpcclient.InferenceServerClient(servers["start"].url) as g:
+        res = g.infer("imageragturbo", [_prompt(PROMPTS[1], PROMPTS[1]),
+                                        _inp("SEED", np.array([[11], [11]], np.int64), "INT64"),
+                                        _inp("K", np.array([[3], [3]], np.int32), "INT32")])
+    assert _maxdiff(res.as_numpy("IMAGE")[:1], ref) <= PIXEL_BOUND
+
+
 def test_batch_request_returns_each_prompts_image_as_in_process(client, pipes):
     rs = client.generate_batch(PROMPTS, seeds=[1, 2, 3], k=2)
     assert [r.seed for r in rs] == [1, 2, 3] and all(len(r.neighbours) == 2 for r in rs)
