@@ -153,6 +153,7 @@ def bench(index, tmp_path_factory):
     run_export = tmp_path_factory.mktemp("run") / "export"
     for sub in ("h_adapter", family.LORA_DIR):
         shutil.copytree(family.resolve("tiny-shapes") / sub, run_export / sub)
+    shutil.copy(family.resolve("tiny-shapes") / "adapter_training.json", run_export)
 
     mp = pytest.MonkeyPatch()
     calls = []
@@ -163,7 +164,8 @@ def bench(index, tmp_path_factory):
         calls.append({"desc": kw.get("desc"), "pipeline": pipeline, "steps": steps,
                       "adapter": c.h_adapter is not None,
                       "h": None if h_retr is None else h_retr.copy(), "w": kw.get("slerp_w"),
-                      "seeds": list(seeds), "prompts": list(prompts)})
+                      "seeds": list(seeds), "prompts": list(prompts),
+                      "t_init": kw.get("t_init")})
         return real(c, prompts, seeds, pipeline, steps, guidance, **kw)
 
     mp.setattr(evaluate, "generate", spy)
@@ -225,6 +227,8 @@ def test_run_holds_per_seed_scores_and_intervals_for_every_row(bench):
 
 
 def test_run_rows_are_served_at_their_k_and_paired_with_their_own_k0_row(bench):
+    from imageragturbo.model import family
+
     res, calls, _ = bench
     on = next(c for c in calls if c["desc"] == RUN)
     off = next(c for c in calls if c["desc"] == RUN + ", K = 0")
@@ -232,6 +236,13 @@ def test_run_rows_are_served_at_their_k_and_paired_with_their_own_k0_row(bench):
     assert res[RUN]["vs_retrieval_off"]["row"] == RUN + ", K = 0"
     # the same weights as the installed model: its k = 1 row's images, so the same scores
     assert res[RUN]["tifa"] == pytest.approx(res["ImageRAGTurbo k=1"]["tifa"])
+    # a neighbour-start model (the shipped one) starts its retrieval rows from the neighbour,
+    # its K = 0 rows from z_T
+    installed = next(c for c in calls if c["desc"] == "ImageRAGTurbo k=1")
+    assert on["t_init"] == installed["t_init"] == family.load_components(
+        "tiny-shapes").neighbour_start["timestep"]
+    assert off["t_init"] is None
+    assert next(c for c in calls if c["desc"] == TUNED_OFF)["t_init"] is None
 
 
 def test_retrieval_off_row_is_the_tuned_weights_without_retrieval(bench):

@@ -160,8 +160,10 @@ def test_the_wheel_carries_what_serve_needs(tmp_path):
             "imageragturbo/model_repository/onnx_stage/config.gpu.pbtxt.in",
             "imageragturbo/model_repository/preprocess/1/model.py",
             "imageragturbo/model_repository/retriever/1/model.py",
-            "imageragturbo/weights/tiny-shapes/h_adapter/model.safetensors",
+            "imageragturbo/weights/tiny-shapes/h_adapter/diffusion_pytorch_model.safetensors",
             "imageragturbo/weights/tiny-shapes/unet_lora/lora.safetensors",
+            "imageragturbo/weights/tiny-shapes/adapter_training.json",   # the neighbour start
+            "imageragturbo/weights/adapters/paper/h_adapter/model.safetensors",
             "imageragturbo/runtime/pipeline.py", "imageragturbo/defaults.py",
             "imageragturbo/commands/main.py"]
     assert not [w for w in want if w not in names], [w for w in want if w not in names]

@@ -264,8 +264,6 @@ def load_components(model: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torc
     if retrieval_tuned:
         attach_neighbour_attention(c, path)
         if c.h_adapter is not None:
-            from .pipeline import neighbour_start_of
-
             c.neighbour_start = neighbour_start_of(c, path / "adapter_training.json")
     return c.eval()
 
@@ -339,3 +337,43 @@ def load_teacher_unet(folder: str | Path, student: Components,
                              "and the VAE (SD 2.1-base and SD-Turbo do)")
         del other
     return unet.eval()
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def ddim_scheduler(c: Components):
+    from diffusers import DDIMScheduler
+
+    cfg = dict(c.scheduler.config)
+    return DDIMScheduler.from_config(cfg, clip_sample=False, set_alpha_to_one=False,
+                                     timestep_spacing="trailing")
+
+
+def sdedit_keep(steps: int, strength: float) -> int:
+    """How many of ``steps`` DDIM steps an SDEdit at ``strength`` runs (the last ones)."""
+    return max(1, round(strength * steps))
+
+
+def sdedit_timestep(c: Components, steps: int, strength: float) -> int:
+    """The timestep an SDEdit of ``steps`` DDIM steps (trailing spacing) at ``strength``
+    starts from: where ``teacher_sample_latents`` noises ``z_init`` to, and where a
+    ``neighbour_init`` student starts from its noised neighbour."""
+    sched = ddim_scheduler(c)
+    sched.set_timesteps(steps)
+    return int(sched.timesteps[steps - sdedit_keep(steps, strength)])
+
+
+def neighbour_start_of(c: Components, record: str | Path) -> dict | None:
+    """A retrieval fine-tuning run's start (``adapter_training.json`` of a run's export or of
+    the model folder it was installed into): for a run trained with ``neighbour_init`` (beyond
+    the paper), {"timestep": t, "alpha_bar": alphas_cumprod[t]}: with retrieval on, its one
+    step starts at t from the top-1 neighbour's latent noised with z_T. None otherwise."""
+    import json
+
+    record = Path(record)
+    cfg = json.loads(record.read_text()).get("config", {}) if record.is_file() else {}
+    if not cfg.get("neighbour_init"):
+        return None
+    t = sdedit_timestep(c, int(cfg["synth_steps"]), float(cfg["neighbour_sdedit"]))
+    return {"timestep": t, "alpha_bar": float(c.alphas_cumprod[t])}

@@ -8,7 +8,6 @@ the ONNX Runtime pipeline and the Triton ensemble draw the very same z_T for a s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +16,7 @@ from imageragturbo.client import contract as C
 from imageragturbo.defaults import STUDENT_TIMESTEP, from_unit
 from imageragturbo.runtime.request import initial_noise
 
-from .family import Components
+from .family import Components, ddim_scheduler, neighbour_start_of, sdedit_keep, sdedit_timestep  # noqa: F401 - the schedule helpers are re-exported
 from .h_space import slerp_inject
 from .stages import OneStepStudent, TextEncoder, VAEDecoder
 
@@ -133,14 +132,6 @@ class TorchStudent:
                                 **start)
 
 
-def ddim_scheduler(c: Components):
-    from diffusers import DDIMScheduler
-
-    cfg = dict(c.scheduler.config)
-    return DDIMScheduler.from_config(cfg, clip_sample=False, set_alpha_to_one=False,
-                                     timestep_spacing="trailing")
-
-
 @torch.no_grad()
 def teacher_sample_latents(c: Components, unet, ehs: torch.Tensor, ehs_uncond: torch.Tensor,
                            z: torch.Tensor, steps: int, guidance: float,
@@ -164,35 +155,6 @@ def teacher_sample_latents(c: Components, unet, ehs: torch.Tensor, ehs_uncond: t
         eps = eps_u + guidance * (eps_c - eps_u)
         z = sched.step(eps, t, z).prev_sample
     return z
-
-
-def sdedit_keep(steps: int, strength: float) -> int:
-    """How many of ``steps`` DDIM steps an SDEdit at ``strength`` runs (the last ones)."""
-    return max(1, round(strength * steps))
-
-
-def sdedit_timestep(c: Components, steps: int, strength: float) -> int:
-    """The timestep an SDEdit of ``steps`` DDIM steps (trailing spacing) at ``strength``
-    starts from: where ``teacher_sample_latents`` noises ``z_init`` to, and where a
-    ``neighbour_init`` student starts from its noised neighbour."""
-    sched = ddim_scheduler(c)
-    sched.set_timesteps(steps)
-    return int(sched.timesteps[steps - sdedit_keep(steps, strength)])
-
-
-def neighbour_start_of(c: Components, record: str | Path) -> dict | None:
-    """A retrieval fine-tuning run's start (``adapter_training.json`` of a run's export or of
-    the model folder it was installed into): for a run trained with ``neighbour_init`` (beyond
-    the paper), {"timestep": t, "alpha_bar": alphas_cumprod[t]}: with retrieval on, its one
-    step starts at t from the top-1 neighbour's latent noised with z_T. None otherwise."""
-    import json
-
-    record = Path(record)
-    cfg = json.loads(record.read_text()).get("config", {}) if record.is_file() else {}
-    if not cfg.get("neighbour_init"):
-        return None
-    t = sdedit_timestep(c, int(cfg["synth_steps"]), float(cfg["neighbour_sdedit"]))
-    return {"timestep": t, "alpha_bar": float(c.alphas_cumprod[t])}
 
 
 def noised(c: Components, z_init: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
