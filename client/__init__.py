@@ -12,7 +12,7 @@ one another relatively, so the code is the same under either name.
 ...     result.save("circle.png")
 """
 
-import importlib
+from .lazy import lazy_exports
 
 # Loaded on first use (PEP 562), so that ``contract`` (standard library only) imports without
 # numpy or tritonclient: export and training code import it and install without them.
@@ -24,19 +24,4 @@ _EXPORTS = {
             "ImageRAGTurboClient", "Neighbour", "RetryPolicy"),
     "contract": ("ENSEMBLE_NAME",),
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

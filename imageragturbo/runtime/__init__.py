@@ -13,7 +13,7 @@ The Triton backends in ``imageragturbo.model_repository`` import ``request``; ``
 ``manifest`` reads, and nothing here imports it.
 """
 
-import importlib
+from imageragturbo.client.lazy import lazy_exports
 
 # Loaded on first use (PEP 562): a Triton backend that imports ``runtime.request`` runs this
 # file, and must not load the pipeline (onnxruntime, the tokenizer) or the device chain with it.
@@ -23,19 +23,4 @@ _EXPORTS = {
     "request": ("initial_noise", "load_index", "retrieval_controls", "retrieve",
                 "slerp_inject", "to_uint8"),
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
