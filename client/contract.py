@@ -201,6 +201,9 @@ PREPROCESS = "preprocess"
 RETRIEVER = "retriever"
 POSTPROCESS = "postprocess"
 PYTHON_MODELS = (PREPROCESS, RETRIEVER, POSTPROCESS)
+# The ensemble's composing models in step order (``ensemble_steps``).
+ENSEMBLE_MODELS = (PREPROCESS, TEXT_ENCODER, RETRIEVER, UNET_ENCODER, H_ADAPTER, UNET_DECODER,
+                   VAE_DECODER, POSTPROCESS)
 
 
 class Tensor(NamedTuple):

@@ -181,3 +181,10 @@ def test_postprocess_writes_the_configs_dtype(monkeypatch):
     assert resp.outputs["IMAGE"].dtype == np.uint8
     assert (resp.outputs["IMAGE"] == 128).all()   # 0 in [-1, 1] -> 127.5, rounded half to even
     m.finalize()
+
+
+def test_the_ensemble_models_are_its_steps_in_order():
+    """``ENSEMBLE_MODELS`` (what `serve --help` lists) is the ensemble's step order, in both
+    injection modes, and every step's model is one of them once."""
+    for adapter in (True, False):
+        assert tuple(s.model for s in C.ensemble_steps(3, adapter)) == C.ENSEMBLE_MODELS

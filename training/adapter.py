@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imageragturbo.client.contract import check_h_shape
 from imageragturbo.defaults import DATA_ROOT, DEFAULT_MODEL, STUDENT_TIMESTEP
 from imageragturbo.model import family
 from imageragturbo.model.h_space import HAdapter, adapter_config_for, count_parameters
@@ -397,11 +398,8 @@ class AdapterRun(StagedRun):
             want = model_files_id(str(self.model_dir), index=True)
             idx = RetrievalIndex.load(path, model_id=want,
                                       text_dim=int(self.c.text_encoder.config.hidden_size))
-            cached = tuple(idx.manifest["shapes"]["h"][1:])
-            if cached != self.h_shape():
-                raise IndexFormatError(f"index {path} caches H features of shape {cached}; "
-                                       f"{self.cfg.model}'s UNet encoder gives "
-                                       f"{self.h_shape()}: rebuild the index for this model")
+            check_h_shape(idx.manifest["shapes"]["h"][1:], self.h_shape(), path,
+                          error=IndexFormatError)
             self._index = idx
         return self._index
 

@@ -14,6 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
+from imageragturbo.client import contract as C
 from imageragturbo.defaults import DATA_ROOT, DEFAULT_MODEL, export_dir_of, index_dir_of
 
 from .flags import add_dataclass_flags, dataclass_from_args
@@ -300,8 +301,7 @@ def add_parsers(sub, bench) -> None:
     s = sub.add_parser(
         "serve", help="serve the model as a Triton ensemble (gRPC), or render the repository",
         description="Serve one-step retrieval-augmented generation as the Triton ensemble "
-                    "'imageragturbo' (preprocess, text_encoder, retriever, unet_encoder, "
-                    "h_adapter, unet_decoder, vae_decoder, postprocess). Exports the model to "
+                    f"'{C.ENSEMBLE_NAME}' ({', '.join(C.ENSEMBLE_MODELS)}). Exports the model to "
                     "ONNX and builds its retrieval index when they are missing, renders the "
                     "model repository, starts a real tritonserver (NVIDIA's on PATH, else the "
                     "one in the nvidia-pytriton wheel) bound to --host, waits until every model "
