@@ -98,6 +98,9 @@ class AdapterConfig:
     adv_weight: float = 0.0       # weight of L_adv in Eq. 10 (the paper: 1; measured worse here)
     disc_s_max: int = 750         # discriminator noise level s ~ U{0..s_max-1}
     ckpt_every: int = 100
+    shard_mb: float = 256.0       # data / synth caches: shards of about this many MiB each,
+    #                               streamed in training (training/shards.py)
+    shuffle_buffer: int = 2048    # training: items held in the streams' shuffle buffers
     decoder_attention: bool = False  # beyond the paper: the decoder's cross-attention layers
     #                               also attend to the neighbours' tokens (IP-Adapter style,
     #                               model/neighbour_attention.py)
@@ -125,6 +128,8 @@ class AdapterConfig:
         self.pairs = tuple(str(p) for p in self.pairs)
         if "shapesworld" in self.pairs and len(self.pairs) > 1:
             raise ValueError("pairs: 'shapesworld' cannot be mixed with pairs files")
+        if self.shard_mb <= 0 or self.shuffle_buffer < 1:
+            raise ValueError("shard_mb must be > 0 and shuffle_buffer >= 1")
         if self.min_image_side < 0:
             raise ValueError(f"min_image_side must be >= 0, got {self.min_image_side}")
         if self.scene_neighbour > 0 and (not self.shapesworld or self.prompts):
