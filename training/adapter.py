@@ -223,7 +223,7 @@ class AdapterRun(StagedRun):
                 for it in items[a:min(b, len(items))]:
                     rows.append({"id": it.id, "caption": it.caption, "image": None,
                                  "sha256": None, "kind": "pair"})
-                    imgs.append(np.asarray(sw.render(it.scene)))
+                    imgs.append(np.asarray(sw.render(it.scene, size)))
             elif items and a < len(items) and bad_seen <= limit:
                 for it, img, digest in sources.load_images(items[a:min(b, len(items))],
                                                            size, min_side):
@@ -317,10 +317,9 @@ class AdapterRun(StagedRun):
                                  f"({why}: {len(bad) / listed:.1%}), more than max_bad_share "
                                  f"{cfg.max_bad_share:.1%} (--max-bad-share); stopped before "
                                  f"training. The list, with paths and reasons: {path}")
-            if self.progress:
-                print(f"train adapter: data: {n_real} of {listed} pairs kept, {len(bad)} "
-                      f"skipped{f' ({why})' if bad else ''}; report: {path}",
-                      file=sys.stderr, flush=True)
+            print(f"train adapter: data: {n_real} of {listed} pairs kept, {len(bad)} "
+                  f"skipped{f' ({why})' if bad else ''}; report: {path}",
+                  file=sys.stderr, flush=True)
             need = int(round(cfg.batch * cfg.real_fraction))
             if n_real < need:
                 raise ValueError(f"data: {n_real} usable pairs, fewer than the {need} real "

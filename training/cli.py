@@ -49,7 +49,7 @@ def _cmd_train_adapter(args: argparse.Namespace) -> int:
                 "adv_weight", "distill_weight", "real_fraction", "text_drop",
                 "scene_neighbour", "real_input", "perceptual_weight", "rerank", "teacher",
                 "prompts", "min_image_side", "max_bad_share", "guidance", "synth_steps",
-                "neighbour_sdedit"):
+                "neighbour_sdedit", "shard_mb", "shuffle_buffer"):
         if getattr(args, key) is not None:
             kw[key] = str(getattr(args, key)) if key in ("teacher", "prompts") \
                 else getattr(args, key)
@@ -228,6 +228,12 @@ def add_parsers(sub, bench) -> None:
     a.add_argument("--no-lora", action="store_true", help="ablation: the adapter only")
     a.add_argument("--no-perceptual", action="store_true",
                    help="ablation: without the latent perceptual loss (Eq. 9)")
+    a.add_argument("--shard-mb", type=float, default=None,
+                   help="data and synth caches: shards of about this many MiB, streamed in "
+                        f"training so memory does not grow with the data (default {A.shard_mb:g})")
+    a.add_argument("--shuffle-buffer", type=int, default=None,
+                   help="training: items in each stream's shuffle buffer (shards come in a "
+                        f"seeded random order; default {A.shuffle_buffer})")
     a.add_argument("--quick", action="store_true",
                    help="a few steps of every stage on 64 items: checks the recipe end to end")
     a.add_argument("--threads", type=int, default=None, help="torch CPU threads")
