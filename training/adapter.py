@@ -667,6 +667,8 @@ class AdapterRun(StagedRun):
             add_decoder_lora(student, rank=cfg.lora_rank, targets=cfg.lora_targets)
         else:
             student.requires_grad_(False)
+        if cfg.gradient_checkpointing:  # recompute the UNet blocks' activations in backward
+            student.enable_gradient_checkpointing()
         acfg = adapter_config_for(student)
         acfg.positional = cfg.positional
         adapter = HAdapter(acfg).train()
@@ -776,15 +778,16 @@ class AdapterRun(StagedRun):
             def perceptual(a, b):
                 return perc(a, b, gen)
 
-            return ladd_step(one_step, disc, opt_g, opt_d, z_t, z0, ehs, pooled, s, eps_s, ac,
-                             cfg.distill_weight, h_edit=h_edit, backward=backward,
-                             sync_heads=self._sync_grads,
-                             perceptual=perceptual if perc is not None else None,
-                             perceptual_weight=cfg.perceptual_weight,
-                             adv_weight=cfg.adv_weight, decoder_ehs=dec_ehs)
+            with self._autocast():
+                return ladd_step(one_step, disc, opt_g, opt_d, z_t, z0, ehs, pooled, s, eps_s,
+                                 ac, cfg.distill_weight, h_edit=h_edit, backward=backward,
+                                 sync_heads=self._sync_grads,
+                                 perceptual=perceptual if perc is not None else None,
+                                 perceptual_weight=cfg.perceptual_weight,
+                                 adv_weight=cfg.adv_weight, decoder_ehs=dec_ehs)
 
         t0 = time.perf_counter()
-        hist = self._loop("train", state, step, cfg.steps)
+        hist = self._loop("train", state, self._timed(step, d / "log.jsonl"), cfg.steps)
         if self.acc.is_main_process:
             # fp16 on disk, like the rest of the shipped model (loaded back as fp32)
             adapter.cpu().eval().save_pretrained(d / "h_adapter", dtype=torch.float16)
@@ -798,13 +801,67 @@ class AdapterRun(StagedRun):
                 **({"decoder_attention_parameters": count_parameters(nb_attn)}
                    if nb_attn is not None else {}),
                 "retrieval": cfg.retrieval, "device": str(self.acc.device),
-                "processes": self.acc.num_processes}
+                "processes": self.acc.num_processes, "mixed_precision": cfg.mixed_precision,
+                "gradient_checkpointing": cfg.gradient_checkpointing,
+                **self._throughput(d / "log.jsonl")}
         for key in ("distill", "lpips", "g_adv", "d"):
             if any(key in h for h in hist):  # lpips, g_adv and d only when their term is on
                 info[f"first_{key}"] = mean_tail(hist[:50], key)
                 info[f"final_{key}"] = mean_tail(hist, key, 200)
         (d / "history.json").write_text(json.dumps(hist) + "\n")
         return self._finish("train", info)
+
+    def _autocast(self):
+        """The forward passes in ``mixed_precision`` (bf16 or fp16 autocast on the run's
+        device; the weights and optimiser states stay fp32); a no-op for "no"."""
+        import contextlib
+
+        mp = self.cfg.mixed_precision
+        if mp == "no":
+            return contextlib.nullcontext()
+        if mp == "fp16" and self.acc.device.type != "cuda":
+            raise ValueError("mixed_precision fp16 needs a CUDA device; use bf16 on the CPU")
+        dtype = torch.bfloat16 if mp == "bf16" else torch.float16
+        return torch.autocast(self.acc.device.type, dtype=dtype)
+
+    def _timed(self, step, log: Path):
+        """``step`` that also appends one JSON line per step to ``log``: its seconds, steps/s,
+        images/s (over all processes) and the peak memory so far (CUDA: max allocated;
+        CPU: the process's peak RSS)."""
+        import resource
+
+        batch = self.cfg.batch * self.acc.num_processes
+
+        def timed(i):
+            t = time.perf_counter()
+            out = step(i)
+            dt = time.perf_counter() - t
+            if self.acc.device.type == "cuda":
+                peak = int(torch.cuda.max_memory_allocated(self.acc.device))
+            else:
+                peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+            if self.acc.is_main_process:
+                with open(log, "a") as f:
+                    f.write(json.dumps({"step": i, "seconds": dt, "steps_per_s": 1 / dt,
+                                        "images_per_s": batch / dt,
+                                        "peak_memory_bytes": peak}) + "\n")
+            return out
+
+        return timed
+
+    @staticmethod
+    def _throughput(log: Path) -> dict:
+        """Mean steps/s and images/s over the logged steps (the first, warm-up, left out
+        when there are more) and the peak memory."""
+        if not log.exists():
+            return {}
+        rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+        use = rows[1:] if len(rows) > 1 else rows
+        secs = sum(r["seconds"] for r in use)
+        return {"steps_per_s": len(use) / secs if secs else None,
+                "images_per_s": sum(r["images_per_s"] * r["seconds"] for r in use) / secs
+                if secs else None,
+                "peak_memory_bytes": max((r["peak_memory_bytes"] for r in rows), default=None)}
 
     # -- 5. export
     def stage_export(self) -> dict:

@@ -49,7 +49,7 @@ def _cmd_train_adapter(args: argparse.Namespace) -> int:
                 "adv_weight", "distill_weight", "real_fraction", "text_drop",
                 "scene_neighbour", "real_input", "perceptual_weight", "rerank", "teacher",
                 "prompts", "min_image_side", "max_bad_share", "guidance", "synth_steps",
-                "neighbour_sdedit", "shard_mb", "shuffle_buffer"):
+                "neighbour_sdedit", "shard_mb", "shuffle_buffer", "mixed_precision"):
         if getattr(args, key) is not None:
             kw[key] = str(getattr(args, key)) if key in ("teacher", "prompts") \
                 else getattr(args, key)
@@ -69,6 +69,8 @@ def _cmd_train_adapter(args: argparse.Namespace) -> int:
         kw["decoder_attention"] = True
     if args.threads:
         kw["threads"] = args.threads
+    if args.gradient_checkpointing:
+        kw["gradient_checkpointing"] = True
     cfg = AdapterConfig.quick(**kw) if args.quick else AdapterConfig(**kw)
     run = AdapterRun(args.run_dir, cfg, index=args.index, data=args.data,
                      progress=not args.quiet, reconfigure=args.reconfigure)
@@ -234,6 +236,12 @@ def add_parsers(sub, bench) -> None:
     a.add_argument("--shuffle-buffer", type=int, default=None,
                    help="training: items in each stream's shuffle buffer (shards come in a "
                         f"seeded random order; default {A.shuffle_buffer})")
+    a.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
+                   help="training's forward passes under bf16 or fp16 autocast (fp16: CUDA "
+                        f"only; default {A.mixed_precision})")
+    a.add_argument("--gradient-checkpointing", action="store_true",
+                   help="the student UNet recomputes its activations in backward: less "
+                        "memory, more compute")
     a.add_argument("--quick", action="store_true",
                    help="a few steps of every stage on 64 items: checks the recipe end to end")
     a.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -101,6 +101,8 @@ class AdapterConfig:
     shard_mb: float = 256.0       # data / synth caches: shards of about this many MiB each,
     #                               streamed in training (training/shards.py)
     shuffle_buffer: int = 2048    # training: items held in the streams' shuffle buffers
+    mixed_precision: str = "no"   # training's forward passes: "no", "bf16" or "fp16" autocast
+    gradient_checkpointing: bool = False  # the student UNet recomputes activations in backward
     decoder_attention: bool = False  # beyond the paper: the decoder's cross-attention layers
     #                               also attend to the neighbours' tokens (IP-Adapter style,
     #                               model/neighbour_attention.py)
@@ -128,6 +130,9 @@ class AdapterConfig:
         self.pairs = tuple(str(p) for p in self.pairs)
         if "shapesworld" in self.pairs and len(self.pairs) > 1:
             raise ValueError("pairs: 'shapesworld' cannot be mixed with pairs files")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got "
+                             f"{self.mixed_precision!r}")
         if self.shard_mb <= 0 or self.shuffle_buffer < 1:
             raise ValueError("shard_mb must be > 0 and shuffle_buffer >= 1")
         if self.min_image_side < 0:
