@@ -170,15 +170,16 @@ def test_a_run_folder_with_the_old_in_memory_cache_is_refused_with_what_to_do(tm
 def test_bf16_trains_and_gradient_checkpointing_gives_the_same_losses(tiny):
     """Issue 20, item 4 on the CPU: a bf16-autocast run trains two steps with finite losses;
     gradient checkpointing on the student UNet gives the same losses as without (step 2
-    follows an update, so the gradients agreed too); steps/s, images/s and peak memory are
-    logged per step and summed up in done.json."""
+    follows an update, so the gradients agreed too), and so does a run that writes a
+    validation grid every step; steps/s, images/s and peak memory are logged per step and
+    summed up in done.json."""
     import shutil
 
     from imageragturbo.training.adapter import AdapterConfig, AdapterRun
 
     model, run_dir = str(tiny / "model"), tiny / "precision"
     hist = {}
-    for name, kw in (("plain", {}), ("ckpt", {"gradient_checkpointing": True}),
+    for name, kw in (("plain", {"validation_every": 1}), ("ckpt", {"gradient_checkpointing": True}),
                      ("bf16", {"mixed_precision": "bf16"})):
         cfg = AdapterConfig.quick(model=model, teacher=model, retrieval="none", n_train=16,
                                   threads=1, synth_prompts=8, synth_steps=1, steps=2, batch=4,
@@ -189,6 +190,12 @@ def test_bf16_trains_and_gradient_checkpointing_gives_the_same_losses(tiny):
         assert out["train"]["steps_per_s"] > 0 and out["train"]["peak_memory_bytes"] > 0
         log = [json.loads(x) for x in (run_dir / "train" / "log.jsonl").read_text().splitlines()]
         assert [r["step"] for r in log] == [0, 1] and all(r["images_per_s"] > 0 for r in log)
+        if name == "plain":  # a grid per step: 4 prompts, with and without retrieval
+            from PIL import Image
+
+            grids = sorted((run_dir / "train" / "validation").glob("*.png"))
+            assert [g.name for g in grids] == ["step-000001.png", "step-000002.png"]
+            assert Image.open(grids[0]).size == (4 * 128, 2 * 128)
         shutil.rmtree(run_dir / "train")
     for a, b in zip(hist["plain"], hist["ckpt"]):
         assert a["distill"] == pytest.approx(b["distill"], rel=1e-4)

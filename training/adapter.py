@@ -778,6 +778,8 @@ class AdapterRun(StagedRun):
             def perceptual(a, b):
                 return perc(a, b, gen)
 
+            if cfg.validation_every and (i + 1) % cfg.validation_every == 0:
+                validate(i + 1)
             with self._autocast():
                 return ladd_step(one_step, disc, opt_g, opt_d, z_t, z0, ehs, pooled, s, eps_s,
                                  ac, cfg.distill_weight, h_edit=h_edit, backward=backward,
@@ -785,6 +787,49 @@ class AdapterRun(StagedRun):
                                  perceptual=perceptual if perc is not None else None,
                                  perceptual_weight=cfg.perceptual_weight,
                                  adv_weight=cfg.adv_weight, decoder_ehs=dec_ehs)
+
+        val = sh.load(syn_root, int(syn_stream.shards[0]["index"]))
+        val_rows = val["item"][:4].numpy()
+        val_ehs = val["ehs"][:4].float()
+        del val
+
+        @torch.no_grad()
+        def validate(at: int) -> None:
+            """A PNG grid, ``train/validation/step-NNNNNN.png``, before step ``at``'s update:
+            the first synth shard's first prompts, one column each, from fixed z_T; top row
+            with retrieval (their neighbours, all k_max; the control: its own h), bottom row
+            without (the student with its LoRA, no adapter). No training randomness is used."""
+            if not self.acc.is_main_process:
+                return
+            from PIL import Image
+
+            from imageragturbo.model.pipeline import decode_latents
+
+            z = torch.from_numpy(initial_noise([20_000_000 + int(r) for r in val_rows], shape))
+            z, e = self._dev(z, val_ehs)
+            if cfg.retrieval == "index":
+                t_ = torch.from_numpy(val_rows)
+                hr = torch.from_numpy(index.h(nb_ids[t_].numpy())).float()
+                lm = (nb_scores[t_, 0].clone() if cfg.lam == "similarity"
+                      else torch.ones(len(t_))).float()
+                hr, lm = self._dev(hr, lm)
+                dec = None if nb_attn is None else nb_attn.decoder_context(e, hr)
+
+                def edit(h):
+                    return adapter(h, hr, lm)
+            else:
+                dec = None
+
+                def edit(h):
+                    return adapter(h, h.unsqueeze(1), torch.ones_like(h[:, 0, 0, 0]))
+
+            with self._autocast():
+                rows = [one_step(z, e, edit, dec), one_step(z, e, None)]
+            imgs = [decode_latents(self.c, r.float().cpu()) for r in rows]   # (B, H, W, 3)
+            grid = np.concatenate([np.concatenate(list(x), axis=1) for x in imgs], axis=0)
+            out = d / "validation"
+            out.mkdir(exist_ok=True)
+            Image.fromarray(grid).save(out / f"step-{at:06d}.png")
 
         t0 = time.perf_counter()
         hist = self._loop("train", state, self._timed(step, d / "log.jsonl"), cfg.steps)

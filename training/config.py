@@ -103,6 +103,7 @@ class AdapterConfig:
     shuffle_buffer: int = 2048    # training: items held in the streams' shuffle buffers
     mixed_precision: str = "no"   # training's forward passes: "no", "bf16" or "fp16" autocast
     gradient_checkpointing: bool = False  # the student UNet recomputes activations in backward
+    validation_every: int = 0     # > 0: a PNG grid (with / without retrieval) every N steps
     decoder_attention: bool = False  # beyond the paper: the decoder's cross-attention layers
     #                               also attend to the neighbours' tokens (IP-Adapter style,
     #                               model/neighbour_attention.py)
@@ -133,6 +134,8 @@ class AdapterConfig:
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got "
                              f"{self.mixed_precision!r}")
+        if self.validation_every < 0:
+            raise ValueError(f"validation_every must be >= 0, got {self.validation_every}")
         if self.shard_mb <= 0 or self.shuffle_buffer < 1:
             raise ValueError("shard_mb must be > 0 and shuffle_buffer >= 1")
         if self.min_image_side < 0:
