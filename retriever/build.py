@@ -35,6 +35,26 @@ from .index import (
 from .pairs import Pair, load_image
 
 
+def resolve_device(device: str = "cpu"):
+    """``auto`` (CUDA when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; a
+    device that is not available is a ValueError (one line at the CLI). Returns a
+    ``torch.device``; torch is imported here only, the module stays numpy-only."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here "
+                         "(torch.cuda.is_available() is False); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: there are {torch.cuda.device_count()} CUDA "
+                         "devices")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: cpu, cuda or auto")
+    return dev
+
+
 def _fingerprint(pairs: Sequence[Pair], model_id: str, text_dim: int) -> str:
     """What a partial build's rows depend on: the model and the pairs, in order (not the batch
     size, nor the hnswlib parameters, which only the final graph uses)."""
@@ -175,7 +195,7 @@ def build_index(pairs: Sequence[Pair], encoder: RetrievalEncoder, out: str | os.
             except (OSError, ValueError):  # a partial folder damaged by hand: start again
                 maps.clear()
                 state = fresh()
-        if state["shapes"] is None:        # the arrays' shapes, from the first pair
+        if state["shapes"] is None and world > 1:  # the shapes, from the first pair, for all
             t, lat, h = encode(pairs[:1], None)
             state["shapes"] = {"text": [dim], "latents": list(lat.shape[1:]),
                                "h": list(h.shape[1:])}
@@ -193,6 +213,10 @@ def build_index(pairs: Sequence[Pair], encoder: RetrievalEncoder, out: str | os.
     for count, start in enumerate(mine, 1):
         batch = pairs[start:start + batch_size]
         text, lat, h = encode(batch, state["shapes"])
+        if state["shapes"] is None:        # one process: the first batch gives the shapes
+            state["shapes"] = {"text": [dim], "latents": list(lat.shape[1:]),
+                               "h": list(h.shape[1:])}
+            open_maps(state["shapes"], "w+")
         stop = start + len(batch)
         for key, a in (("text", text), ("latents", lat), ("h", h)):
             maps[key][start:stop] = a

@@ -22,9 +22,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     import os
 
     from imageragturbo.model import load_retrieval_encoder
-    from imageragturbo.model.encoder import resolve_device
 
-    from .build import build_index
+    from .build import build_index, resolve_device
     from .index import HNSWParams
     from .pairs import read_pairs, shapesworld_pairs
 
@@ -38,7 +37,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     pairs = read_pairs(args.pairs) if args.pairs else shapesworld_pairs(args.data, args.split)
     if args.limit is not None:
         pairs = pairs[:args.limit]
-    encoder = load_retrieval_encoder(args.model, device)
+    encoder = (load_retrieval_encoder(args.model) if device == "cpu" else
+               load_retrieval_encoder(args.model, device))
     out = build_index(pairs, encoder, args.out or index_dir_of(args.model),
                       params=HNSWParams(args.M, args.ef_construction, args.ef),
                       batch_size=args.batch_size, threads=args.threads,
