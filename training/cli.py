@@ -49,7 +49,8 @@ def _cmd_train_adapter(args: argparse.Namespace) -> int:
                 "adv_weight", "distill_weight", "real_fraction", "text_drop",
                 "scene_neighbour", "real_input", "perceptual_weight", "rerank", "teacher",
                 "prompts", "min_image_side", "max_bad_share", "guidance", "synth_steps",
-                "neighbour_sdedit", "shard_mb", "shuffle_buffer", "mixed_precision", "validation_every"):
+                "neighbour_sdedit", "shard_mb", "shuffle_buffer", "mixed_precision", "validation_every",
+                "checkpoints_total_limit"):
         if getattr(args, key) is not None:
             kw[key] = str(getattr(args, key)) if key in ("teacher", "prompts") \
                 else getattr(args, key)
@@ -242,6 +243,9 @@ def add_parsers(sub, bench) -> None:
     a.add_argument("--validation-every", type=int, default=None, metavar="N",
                    help="every N training steps a PNG grid of a few prompts with and without "
                         "retrieval in RUN/train/validation/ (default 0: none)")
+    a.add_argument("--checkpoints-total-limit", type=int, default=None, metavar="N",
+                   help="training checkpoints (accelerator.save_state, every ckpt_every "
+                        f"steps) kept, the newest (default {A.checkpoints_total_limit})")
     a.add_argument("--gradient-checkpointing", action="store_true",
                    help="the student UNet recomputes its activations in backward: less "
                         "memory, more compute")

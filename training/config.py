@@ -104,6 +104,7 @@ class AdapterConfig:
     mixed_precision: str = "no"   # training's forward passes: "no", "bf16" or "fp16" autocast
     gradient_checkpointing: bool = False  # the student UNet recomputes activations in backward
     validation_every: int = 0     # > 0: a PNG grid (with / without retrieval) every N steps
+    checkpoints_total_limit: int = 2  # train: accelerate checkpoints kept (the newest)
     decoder_attention: bool = False  # beyond the paper: the decoder's cross-attention layers
     #                               also attend to the neighbours' tokens (IP-Adapter style,
     #                               model/neighbour_attention.py)
@@ -134,6 +135,8 @@ class AdapterConfig:
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got "
                              f"{self.mixed_precision!r}")
+        if self.checkpoints_total_limit < 1:
+            raise ValueError("checkpoints_total_limit must be >= 1")
         if self.validation_every < 0:
             raise ValueError(f"validation_every must be >= 0, got {self.validation_every}")
         if self.shard_mb <= 0 or self.shuffle_buffer < 1:
