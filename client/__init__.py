@@ -12,42 +12,31 @@ one another relatively, so the code is the same under either name.
 ...     result.save("circle.png")
 """
 
-from .errors import (
-    DeadlineExceededError,
-    ImageRAGTurboError,
-    InvalidInputError,
-    OverloadedError,
-    QueueTimeoutError,
-    RecoveringError,
-    ServerError,
-    UnavailableError,
-)
-from .sdk import (
-    DEFAULT_MODEL,
-    DEFAULT_URL,
-    NO_RETRY,
-    AsyncImageRAGTurboClient,
-    GenerationResult,
-    ImageRAGTurboClient,
-    Neighbour,
-    RetryPolicy,
-)
+import importlib
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "DEFAULT_URL",
-    "NO_RETRY",
-    "AsyncImageRAGTurboClient",
-    "DeadlineExceededError",
-    "GenerationResult",
-    "ImageRAGTurboClient",
-    "ImageRAGTurboError",
-    "InvalidInputError",
-    "Neighbour",
-    "OverloadedError",
-    "QueueTimeoutError",
-    "RecoveringError",
-    "RetryPolicy",
-    "ServerError",
-    "UnavailableError",
-]
+# Loaded on first use (PEP 562), so that ``contract`` (standard library only) imports without
+# numpy or tritonclient: export and training code import it and install without them.
+_EXPORTS = {
+    "errors": ("DeadlineExceededError", "ImageRAGTurboError", "InvalidInputError",
+               "OverloadedError", "QueueTimeoutError", "RecoveringError", "ServerError",
+               "UnavailableError"),
+    "sdk": ("DEFAULT_URL", "NO_RETRY", "AsyncImageRAGTurboClient", "GenerationResult",
+            "ImageRAGTurboClient", "Neighbour", "RetryPolicy"),
+    "contract": ("ENSEMBLE_NAME",),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

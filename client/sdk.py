@@ -1,5 +1,5 @@
-"""``ImageRAGTurboClient`` and ``AsyncImageRAGTurboClient``: the served ``imageragturbo``
-ensemble over gRPC (``tritonclient.grpc`` / ``tritonclient.grpc.aio``).
+"""``ImageRAGTurboClient`` and ``AsyncImageRAGTurboClient``: the served ensemble
+(``contract.ENSEMBLE_NAME``) over gRPC (``tritonclient.grpc`` / ``tritonclient.grpc.aio``).
 
 Each request carries PROMPT (BYTES), SEED (INT64), and K (INT32) / STRENGTH (FP32) when
 given, one row per prompt; the answer is IMAGE (uint8 [H, W, 3]), the neighbours' ids,
@@ -18,6 +18,7 @@ from io import BytesIO
 
 import numpy as np
 
+from . import contract as C
 from .errors import (
     DeadlineExceededError,
     InvalidInputError,
@@ -26,8 +27,7 @@ from .errors import (
 )
 
 DEFAULT_URL = "127.0.0.1:8001"
-DEFAULT_MODEL = "imageragturbo"
-OUTPUTS = ("IMAGE", "NEIGHBOUR_IDS", "NEIGHBOUR_CAPTIONS", "NEIGHBOUR_SCORES", "SEED_USED")
+OUTPUTS = tuple(t.name for t in C.ENSEMBLE_OUTPUTS)
 _SEED_MAX = 2**63 - 1
 
 
@@ -126,20 +126,20 @@ def build_inputs(module, prompts: list[str], seeds=None, k: int | None = None,
                  strength: float | Sequence[float] | None = None) -> list:
     """The InferInput list for ``module`` (tritonclient.grpc or .aio's parent)."""
     n = len(prompts)
-    arrays = [("PROMPT", "BYTES", np.array([p.encode("utf-8") for p in prompts],
-                                           dtype=np.object_).reshape(n, 1))]
+    arrays = [(C.PROMPT, np.array([p.encode("utf-8") for p in prompts],
+                                  dtype=np.object_).reshape(n, 1))]
     s = _seeds(seeds, n)
     if s is not None:
-        arrays.append(("SEED", "INT64", s))
+        arrays.append((C.SEED, s))
     if k is not None:
         if int(k) < 0:
             raise InvalidInputError(f"k must be >= 0 (0 = no retrieval), got {k}")
-        arrays.append(("K", "INT32", np.full((n, 1), int(k), dtype=np.int32)))
+        arrays.append((C.K, np.full((n, 1), int(k), dtype=np.int32)))
     if strength is not None:
         st = np.broadcast_to(np.asarray(strength, dtype=np.float32).reshape(-1), (n,))
-        arrays.append(("STRENGTH", "FP32", np.ascontiguousarray(st).reshape(n, 1)))
+        arrays.append((C.STRENGTH, np.ascontiguousarray(st).reshape(n, 1)))
     inputs = []
-    for name, dtype, a in arrays:
+    for (name, dtype), a in arrays:
         x = module.InferInput(name, list(a.shape), dtype)
         x.set_data_from_numpy(a)
         inputs.append(x)
@@ -151,11 +151,11 @@ def _decode(x) -> str:
 
 
 def parse_results(result, prompts: list[str]) -> list[GenerationResult]:
-    images = result.as_numpy("IMAGE")                                   # (B, H, W, 3) uint8
-    ids = result.as_numpy("NEIGHBOUR_IDS")                              # (B, k) bytes
-    caps = result.as_numpy("NEIGHBOUR_CAPTIONS")
-    scores = result.as_numpy("NEIGHBOUR_SCORES")                        # (B, k) float32
-    seeds = result.as_numpy("SEED_USED").reshape(-1)
+    images = result.as_numpy(C.IMAGE_OUT.name)                          # (B, H, W, 3) uint8
+    ids = result.as_numpy(C.NEIGHBOUR_IDS.name)                         # (B, k) bytes
+    caps = result.as_numpy(C.NEIGHBOUR_CAPTIONS.name)
+    scores = result.as_numpy(C.NEIGHBOUR_SCORES.name)                   # (B, k) float32
+    seeds = result.as_numpy(C.SEED_USED.name).reshape(-1)
     out = []
     for b, p in enumerate(prompts):
         nbs = [Neighbour(_decode(i), _decode(c), float(s))
@@ -197,7 +197,7 @@ def _outputs(module) -> list:
 
 
 class _Base:
-    def __init__(self, url: str = DEFAULT_URL, *, model_name: str = DEFAULT_MODEL,
+    def __init__(self, url: str = DEFAULT_URL, *, model_name: str = C.ENSEMBLE_NAME,
                  timeout: float | None = 60.0, retry: RetryPolicy | None = None,
                  ssl: bool = False, root_certificates: str | None = None,
                  private_key: str | None = None, certificate_chain: str | None = None,

@@ -89,33 +89,54 @@ def sdturbo_components(device: str = "cpu", upcast_attention: bool = False,
 
 def dry_run(upcast_attention: bool = False, batch: int = 1) -> dict:
     """Construct the models on the meta device and trace each stage's output shapes at 512x512."""
+    from imageragturbo.client import contract as C
     from imageragturbo.defaults import STUDENT_TIMESTEP
-    from imageragturbo.model.stages import TextEncoder, UNetDecoder, UNetEncoder, VAEDecoder
+    from imageragturbo.model.stages import (
+        FlatUNetDecoder,
+        TextEncoder,
+        UNetDecoder,
+        UNetEncoder,
+        VAEDecoder,
+        runner,
+    )
 
     c = sdturbo_components("meta", upcast_attention)
     lat = IMAGE_SIZE // 8
+    seen: dict = {}
+    modules = {C.TEXT_ENCODER: TextEncoder(c.text_encoder), C.UNET_ENCODER: UNetEncoder(c.unet),
+               C.H_ADAPTER: c.h_adapter,
+               C.UNET_DECODER: FlatUNetDecoder(UNetDecoder(c.unet, c.alphas_cumprod)),
+               C.VAE_DECODER: VAEDecoder(c.vae)}
+
+    run = runner(modules)
+
+    def record(stage, *inputs):  # run, keeping each stage's outputs for the report
+        seen[stage] = run(stage, *inputs)
+        return seen[stage]
+
     with torch.device("meta"), torch.no_grad():
         ids = torch.zeros(batch, 77, dtype=torch.long)
-        ehs, pooled = TextEncoder(c.text_encoder)(ids)
         z = torch.empty(batch, 4, lat, lat)
         t = torch.full((batch,), STUDENT_TIMESTEP, dtype=torch.long)
-        h, temb, *skips = UNetEncoder(c.unet)(z, t, ehs)
-        h2 = c.h_adapter(h, torch.empty(batch, 1, *h.shape[1:]), torch.empty(batch))
-        z0 = UNetDecoder(c.unet, c.alphas_cumprod)(h2, temb, skips, ehs, z, t)
-        img = VAEDecoder(c.vae)(z0)
+        down = 2 ** (len(c.unet.config.block_out_channels) - 1)
+        h_shape = (c.unet.config.block_out_channels[-1], lat // down, lat // down)
+        img, z0 = C.one_step(record, z, t, ids=ids, h_retr=torch.empty(batch, 1, *h_shape),
+                             lam=torch.empty(batch))
+    ehs, pooled = seen[C.TEXT_ENCODER]
+    h, temb, *skips = seen[C.UNET_ENCODER]
     unet_p = count_parameters(c.unet)
     ad_p = count_parameters(c.h_adapter)
     return {
         "dry_run": True,
-        "parameters": {"text_encoder": count_parameters(c.text_encoder), "unet": unet_p,
-                       "vae_decoder": count_parameters(c.vae.decoder)
+        "parameters": {C.TEXT_ENCODER: count_parameters(c.text_encoder), "unet": unet_p,
+                       C.VAE_DECODER: count_parameters(c.vae.decoder)
                        + count_parameters(c.vae.post_quant_conv),
-                       "h_adapter": ad_p},
+                       C.H_ADAPTER: ad_p},
         "adapter_share_of_unet": round(ad_p / unet_p, 4),
-        "shapes": {"last_hidden_state": list(ehs.shape),
-                   "pooled": list(pooled.shape), "h": list(h.shape),
-                   "temb": list(temb.shape), "skips": [list(s.shape) for s in skips],
-                   "z0": list(z0.shape), "image": list(img.shape)},
+        "shapes": {C.LAST_HIDDEN_STATE: list(ehs.shape),
+                   C.POOLED: list(pooled.shape), C.H: list(h.shape),
+                   C.TEMB: list(temb.shape), "skips": [list(s.shape) for s in skips],
+                   C.Z0: list(z0.shape), C.IMAGE: list(img.shape)},
         "fp16_unet_bytes_estimate": unet_p * 2,
         "fp32_unet_over_2GB": unet_p * 4 > 2 * 1024**3,
     }
@@ -175,8 +196,10 @@ def bench_torch_eager(c: family.Components, res: dict, batches: Sequence[int], k
     computation each graph holds), chained as ``OnnxPipeline.generate`` chains the graphs, a
     synchronize after each stage so the per-stage times add up. ``device="cpu"`` (fp32) is
     the smoke test's way through the same code."""
+    from imageragturbo.client import contract as C
     from imageragturbo.defaults import STUDENT_TIMESTEP
     from imageragturbo.model.pipeline import to_uint8_images, tokenize
+    from imageragturbo.model.stages import runner
     from imageragturbo.runtime.request import initial_noise
 
     from .onnx_export import stage_specs
@@ -186,8 +209,8 @@ def bench_torch_eager(c: family.Components, res: dict, batches: Sequence[int], k
     dtype = torch.float16 if cuda else torch.float32
     specs = {s.name: s for s in stage_specs(c, c.h_adapter, batch=1, k=1,
                                             image_size=image_size)}
-    h_shape = tuple(specs["h_adapter"].args[0].shape[1:])              # (C, h', w')
-    lat = tuple(specs["unet_encoder"].args[0].shape[1:])               # (4, h, w)
+    h_shape = tuple(specs[C.H_ADAPTER].args[0].shape[1:])             # (C, h', w')
+    lat = tuple(specs[C.UNET_ENCODER].args[0].shape[1:])              # (4, h, w)
     mods = {name: s.module.to(dev, dtype).eval() for name, s in specs.items()}
     cfg = res["configs"].setdefault("torch_eager", {"memory_mib": {},
                                                     "memory_source": "max_memory_allocated"})
@@ -197,23 +220,19 @@ def bench_torch_eager(c: family.Components, res: dict, batches: Sequence[int], k
     def call(prompts, seeds, h_retr, lam, retrieval: bool) -> dict:
         tm: dict = {}
         t0 = time.perf_counter()
+        marks: list[float] = []
 
-        def stage(name, *args):
-            s = time.perf_counter()
-            out = mods[name](*args)
+        def after(stage):
             sync()
-            tm[name] = (time.perf_counter() - s) * 1e3
-            return out
+            marks.append(time.perf_counter())
+            tm[stage] = (marks[-1] - marks[-2]) * 1e3
 
         ids = tokenize(c.tokenizer, prompts).to(dev)
         z = torch.from_numpy(initial_noise(seeds, lat)).to(dev, dtype)
         t = torch.full((len(seeds),), STUDENT_TIMESTEP, dtype=torch.long, device=dev)
-        ehs, _ = stage("text_encoder", ids)
-        h, temb, *skips = stage("unet_encoder", z, t, ehs)
-        if retrieval:
-            h = stage("h_adapter", h, h_retr, lam)
-        z0 = stage("unet_decoder", h, temb, *skips, ehs, z, t)
-        img = stage("vae_decoder", z0)
+        marks.append(time.perf_counter())  # each stage's time: from the previous mark
+        img, _ = C.one_step(runner(mods, after), z, t, ids=ids,
+                            h_retr=h_retr if retrieval else None, lam=lam)
         to_uint8_images(img)
         tm["end_to_end"] = (time.perf_counter() - t0) * 1e3
         return tm

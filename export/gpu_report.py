@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from imageragturbo.runtime.manifest import STAGES as STAGE_ORDER
+from imageragturbo.client.contract import STAGES as STAGE_ORDER
 
 EAGER = "torch_eager"
 ORT_TARGET = 0.6          # ONNX Runtime end to end at batch 1, as a fraction of eager PyTorch's

@@ -52,11 +52,18 @@ import torch
 from torch import nn
 
 from imageragturbo.checksums import sha256_file
+from imageragturbo.client import contract as C
 from imageragturbo.defaults import STUDENT_TIMESTEP, model_files_id
 from imageragturbo.model import family
 from imageragturbo.model.h_space import HAdapter, adapter_config_for
-from imageragturbo.model.stages import TextEncoder, UNetDecoder, UNetEncoder, VAEDecoder
-from imageragturbo.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, STAGES
+from imageragturbo.model.stages import (
+    FlatUNetDecoder,
+    TextEncoder,
+    UNetDecoder,
+    UNetEncoder,
+    VAEDecoder,
+)
+from imageragturbo.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST
 
 from .graph import (  # noqa: F401 - DEFAULT_OPSET and TWO_GB are part of this module's API
     DEFAULT_OPSET,
@@ -76,21 +83,6 @@ OPTIMUM_NOTE = (
 
 
 # ----------------------------------------------------------------------------- stage modules
-
-
-class UNetDecoderGraph(nn.Module):
-    """``UNetDecoder`` (with the one-step update) over flat inputs, as an ONNX graph takes them:
-    (h, temb, skip_0..skip_n, encoder_hidden_states, sample, timestep) -> z0."""
-
-    def __init__(self, decoder: UNetDecoder, num_skips: int):
-        super().__init__()
-        self.decoder = decoder
-        self.num_skips = num_skips
-
-    def forward(self, h, temb, *rest):
-        skips = rest[: self.num_skips]
-        encoder_hidden_states, sample, timestep = rest[self.num_skips:]
-        return self.decoder(h, temb, skips, encoder_hidden_states, sample, timestep)
 
 
 def random_tiny_components(seed: int = 0) -> family.Components:
@@ -173,33 +165,21 @@ def stage_specs(c: family.Components, adapter: HAdapter | None = None, batch: in
     with torch.no_grad():
         h, temb, *skips = enc(z, t, ehs)
     n = len(skips)
-    skip_names = [f"skip_{i}" for i in range(n)]
-    b = {0: "batch"}
-    specs = [
-        StageSpec("text_encoder", TextEncoder(c.text_encoder), (ids,), ["input_ids"],
-                  ["last_hidden_state", "pooled"],
-                  {"input_ids": b, "last_hidden_state": b, "pooled": b}),
-        StageSpec("unet_encoder", enc, (z, t, ehs),
-                  ["sample", "timestep", "encoder_hidden_states"], ["h", "temb", *skip_names],
-                  {x: b for x in ["sample", "timestep", "encoder_hidden_states", "h", "temb",
-                                  *skip_names]}),
-    ]
+
+    def spec(stage: str, module: nn.Module, args: tuple) -> StageSpec:
+        return StageSpec(stage, module.eval(), args, C.stage_inputs(stage, n),
+                         C.stage_outputs(stage, n), C.dynamic_axes(stage, n))
+
+    specs = [spec(C.TEXT_ENCODER, TextEncoder(c.text_encoder), (ids,)),
+             spec(C.UNET_ENCODER, enc, (z, t, ehs))]
     if adapter is not None:
         h_retr = torch.randn(batch, k, *h.shape[1:], generator=g)      # (B, k, C, h', w')
         lam = torch.rand(batch, generator=g)                           # (B,)
-        specs.append(StageSpec("h_adapter", adapter.eval(), (h, h_retr, lam),
-                               ["h_tgt", "h_retr", "lam"], ["h"],
-                               {"h_tgt": b, "h_retr": {0: "batch", 1: "k"}, "lam": b, "h": b}))
-    dec = UNetDecoderGraph(UNetDecoder(c.unet, c.alphas_cumprod,
-                                       c.scheduler.config.prediction_type), n)
-    specs += [
-        StageSpec("unet_decoder", dec.eval(), (h, temb, *skips, ehs, z, t),
-                  ["h", "temb", *skip_names, "encoder_hidden_states", "sample", "timestep"],
-                  ["z0"], {x: b for x in ["h", "temb", *skip_names, "encoder_hidden_states",
-                                          "sample", "timestep", "z0"]}),
-        StageSpec("vae_decoder", VAEDecoder(c.vae).eval(), (z,), ["latents"], ["image"],
-                  {"latents": b, "image": b}),
-    ]
+        specs.append(spec(C.H_ADAPTER, adapter, (h, h_retr, lam)))
+    dec = FlatUNetDecoder(UNetDecoder(c.unet, c.alphas_cumprod,
+                                      c.scheduler.config.prediction_type))
+    specs += [spec(C.UNET_DECODER, dec, (h, temb, *skips, ehs, z, t)),
+              spec(C.VAE_DECODER, VAEDecoder(c.vae), (z,))]
     return specs
 
 
@@ -280,7 +260,7 @@ def export_model(c: family.Components, out: str | Path, *, source: str | Path | 
         bar.set_postfix_str(spec.name)
         stages[spec.name] = export_stage(spec, out / f"{spec.name}.onnx", opset, fp16,
                                          fp32_attention, external_data_threshold)
-    for stale in set(STAGES) - set(stages):
+    for stale in set(C.STAGES) - set(stages):
         for f in out.glob(f"{stale}.onnx*"):
             f.unlink()
     tok_dir = out / "tokenizer"
@@ -308,10 +288,13 @@ def export_model(c: family.Components, out: str | Path, *, source: str | Path | 
         "scaling_factor": float(c.vae.config.scaling_factor),
         "max_length": int(c.tokenizer.model_max_length),
         "text_dim": int(c.text_encoder.config.hidden_size),
-        "num_skips": len(stages["unet_encoder"]["outputs"]) - 2,
+        "num_skips": n_skips(stages),
         "h_adapter": ({"config": {k: v for k, v in adapter.config.items()
                                   if not k.startswith("_")},
                        "fresh": c.h_adapter is None} if adapter is not None else None),
+        # beyond the paper: a model trained with a neighbour start begins its step, with
+        # retrieval on, from the top-1 neighbour's latent noised to this timestep
+        "neighbour_start": c.neighbour_start if adapter is not None else None,
         "external_data_threshold": external_data_threshold,
         "stages": stages,
         "tokenizer": {str(p.relative_to(out)): sha256_file(p)
@@ -321,6 +304,10 @@ def export_model(c: family.Components, out: str | Path, *, source: str | Path | 
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     tmp.replace(out / MANIFEST)
     return out
+
+
+def n_skips(stages: dict) -> int:
+    return C.num_skips_of(o["name"] for o in stages[C.UNET_ENCODER]["outputs"])
 
 
 def export_from_model(model: str | Path, out: str | Path, **kw) -> Path:

@@ -1,8 +1,9 @@
 """Names, places and identities every part agrees on, in the standard library only, so that
 the request path (``serve``, the Triton backends, the SDK's CLI) can use them without torch.
 
-- ``DEFAULT_MODEL`` and ``VARIANTS``: the shipped default model, a diffusers folder inside
-  the package; ``resolve`` turns a variant name or a folder path into the folder.
+- ``DEFAULT_MODEL`` and ``VARIANTS``: the shipped default model variant, a diffusers folder
+  inside the package; ``resolve`` turns a variant name or a folder path into the folder. (The
+  served Triton ensemble's name is another thing: ``client.contract.ENSEMBLE_NAME``.)
 - ``LORA_DIR``: where ImageRAGTurbo's decoder LoRA lives in a model folder.
 - ``STUDENT_TIMESTEP``: the one step of SD-Turbo and the tiny student (t = 999).
 - ``export_dir_of`` / ``index_dir_of``: where an export and a retrieval index of a model go by default.
@@ -11,7 +12,8 @@ the request path (``serve``, the Triton backends, the SDK's CLI) can use them wi
 - ``files_identity``: '<folder name>:<12 hex>' over the weights and configs of some of a
   model folder's parts: ``INDEX_PARTS`` (what an index caches: text encoder, VAE, UNet; the
   decoder LoRA leaves the UNet encoder's output unchanged) or ``SERVED_PARTS`` (what an export
-  is made of: those plus the H-adapter and the decoder LoRA).
+  is made of: those plus the H-adapter and the decoder LoRA). ``model_files_id`` names a
+  variant's or folder's; ``rebuild_needed`` compares the one an export or index records.
 """
 
 from __future__ import annotations
@@ -115,3 +117,21 @@ def model_files_id(source, index: bool = False) -> str | None:
         return files_identity(resolve(source), INDEX_PARTS if index else SERVED_PARTS)
     except FileNotFoundError:
         return None
+
+
+def rebuild_needed(recorded: str | None, current: str | None, what: str, path: Path,
+                   explicit: bool, say=None) -> bool:
+    """True when ``path`` (an export or index: ``what``) was made from other weights
+    (``recorded``, a ``model_files_id``) than the model's ``current`` ones and should be
+    rebuilt (``say`` is told so); a folder the user named (``explicit``) is never rebuilt
+    behind their back: ValueError."""
+    if current is None or recorded == current:
+        return False
+    if explicit and recorded is None:
+        return False  # exported from in-memory components: nothing to compare
+    if explicit:
+        raise ValueError(f"{what} {path} was made from other weights ({recorded}) than "
+                         f"{current}; remove it or give another folder")
+    if say is not None:
+        say(f"the model's weights changed since {what} {path} was made; rebuilding it")
+    return True

@@ -56,7 +56,8 @@ def generate(components, prompts: Sequence[str], seeds: Sequence[int], pipeline:
              steps: int = 1, guidance: float = 4.0, *, h_retr: np.ndarray | None = None,
              lam: np.ndarray | None = None, slerp_w: float | None = None,
              retrieval_guidance: float | None = None, batch: int | None = None,
-             desc: str | None = None, progress: bool = True) -> np.ndarray:
+             desc: str | None = None, progress: bool = True,
+             z_init: np.ndarray | None = None, t_init: int | None = None) -> np.ndarray:
     """uint8 images (N, H, W, 3) for the prompts, ``batch`` at a time (``BATCH`` by default):
     the teacher (``steps`` DDIM steps, classifier-free ``guidance``) or the one-step student.
 
@@ -65,7 +66,9 @@ def generate(components, prompts: Sequence[str], seeds: Sequence[int], pipeline:
     decoder neighbour attention when the components have one; or slerp of the top-1 neighbour
     at target weight ``slerp_w`` (paper Eq. 3). ``retrieval_guidance`` s (an extension, not the
     paper's; two decoder passes): z0 = z0_off + s (z0_on - z0_off), z0_off the same weights
-    without the retrieved features (K = 0)."""
+    without the retrieved features (K = 0). ``z_init`` (N, C, h, w) and ``t_init``: a
+    ``neighbour_init`` model's start, the top-1 neighbour's latent noised to t_init (beyond
+    the paper; ``pipeline.student_generate``)."""
     import torch
     from tqdm import tqdm
 
@@ -86,6 +89,11 @@ def generate(components, prompts: Sequence[str], seeds: Sequence[int], pipeline:
             return teacher_generate(components, p, s, steps=steps, guidance=guidance)
         hr = None if h_retr is None else torch.from_numpy(h_retr[sl])
         lm = None if lam is None else torch.from_numpy(lam[sl])
+        if z_init is not None:
+            if retrieval_guidance is not None:
+                raise ValueError("retrieval guidance with a neighbour start is not defined")
+            return student_generate(components, p, s, h_retr=hr, lam=lm, slerp_w=slerp_w,
+                                    z_init=torch.from_numpy(z_init[sl]), t_init=t_init)
         if retrieval_guidance is None:
             return student_generate(components, p, s, h_retr=hr, lam=lm, slerp_w=slerp_w)
         _, on = student_generate(components, p, s, h_retr=hr, lam=lm, slerp_w=slerp_w,
@@ -142,11 +150,13 @@ def neighbours(model: str, c, prompts: Sequence[str], k: int, index=None, progre
     """The index (``index`` or the model's default, built when missing), and each prompt's k
     neighbours as served (the dense top ``rerank`` re-ranked by the prompt's words; 0: dense
     only): their cached H features (N, k, C, h, w) float32 and scores (N, k)."""
+    from .model import load_retrieval_encoder
     from .retriever import RetrievalIndex
-    from .serving.assets import ensure_index
+    from .retriever.ensure import ensure_index
 
     idx = RetrievalIndex.load(ensure_index(model, Path(index) if index else None,
-                                           quiet=not progress))
+                                           quiet=not progress,
+                                           load_encoder=load_retrieval_encoder))
     ids, scores = idx.search(prompt_embeddings(c, prompts), k, prompts=list(prompts),
                              rerank=rerank)
     return idx, ids, idx.h(ids).astype(np.float32), scores.astype(np.float32)
@@ -205,10 +215,13 @@ def run(model: str = DEFAULT_MODEL, pipeline: str = "student", steps: int = 1,
 
         if k < 1:
             raise ValueError(f"k must be >= 1 for the {pipeline} pipeline, got {k}")
-        _, _, h, scores = neighbours(model, comps, prompts, k, index, progress)
+        idx, ids, h, scores = neighbours(model, comps, prompts, k, index, progress)
         lam, w = retrieval_controls(scores, strength, has_adapter=pipeline == "adapter")
+        start = ({"z_init": idx.latents(ids[:, 0]).astype(np.float32),
+                  "t_init": comps.neighbour_start["timestep"]}
+                 if pipeline == "adapter" and comps.neighbour_start else {})
         images = generate(comps, prompts, seeds, h_retr=h if lam is not None else h[:, :1],
-                          lam=lam, slerp_w=w, desc=pipeline, progress=progress)
+                          lam=lam, slerp_w=w, desc=pipeline, progress=progress, **start)
     else:
         # 50 a batch, as eval run has always generated these: the batch size can move a pixel
         # by one level through float rounding, so its images stay what they were

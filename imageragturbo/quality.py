@@ -72,6 +72,9 @@ def with_finetune(model: str, run_export: str | Path):
     if (run_export / LORA_DIR).is_dir():
         merge_decoder_lora(c.unet, run_export / LORA_DIR)
     attach_neighbour_attention(c, run_export)
+    from .model.pipeline import neighbour_start_of
+
+    c.neighbour_start = neighbour_start_of(c, run_export / "adapter_training.json")
     return c.eval()
 
 
@@ -137,15 +140,15 @@ def onnx_latency(c, index, k_values=(0, 1, 4), repeats: int = 30, threads: int =
     the loaded ``index`` for every k."""
     from imageragturbo import runtime
     from imageragturbo.export import onnx_export
-    from imageragturbo.serving.bench import _pct, batch1_ms, in_process_request
+    from imageragturbo.runtime.latency import batch1_ms, in_process_request
 
     with tempfile.TemporaryDirectory() as tmp:
         export = onnx_export.export_model(c, Path(tmp) / "export", source="bench-quality",
                                           progress=False)
         pipe = runtime.OnnxPipeline(export, providers=runtime.choose_providers(["cpu"]),
                                     threads=threads)
-        return {f"k{k}": round(_pct(batch1_ms(in_process_request(pipe, index, k), repeats, 3),
-                                    50), 3)
+        return {f"k{k}": round(stats.percentile(
+                    batch1_ms(in_process_request(pipe, index, k), repeats, 3), 50), 3)
                 for k in k_values}
 
 
@@ -222,9 +225,18 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
     idx, ids, h4, scores = evaluate.neighbours(model, base, prompts, 4, index, progress)
     H4, LAM = _tile(h4, s), _tile(scores[:, 0].copy(), s)
 
-    def student(c, h=None, lam=None, w=None, desc="student", guidance=None):
+    TOP1 = _tile(ids[:, 0], s)                                   # each image's top-1 item
+
+    def student(c, h=None, lam=None, w=None, desc="student", guidance=None, top1=None):
+        start = {}
+        if c.neighbour_start is not None and h is not None and w is None:
+            # a neighbour-start model, retrieval on: its step starts from the top-1 neighbour
+            top1 = TOP1 if top1 is None else top1
+            start = {"z_init": idx.latents(top1).astype(np.float32),
+                     "t_init": c.neighbour_start["timestep"]}
         return evaluate.generate(c, P, SD, h_retr=h, lam=lam, slerp_w=w,
-                                 retrieval_guidance=guidance, desc=desc, progress=progress)
+                                 retrieval_guidance=guidance, desc=desc, progress=progress,
+                                 **start)
 
     images: dict[str, np.ndarray] = {}
     nfe: dict[str, int] = {}
@@ -271,7 +283,8 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
                     for j in range(s)]                                   # per seed: (N, 1) each
             ids_p = np.concatenate([r[0] for r in rows])                 # (S * N, 1), seed-major
             lam_p = np.concatenate([r[1][:, 0] for r in rows]).astype(np.float32)
-            images[name] = student(tuned, idx.h(ids_p).astype(np.float32), lam_p, desc=name)
+            images[name] = student(tuned, idx.h(ids_p).astype(np.float32), lam_p, desc=name,
+                                   top1=ids_p[:, 0])
             partner[name] = TUNED_OFF
         for g in retrieval_guidance:
             name = f"ImageRAGTurbo k=4, retrieval guidance {g:g}"

@@ -1,5 +1,6 @@
-"""Statistics for ``bench quality`` (pure NumPy): paired bootstrap intervals over prompts, the
-same per prompt class, and how far apart a prompt's images lie across noise seeds."""
+"""Statistics for the benchmarks (pure NumPy): paired bootstrap intervals over prompts, the
+same per prompt class, how far apart a prompt's images lie across noise seeds (``bench
+quality``), and latency percentiles (``bench quality``, ``bench serve``, ``bench soak``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ import numpy as np
 
 RESAMPLES = 2000
 LEVEL = 0.95
+
+
+def percentile(xs: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``xs`` (NumPy's linear interpolation)."""
+    return float(np.percentile(np.asarray(xs), q))
 
 
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], n: int = RESAMPLES,

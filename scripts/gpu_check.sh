@@ -104,7 +104,7 @@ EOF
 
 step "4. bench sdturbo-gpu (export once, then every configuration)"
 timeout --signal=INT --kill-after=20 "${IRT_BENCH_TIMEOUT:-360}" \
-    "$PY" -m imageragturbo.cli bench sdturbo-gpu --device "$DEVICE" --batch ${IRT_BATCHES:-1 4} --k 1 \
+    "$PY" -m imageragturbo.commands bench sdturbo-gpu --device "$DEVICE" --batch ${IRT_BATCHES:-1 4} --k 1 \
     --repeats "${IRT_REPEATS:-10}" --warmup 3 --report "$OUT" \
     --out "${IRT_EXPORT:-/tmp/irt-sdturbo-$DEVICE}" --reuse-export
 BENCH_RC=$?

@@ -13,7 +13,7 @@
 #      from this checkout; paths computed from Path(__file__).resolve() (the shipped weights,
 #      model_repository/) land back in the checkout;
 #   3. exports PYTHONPATH=/tmp/irt-src:/tmp/irt-pkgs:$PYTHONPATH and PYTHONSAFEPATH=1, and puts
-#      an `imageragturbo` command (python -m imageragturbo.cli "$@") first on PATH, so
+#      an `imageragturbo` command (python -m imageragturbo.commands "$@") first on PATH, so
 #      subprocesses see it too. PYTHONSAFEPATH=1 (Python >= 3.11) keeps `python -m/-c` from
 #      putting the current folder first on sys.path: from the repository root, ./imageragturbo
 #      (which has no training/, retriever/, export/, client/) would otherwise shadow the tree.
@@ -82,7 +82,7 @@ _irt_env() {
     # 3. the environment and the command
     cat > "$src/bin/imageragturbo" <<EOF
 #!/bin/sh
-exec "$py" -m imageragturbo.cli "\$@"
+exec "$py" -m imageragturbo.commands "\$@"
 EOF
     chmod +x "$src/bin/imageragturbo"
     case ":${PYTHONPATH:-}:" in

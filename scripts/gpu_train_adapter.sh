@@ -31,8 +31,9 @@ python3 - <<'PY' || exit 1
 import torch
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
-from imageragturbo.serving.assets import ensure_index
-print("index:", ensure_index("tiny-shapes"))
+from imageragturbo.model import load_retrieval_encoder
+from imageragturbo.retriever.ensure import ensure_index
+print("index:", ensure_index("tiny-shapes", load_encoder=load_retrieval_encoder))
 PY
 flags() {
     local arm=${1%@*} seed=0
@@ -64,7 +65,7 @@ for v in "${variants[@]}"; do
     f=$(flags "$v") || exit 2
     n=$(name "$v")
     # shellcheck disable=SC2086
-    (timeout "${IRT_RUN_TIMEOUT:-3000}" python3 -m imageragturbo.cli train adapter \
+    (timeout "${IRT_RUN_TIMEOUT:-3000}" python3 -m imageragturbo.commands train adapter \
         --run-dir "/tmp/adapter-runs/$n" --threads 2 --quiet $f ${IRT_TRAIN_FLAGS:-} \
         > "$out/$n.log" 2>&1; echo "exit $?" >> "$out/$n.log"; pack "$n") &
     pids+=($!)
@@ -80,7 +81,7 @@ for v in "${variants[@]}"; do
 done
 if [ "${IRT_EVAL:-0}" = 1 ] && [ ${#rows[@]} -gt 0 ]; then
     t0=$(date +%s)
-    timeout "${IRT_EVAL_TIMEOUT:-1800}" python3 -m imageragturbo.cli bench quality --runs-only \
+    timeout "${IRT_EVAL_TIMEOUT:-1800}" python3 -m imageragturbo.commands bench quality --runs-only \
         --n "${IRT_EVAL_N:-500}" --seeds "${IRT_EVAL_SEEDS:-3}" "${rows[@]}" \
         --json "$out/quality.json" --markdown "$out/quality.md" > "$out/eval.log" 2>&1
     echo "eval exit $? in $(( $(date +%s) - t0 )) s"

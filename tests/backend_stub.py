@@ -39,6 +39,12 @@ def pb_utils_stub() -> types.ModuleType:
             self.error = error
 
     pb.TritonError, pb.Tensor, pb.InferenceResponse = TritonError, Tensor, InferenceResponse
+    numpy_of = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_INT64": np.int64,
+                "TYPE_INT32": np.int32, "TYPE_UINT8": np.uint8, "TYPE_BOOL": np.bool_,
+                "TYPE_STRING": np.object_}
+    pb.triton_string_to_numpy = numpy_of.__getitem__
+    pb.get_output_config_by_name = lambda config, name: next(
+        (o for o in config.get("output", []) if o["name"] == name), None)
     pb.get_input_tensor_by_name = lambda request, name: (
         _In(request[name]) if name in request else None)
     return pb

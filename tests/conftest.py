@@ -5,6 +5,8 @@ tests)."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 
 import pytest
@@ -12,10 +14,10 @@ import torch
 
 from imageragturbo import runtime
 from imageragturbo import shapesworld as sw
-from imageragturbo.cli import main
 from imageragturbo.client import (
     ImageRAGTurboClient,
 )
+from imageragturbo.commands.main import main
 from imageragturbo.export import onnx_export as oe
 from imageragturbo.model import family, load_retrieval_encoder
 from imageragturbo.model.h_space import HAdapter, adapter_config_for_channels
@@ -56,13 +58,20 @@ def assets(tmp_path_factory):
     family.save_sd_folder(c, folder)
     adapter.save_pretrained(folder / "h_adapter")
     with_adapter = oe.export_from_model(folder, root / "onnx-adapter", progress=False)
+    # the same weights, recorded as trained with a neighbour start (train adapter
+    # --neighbour-init): the served retriever starts the step from the top-1 neighbour
+    start_folder = root / "model-start"
+    shutil.copytree(folder, start_folder)
+    (start_folder / "adapter_training.json").write_text(json.dumps({"config": {
+        "neighbour_init": True, "neighbour_sdedit": 0.5, "synth_steps": 25}}))
+    with_start = oe.export_from_model(start_folder, root / "onnx-start", progress=False)
     without = oe.export_model(oe.random_tiny_components(seed=0), root / "onnx-slerp",
                               source="tiny-random", progress=False)
     data = sw.build_dataset(root / "sw", {"retrieval": 40}, workers=1, progress=False)
     index = build_index(shapesworld_pairs(data), load_retrieval_encoder(folder), root / "index",
                         progress=False, model_source=str(folder))
     return {"root": root, "model": folder, "adapter": with_adapter, "slerp": without,
-            "index": index}
+            "start": with_start, "index": index}
 
 
 def _start(assets, export, name):
@@ -79,7 +88,7 @@ def servers(assets):
     at the end of the session; each must exit cleanly."""
     started = {}
     try:
-        for name in ("adapter", "slerp"):
+        for name in ("adapter", "slerp", "start"):
             started[name] = _start(assets, assets[name], name)
         for s in started.values():
             s.wait_ready(timeout=180, progress=False)
@@ -99,7 +108,7 @@ def server(servers):
 @pytest.fixture(scope="session")
 def pipes(assets):
     out = {}
-    for name in ("adapter", "slerp"):
+    for name in ("adapter", "slerp", "start"):
         pipe = runtime.OnnxPipeline(assets[name], providers=runtime.choose_providers(["cpu"]),
                                     threads=1)
         out[name] = (pipe, runtime.load_index(assets["index"], int(pipe.manifest["text_dim"]),

@@ -20,7 +20,8 @@ def in_process(pipes, name, prompts, seeds, k=0, strength=None):
     _, pooled = pipe.encode_prompt(prompts)
     h_retr, scores, nb = runtime.retrieve(index, pooled, k, prompts)  # re-ranked, as served
     lam, w = runtime.retrieval_controls(scores, strength, pipe.has_adapter)
-    return pipe.generate(prompts, seeds, h_retr=h_retr, lam=lam, slerp_w=w), nb
+    z_init = index.latents(nb.ids[:, 0]) if pipe.neighbour_start and lam is not None else None
+    return pipe.generate(prompts, seeds, h_retr=h_retr, lam=lam, slerp_w=w, z_init=z_init), nb
 
 
 def _inp(name, array, dtype):

@@ -419,3 +419,44 @@ def test_decoder_attention_trains_exports_installs_and_is_refused_for_the_contro
     install(tmp_path / "run", model)
     assert (model / FOLDER / "diffusion_pytorch_model.safetensors").is_file()
     assert family.load_components(model).neighbour_attention is not None
+
+
+def test_neighbour_sdedit_targets_keep_the_neighbours_layout_and_init_starts_from_it(
+        tmp_path, model_and_index):
+    """Beyond the paper (``--neighbour-sdedit S --neighbour-init``): the teacher's targets are
+    SDEdits of each target's top-1 neighbour, so they lie nearer that neighbour's latent than
+    samples from noise do; with ``neighbour_init`` the student is trained from the start the
+    teacher took (the neighbour noised to the SDEdit timestep, which the run records), and a
+    neighbour start at that timestep moves the student's output towards the neighbour."""
+    from imageragturbo.model.pipeline import noised, sdedit_timestep, student_generate
+
+    with pytest.raises(ValueError, match="neighbour_init needs neighbour_sdedit"):
+        AdapterConfig(neighbour_init=True)
+    run = _run(tmp_path / "run", model_and_index, neighbour_sdedit=0.5, neighbour_init=True,
+               synth_steps=4)
+    out = run.run()
+    c = run.c
+    t_init = sdedit_timestep(c, 4, 0.5)
+    assert out["train"]["neighbour_init_timestep"] == t_init
+    assert 0 < t_init < 999
+    syn = torch.load(tmp_path / "run" / "synth" / "synth.pt", weights_only=True)
+    top1 = run._top1_latents(syn["idx"].numpy())
+    plain = _run(tmp_path / "plain", model_and_index, synth_steps=4)
+    plain.run()
+    syn0 = torch.load(tmp_path / "plain" / "synth" / "synth.pt", weights_only=True)
+    assert torch.equal(syn["idx"], syn0["idx"])          # same prompts, same z_T
+    near = (syn["z0"] - top1).pow(2).mean()
+    far = (syn0["z0"] - top1).pow(2).mean()
+    assert near < 0.5 * far, (near, far)
+    # the start: at t_init the neighbour is still visible in the noised latent
+    eps = torch.randn_like(top1)
+    z = noised(c, top1, eps, t_init)
+    assert torch.corrcoef(torch.stack([z.flatten(), top1.flatten()]))[0, 1] > 0.5
+    # served from the neighbour, the student's output lies nearer it than from noise
+    prompts = ["a red circle"] * 2
+    _, from_noise = student_generate(c, prompts, [0, 1], return_latents=True)
+    _, from_nb = student_generate(c, prompts, [0, 1], return_latents=True,
+                                  z_init=top1[:2], t_init=t_init)
+    assert (from_nb - top1[:2]).pow(2).mean() < (from_noise - top1[:2]).pow(2).mean()
+    with pytest.raises(ValueError, match="z_init and t_init go together"):
+        student_generate(c, prompts, [0, 1], z_init=top1[:2])

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from imageragturbo.cli import main
+from imageragturbo.commands.main import main
 from imageragturbo.model import family
 from imageragturbo.model.h_space import HAdapter
 from imageragturbo.training import shards

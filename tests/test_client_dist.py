@@ -133,7 +133,7 @@ def test_slim_and_main_wheels_side_by_side_share_no_file_and_uninstall_cleanly(s
     main_files, slim_files = (set(info["files"][d]) for d in ("imageragturbo",
                                                                "imageragturbo-client"))
     assert not main_files & slim_files, main_files & slim_files
-    sdk = ("__init__.py", "errors.py", "sdk.py")
+    sdk = ("__init__.py", "contract.py", "errors.py", "sdk.py")
     for gone, wheel, left in (("imageragturbo-client", slim_venv["wheel"], "imageragturbo/client"),
                               ("imageragturbo", main_wheel, "imageragturbo_client")):
         uninstall(gone)

@@ -181,7 +181,7 @@ def test_gpu_bench_runs_every_configuration_through_on_cpu(tmp_path):
     eager, ORT plain, the same sessions with IO binding, a fixed-shape profile per batch,
     Memcpy counts, the report) on the SD 2.1-layout toy with the CPU provider, so that a GPU
     run does not find its bugs. Not a measurement."""
-    from imageragturbo.cli import main
+    from imageragturbo.commands.main import main
 
     rc = main(["bench", "sdturbo-gpu", "--device", "cpu", "--batch", "1", "2", "--repeats", "1",
                "--warmup", "0", "--out", str(tmp_path / "export"), "--report",

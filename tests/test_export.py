@@ -16,7 +16,8 @@ import torch
 
 from imageragturbo import runtime
 from imageragturbo.checksums import sha256_file
-from imageragturbo.cli import main
+from imageragturbo.client import contract as C
+from imageragturbo.commands.main import main
 from imageragturbo.export import onnx_export as oe
 from imageragturbo.model.pipeline import student_generate
 from imageragturbo.runtime.manifest import load_manifest
@@ -59,7 +60,7 @@ def test_every_stage_matches_pytorch_within_1e4(model, batch, request):
     c, _, pipe = request.getfixturevalue(model)[:3]
     diffs = _stage_diffs(c, pipe, batch)
     print(f"{model} batch {batch}: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
-    assert set(diffs) == set(oe.STAGES)
+    assert set(diffs) == set(C.STAGES)
     bad = {name: d for name, d in diffs.items() if not d <= FP32_BOUND}
     assert not bad, f"stages over {FP32_BOUND}: {bad}"
 
@@ -99,7 +100,7 @@ def test_manifest_records_stages_shapes_opset_identity_and_checksums(tiny):
     m = load_manifest(out, verify=True)
     assert m["opset"] == oe.DEFAULT_OPSET and m["dtype"] == "float32"
     assert m["source"]["weights_sha256"] == oe.model_identity(c)["weights_sha256"]
-    assert list(m["stages"]) == list(oe.STAGES)
+    assert list(m["stages"]) == list(C.STAGES)
     st = m["stages"]
     assert [v["name"] for v in st["text_encoder"]["outputs"]] == ["last_hidden_state", "pooled"]
     assert st["unet_encoder"]["outputs"][0]["shape"] == ["batch", 96, 4, 4]
@@ -223,7 +224,7 @@ def test_bench_pipeline_reports_every_stage_and_end_to_end_for_both_backends():
     res = bench_pipeline(random_weights=True, batches=(2,), repeats=1, warmup=0, threads=1,
                          progress=False)
     row = res["batches"]["2"]
-    want = {*oe.STAGES, "end_to_end"}
+    want = {*C.STAGES, "end_to_end"}
     assert set(row["torch"]) == set(row["onnx"]) == want
     assert all(v > 0 for v in row["onnx"].values())
     assert row["image_max_abs_diff"] <= 2
@@ -253,8 +254,8 @@ def test_export_from_a_folder_records_the_weight_files_identity(sd21, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
+    from imageragturbo.commands.assets import ensure_export
     from imageragturbo.defaults import model_files_id
-    from imageragturbo.serving.assets import ensure_export
 
     _, out, _, folder = sd21
     recorded = json.loads((out / "manifest.json").read_text())["model_files_id"]
@@ -310,7 +311,7 @@ def test_fp16_graphs_pass_the_full_onnx_checker_and_load_in_onnx_runtime(sd21_fp
     import onnx
 
     m = load_manifest(sd21_fp16, verify=True)
-    assert m["dtype"] == "float16" and list(m["stages"]) == list(oe.STAGES)
+    assert m["dtype"] == "float16" and list(m["stages"]) == list(C.STAGES)
     assert m["stages"]["unet_decoder"]["external_data"]  # the checker reads external data too
     for entry in m["stages"].values():
         path = sd21_fp16 / entry["file"]
@@ -347,7 +348,7 @@ def test_fp16_stages_match_fp32_stages_within_5e3_of_output_scale(sd21, sd21_fp1
     rounding of weights and of the values between those ops, not fp16 accumulation as a GPU
     runs it."""
     c, _, pipe32, _ = sd21
-    sessions = {s: _cpu_session(sd21_fp16 / f"{s}.onnx") for s in oe.STAGES}
+    sessions = {s: _cpu_session(sd21_fp16 / f"{s}.onnx") for s in C.STAGES}
     rel = {}
     for s in oe.stage_specs(c, c.h_adapter, batch=batch, k=3):
         feed = {n: a.numpy() for n, a in zip(s.inputs, s.args)}
@@ -356,7 +357,7 @@ def test_fp16_stages_match_fp32_stages_within_5e3_of_output_scale(sd21, sd21_fp1
         rel[s.name] = max(float(np.abs(r - g).max() / np.abs(r).max())
                           for r, g in zip(ref, got))
     print(f"fp16 vs fp32 batch {batch}: " + ", ".join(f"{k} {v:.2e}" for k, v in rel.items()))
-    assert set(rel) == set(oe.STAGES)
+    assert set(rel) == set(C.STAGES)
     bad = {name: d for name, d in rel.items() if not d <= FP16_REL_BOUND}
     assert not bad, f"stages over {FP16_REL_BOUND} of their output's scale: {bad}"
 
@@ -418,7 +419,7 @@ def test_gpu_profile_of_an_fp16_export_references_only_graphs_that_load(sd21_fp1
     retrieval index is a three-item stand-in (rendering links it, or copies it checking its
     digests), and no retriever runs here."""
     from imageragturbo.retriever import Pair, build_index
-    from imageragturbo.serving.repository import ONNX_STAGES, load_configs, render_repository
+    from imageragturbo.serving.repository import load_configs, render_repository
 
     class StandIn:  # not a model: fixed keys and zero tensors, enough for a whole index
         model_id, text_dim = "stand-in", 4
@@ -438,7 +439,7 @@ def test_gpu_profile_of_an_fp16_export_references_only_graphs_that_load(sd21_fp1
         repo = render_repository(sd21_fp16, index, tmp_path / f"gpu-{link}", "gpu", link=link)
         onnx_models = {name: c for name, c in load_configs(repo).items()
                        if c.backend == "onnxruntime"}
-        assert set(onnx_models) == set(ONNX_STAGES)
+        assert set(onnx_models) == set(C.STAGES)
         for name, c in onnx_models.items():
             path = repo / name / "1" / (c.default_model_filename or "model.onnx")
             sess = _cpu_session(path)
@@ -508,10 +509,10 @@ def test_a_truncated_stage_file_is_refused_without_verify(tmp_path):
     is refused before ONNX Runtime sees it; a same-size alteration needs ``verify``."""
     import hashlib
 
-    from imageragturbo.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, STAGES
+    from imageragturbo.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST
 
     stages, blobs = {}, {}
-    for i, name in enumerate(STAGES):
+    for i, name in enumerate(C.STAGES):
         files = {f"{name}.onnx": bytes(range(256)) * (i + 2)}
         if name == "unet_decoder":
             files[f"{name}.onnx.data"] = b"\x01" * 3000  # external data counts too
@@ -522,7 +523,7 @@ def test_a_truncated_stage_file_is_refused_without_verify(tmp_path):
                                   for f, d in files.items()}}
     (tmp_path / MANIFEST).write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION,
                                                  "stages": stages}))
-    assert set(load_manifest(tmp_path)["stages"]) == set(STAGES)
+    assert set(load_manifest(tmp_path)["stages"]) == set(C.STAGES)
     for f, data in blobs.items():
         (tmp_path / f).write_bytes(data[:-1])
         with pytest.raises(ValueError, match=f"{f} differs from the manifest"):

@@ -15,7 +15,7 @@ import torch
 
 from imageragturbo import evaluate, quality, stats
 from imageragturbo import shapesworld as sw
-from imageragturbo.cli import main
+from imageragturbo.commands.main import main
 from imageragturbo.quality import CROSS_FITTED, NULL_ORACLE, ORACLE, STUDENT, TUNED_OFF
 
 N, S = 4, 2

@@ -17,15 +17,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Modules and files a served request (and `serve` with an existing export and index) runs.
 REQUEST_MODULES = [
-    "imageragturbo.defaults", "imageragturbo.checksums", "imageragturbo.cli",
-    "imageragturbo.serving.assets", "imageragturbo.serving.repository",
-    "imageragturbo.serving.server", "imageragturbo.serving.cli", "imageragturbo.serving.demo",
+    "imageragturbo.defaults", "imageragturbo.checksums", "imageragturbo.commands.main",
+    "imageragturbo.commands.assets", "imageragturbo.serving.repository",
+    "imageragturbo.serving.server", "imageragturbo.commands.serve", "imageragturbo.serving.demo",
     "imageragturbo.serving.bench", "imageragturbo.runtime", "imageragturbo.runtime.pipeline",
     "imageragturbo.runtime.request", "imageragturbo.runtime.manifest",
-    "imageragturbo.runtime.cli", "imageragturbo.retriever", "imageragturbo.client",
+    "imageragturbo.commands.generate", "imageragturbo.retriever", "imageragturbo.client",
 ]
 REQUEST_FILES = [
-    "imageragturbo/defaults.py", "imageragturbo/checksums.py", "imageragturbo/runtime/cli.py",
+    "imageragturbo/defaults.py", "imageragturbo/checksums.py",
+    "imageragturbo/commands/generate.py",
     "imageragturbo/serving/repository.py", "imageragturbo/serving/server.py",
     "imageragturbo/runtime/__init__.py", "imageragturbo/runtime/pipeline.py",
     "imageragturbo/runtime/request.py", "imageragturbo/runtime/manifest.py",
@@ -52,7 +53,7 @@ for i, path in enumerate(args["backends"]):
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
 # what `serve` does with an existing export and index, then a request in process
 from pathlib import Path
-from imageragturbo.serving.assets import prepare
+from imageragturbo.commands.assets import prepare
 from imageragturbo.serving.repository import render_repository
 from imageragturbo import runtime
 a = prepare(args["model"], Path(args["export"]), Path(args["index"]), quiet=True)
@@ -161,5 +162,6 @@ def test_the_wheel_carries_what_serve_needs(tmp_path):
             "imageragturbo/model_repository/retriever/1/model.py",
             "imageragturbo/weights/tiny-shapes/h_adapter/model.safetensors",
             "imageragturbo/weights/tiny-shapes/unet_lora/lora.safetensors",
-            "imageragturbo/runtime/pipeline.py", "imageragturbo/defaults.py"]
+            "imageragturbo/runtime/pipeline.py", "imageragturbo/defaults.py",
+            "imageragturbo/commands/main.py"]
     assert not [w for w in want if w not in names], [w for w in want if w not in names]

@@ -33,7 +33,6 @@ from imageragturbo.retriever import (
     read_pairs,
     shapesworld_pairs,
 )
-from imageragturbo.retriever import cli as rcli
 
 IMG = 8  # test images are 8x8 RGB
 
@@ -235,7 +234,7 @@ def test_altered_file_fails_the_checksum_when_verified(built, tmp_path):
 
 
 def test_index_verify_command_catches_a_corrupted_array(built, tmp_path, capsys):
-    from imageragturbo.cli import main
+    from imageragturbo.commands.main import main
 
     assert main(["index", "verify", str(built[2]), "--quiet", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -452,10 +451,28 @@ def test_parquet_pairs_need_pyarrow_and_say_so(tmp_path):
     assert read_pairs(path)[0].caption == "a red star"
 
 
-def test_cli_defaults_match_the_library():
-    assert (rcli._M, rcli._EF_CONSTRUCTION, rcli._EF) == (DEFAULT_M, DEFAULT_EF_CONSTRUCTION,
-                                                          DEFAULT_EF)
-    assert HNSWParams() == HNSWParams(DEFAULT_M, DEFAULT_EF_CONSTRUCTION, DEFAULT_EF)
+def test_index_build_flags_are_hnswparams_own_defaults_and_reach_it(capsys):
+    """The hnswlib flags are made from ``HNSWParams`` (its defaults are the only copy), each
+    with its help text, and what is given on the command line reaches the build's params."""
+    from imageragturbo.commands.flags import dataclass_from_args
+    from imageragturbo.commands.main import build_parser
+
+    parser = build_parser()
+    plain = parser.parse_args(["index", "build"])
+    assert dataclass_from_args(HNSWParams, plain) == HNSWParams() == HNSWParams(
+        DEFAULT_M, DEFAULT_EF_CONSTRUCTION, DEFAULT_EF)
+    given = parser.parse_args(["index", "build", "--M", "8", "--ef-construction", "40",
+                               "--ef", "20"])
+    assert dataclass_from_args(HNSWParams, given) == HNSWParams(8, 40, 20)
+    bench = parser.parse_args(["bench", "retrieval", "--M", "12"])
+    assert (bench.M, bench.ef_construction, bench.ef) == (12, DEFAULT_EF_CONSTRUCTION, DEFAULT_EF)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["index", "build", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, words in (("--M M", "hnswlib links per node (default: 16)"),
+                        ("--ef-construction EF_CONSTRUCTION", "build beam width (default: 100)"),
+                        ("--ef EF", "raised to k when k is larger) (default: 64)")):
+        assert flag in text and words in text, (flag, text)
     with pytest.raises(ValueError):
         HNSWParams(M=0)
 
@@ -470,7 +487,7 @@ def test_model(monkeypatch):
 
 def test_cli_index_build_and_query_on_shapesworld(tmp_path, capsys, test_model):
     from imageragturbo import shapesworld as sw
-    from imageragturbo.cli import main
+    from imageragturbo.commands.main import main
 
     data = sw.build_dataset(tmp_path / "sw", {"retrieval": 40}, workers=1, progress=False)
     assert len(shapesworld_pairs(data)) == 40
@@ -496,7 +513,7 @@ def test_cli_index_build_and_query_on_shapesworld(tmp_path, capsys, test_model):
 
 
 def test_cli_bench_retrieval_json(capsys):
-    from imageragturbo.cli import main
+    from imageragturbo.commands.main import main
 
     assert main(["bench", "retrieval", "--n", "3000", "--dim", "48", "--queries", "100",
                  "--exact-queries", "20", "--clusters", "64", "--intrinsic-dim", "16",
@@ -523,7 +540,7 @@ def test_clustered_vectors_are_clustered_not_uniform():
 
 
 def test_every_subcommand_has_help(capsys):
-    from imageragturbo.cli import main
+    from imageragturbo.commands.main import main
 
     for argv in (["index", "--help"], ["index", "build", "--help"], ["index", "query", "--help"],
                  ["index", "verify", "--help"], ["bench", "retrieval", "--help"]):
@@ -697,14 +714,24 @@ def test_the_retriever_backend_gives_the_in_process_neighbours(built, monkeypatc
     m = mod.TritonPythonModel()
     m.index = RetrievalIndex.load(out, verify=False)
     m.has_adapter, m.h_shape, m.rerank, m.pool = True, (6, 1, 1), 32, 3
+    m.start = None
+    m.dtypes = {"h_retr": np.float32, "lam": np.float32, "slerp_w": np.float32,
+                "start": np.float32, "start_t": np.int64,
+                "NEIGHBOUR_IDS": np.object_, "NEIGHBOUR_CAPTIONS": np.object_,
+                "NEIGHBOUR_SCORES": np.float32}
     prompts, seeds = ["w1 w2 w3", "w9 w8 w7"], [11, 12]
     q = enc.encode_text(prompts)
+    z_t = request.initial_noise(seeds, m.index.latents(np.array([0])).shape[1:])
     req = {"pooled": q, "k": np.full((2, 1), 2, np.int32),
            "strength": np.full((2, 1), np.nan, np.float32),
            "prompt": np.array([p.encode() for p in prompts], np.object_).reshape(2, 1),
-           "seed": np.array(seeds, np.int64).reshape(2, 1)}
+           "seed": np.array(seeds, np.int64).reshape(2, 1),
+           "sample": z_t, "timestep": np.full((2, 1), 999, np.int64)}
     (resp,) = m.execute([req])
     assert resp.error is None, resp.error and resp.error.message
+    # the paper's model: the step starts from z_T at t, passed through
+    np.testing.assert_array_equal(resp.outputs["start"], z_t)
+    assert resp.outputs["start_t"].tolist() == [[999], [999]]
     h, scores, nb = request.retrieve(m.index, q, 2, prompts, 32, seeds, 3)
     assert not np.array_equal(nb.ids, request.retrieve(m.index, q, 2, prompts, 32)[2].ids)
     np.testing.assert_array_equal(resp.outputs["h_retr"], h)
@@ -712,3 +739,17 @@ def test_the_retriever_backend_gives_the_in_process_neighbours(built, monkeypatc
     assert resp.outputs["NEIGHBOUR_IDS"].tolist() == [[i.encode() for i in r]
                                                       for r in nb.item_ids]
     np.testing.assert_allclose(resp.outputs["lam"][:, 0], scores[:, 0])
+    np.testing.assert_array_equal(resp.outputs["slerp_w"][:, 0], [1, 1])  # no slerp here
+    assert {a.dtype for a in resp.outputs.values()} == {np.dtype(np.float32),
+                                                        np.dtype(np.int64), np.dtype(np.object_)}
+    # a neighbour-start model: from the (seed-drawn) top-1 neighbour's latent, noised with z_T
+    m.start = {"timestep": 479, "alpha_bar": 0.25}
+    (resp,) = m.execute([req])
+    lat = m.index.latents(nb.ids[:, 0]).astype(np.float32)
+    np.testing.assert_allclose(resp.outputs["start"], 0.5 * lat + np.sqrt(0.75) * z_t,
+                               rtol=1e-6, atol=1e-6)
+    assert resp.outputs["start_t"].tolist() == [[479], [479]]
+    # K = 0 asks for nothing: z_T at t again, whatever the model
+    (resp,) = m.execute([{**req, "k": np.zeros((2, 1), np.int32)}])
+    np.testing.assert_array_equal(resp.outputs["start"], z_t)
+    assert resp.outputs["start_t"].tolist() == [[999], [999]]

@@ -15,7 +15,6 @@ import tritonclient.grpc as grpcclient
 from serving_support import PIXEL_BOUND, PROMPTS, _inp, _maxdiff, _prompt, in_process
 from tritonclient.utils import InferenceServerException
 
-from imageragturbo.cli import main
 from imageragturbo.client import (
     AsyncImageRAGTurboClient,
     DeadlineExceededError,
@@ -23,6 +22,7 @@ from imageragturbo.client import (
     InvalidInputError,
     RetryPolicy,
 )
+from imageragturbo.commands.main import main
 from imageragturbo.model import family
 from imageragturbo.serving.repository import load_configs, render_repository, wiring
 
@@ -81,7 +81,7 @@ def test_cpu_and_gpu_profiles_have_identical_wiring(assets, tmp_path):
 
 def test_slerp_injection_option_serves_an_adapter_export_training_free(assets, tmp_path):
     """``serve --injection slerp``: the h_adapter step of an export that has a trained adapter
-    becomes the python slerp step (paper Eq. 3); the wiring stays the adapter rendering's."""
+    becomes the python slerp step (paper Eq. 3), fed slerp_w where the graph takes lam."""
     from imageragturbo.serving.repository import RenderOptions
 
     adapter = render_repository(assets["adapter"], assets["index"], tmp_path / "a", "cpu")
@@ -93,7 +93,16 @@ def test_slerp_injection_option_serves_an_adapter_export_training_free(assets, t
     assert "slerp" in (slerp / "h_adapter" / "1" / "model.py").read_text()
     assert 'key: "has_adapter" value: { string_value: "false" }' in (
         slerp / "retriever" / "config.pbtxt").read_text()
-    assert wiring(adapter)["imageragturbo"] == wiring(slerp)["imageragturbo"]
+    # the same steps; the adapter step takes lam (the graph) or slerp_w (the slerp step)
+    a, s = wiring(adapter)["imageragturbo"]["steps"], wiring(slerp)["imageragturbo"]["steps"]
+    assert [x[0] for x in a] == [x[0] for x in s]
+    moded = ("h_adapter", "retriever")  # lam or slerp_w: into the adapter step, out of retrieval
+    assert {m: (i, o) for m, i, o in a if m not in moded} == {
+        m: (i, o) for m, i, o in s if m not in moded}
+    steps_a, steps_s = {m: (i, o) for m, i, o in a}, {m: (i, o) for m, i, o in s}
+    assert steps_a["h_adapter"][0]["lam"] == "lam" and "slerp_w" not in steps_a["h_adapter"][0]
+    assert steps_s["h_adapter"][0]["slerp_w"] == "slerp_w" and "lam" not in steps_s["h_adapter"][0]
+    assert "lam" in steps_a["retriever"][1] and "slerp_w" in steps_s["retriever"][1]
     with pytest.raises(ValueError, match="injection"):
         RenderOptions(injection="sometimes")
 
@@ -186,6 +195,31 @@ def test_served_image_equals_in_process_with_slerp_retrieval(servers, pipes):
     assert _maxdiff(r0.array[None], plain) <= PIXEL_BOUND
     assert _maxdiff(ref, plain) > PIXEL_BOUND
     assert [n.caption for n in r.neighbours] == nb.captions[0]
+
+
+def test_a_neighbour_start_model_is_served_from_its_top1_neighbour_as_in_process(servers,
+                                                                                   pipes):
+    """A model trained with a neighbour start (beyond the paper): served, its step starts from
+    the top-1 neighbour's latent noised to its start timestep, as in process (2/255); the
+    start changes the image against the same weights started from z_T; K = 0 is the plain
+    step from z_T at t = 999, in a batch with a K > 0 request as alone."""
+    pipe, index = pipes["start"]
+    assert pipe.neighbour_start["timestep"] < 999
+    with ImageRAGTurboClient(servers["start"].url, timeout=60) as c:
+        r = c.generate(PROMPTS[1], seed=11, k=3)
+        r0 = c.generate(PROMPTS[1], seed=11, k=0)
+    ref, nb = in_process(pipes, "start", PROMPTS[1:2], [11], k=3)
+    assert _maxdiff(r.array[None], ref) <= PIXEL_BOUND
+    assert [n.id for n in r.neighbours] == nb.item_ids[0]
+    same_weights_from_z_t, _ = in_process(pipes, "adapter", PROMPTS[1:2], [11], k=3)
+    assert _maxdiff(ref, same_weights_from_z_t) > PIXEL_BOUND   # the start is used
+    plain, _ = in_process(pipes, "start", PROMPTS[1:2], [11])
+    assert _maxdiff(r0.array[None], plain) <= PIXEL_BOUND
+    with grpcclient.InferenceServerClient(servers["start"].url) as g:
+        res = g.infer("imageragturbo", [_prompt(PROMPTS[1], PROMPTS[1]),
+                                        _inp("SEED", np.array([[11], [11]], np.int64), "INT64"),
+                                        _inp("K", np.array([[3], [3]], np.int32), "INT32")])
+    assert _maxdiff(res.as_numpy("IMAGE")[:1], ref) <= PIXEL_BOUND
 
 
 def test_batch_request_returns_each_prompts_image_as_in_process(client, pipes):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from imageragturbo.serving.bench import bench_serve, breakdown, format_table
+from imageragturbo.serving.session import Assets
 
 COMPOSING = {"preprocess", "text_encoder", "retriever", "unet_encoder", "h_adapter",
              "unet_decoder", "vae_decoder", "postprocess"}
@@ -32,7 +33,8 @@ def test_bench_serve_reports_both_ratios_and_every_composing_model(assets, serve
         concurrency=[1, 4], requests=8, warmup=2, k=1, threads=1, max_batch_size=4,
         queue_delay_us=0, light_queue_delay_us=0, instances=None, ready_timeout=60,
         json=True, bursts=2, burst_size=3)
-    res = bench_serve(args)
+    res = bench_serve(args, lambda: Assets(str(assets["model"]), assets["adapter"],
+                                           assets["index"]))
     assert [s["concurrency"] for s in res["serving"]] == [1, 4]
     assert res["in_process"]["batch"] == 4 and res["in_process"]["batch_images_per_s"] > 0
     assert res["overhead_ratio_p50"] > 0 and res["throughput_ratio"] > 0
@@ -69,8 +71,8 @@ def test_heavy_stages_and_light_steps_get_their_own_batching_delay(assets, tmp_p
 def test_the_light_steps_wait_follows_the_heavy_one_unless_given():
     """`serve --queue-delay-us N` alone sets both waits (the help says so); with
     --light-queue-delay-us the light steps get their own."""
-    from imageragturbo.cli import build_parser
-    from imageragturbo.serving.cli import _options
+    from imageragturbo.commands.main import build_parser
+    from imageragturbo.commands.serve import _options
 
     parser = build_parser()
     one = _options(parser.parse_args(["serve", "--queue-delay-us", "2000"]))
@@ -83,9 +85,28 @@ def test_the_light_steps_wait_follows_the_heavy_one_unless_given():
 def test_serve_checks_index_digests_at_load_only_when_asked():
     """The retriever's load checks the index's structure; `serve --verify-index` adds the
     sha256 of every file (the whole index read by every instance before it is ready)."""
-    from imageragturbo.cli import build_parser
-    from imageragturbo.serving.cli import _options
+    from imageragturbo.commands.main import build_parser
+    from imageragturbo.commands.serve import _options
 
     parser = build_parser()
     assert _options(parser.parse_args(["serve"])).verify_index is False
     assert _options(parser.parse_args(["serve", "--verify-index"])).verify_index is True
+
+
+def test_serve_flags_are_render_options_own_defaults_and_reach_it():
+    """serve's rendering flags are made from ``RenderOptions`` (its defaults are the only
+    copy): no flags give the default options, and each given flag reaches its field."""
+    from imageragturbo.commands.main import build_parser
+    from imageragturbo.commands.serve import _options
+    from imageragturbo.serving.repository import RenderOptions
+
+    parser = build_parser()
+    assert _options(parser.parse_args(["serve"])) == RenderOptions()
+    given = _options(parser.parse_args([
+        "serve", "--max-batch-size", "4", "--queue-timeout", "1.5", "--max-queue-size", "9",
+        "--default-k", "2", "--max-k", "5", "--rerank", "0", "--neighbour-pool", "3",
+        "--injection", "slerp", "--threads", "2", "--instances", "1", "--trt-cache", "/c"]))
+    assert given == RenderOptions(max_batch_size=4, queue_timeout_us=1_500_000,
+                                  max_queue_size=9, default_k=2, max_k=5, rerank=0,
+                                  neighbour_pool=3, injection="slerp", threads=2,
+                                  instances=1, trt_cache="/c")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from backend_stub import pb_utils_stub
 
-from imageragturbo.serving.repository import ENSEMBLE
+from imageragturbo.client.contract import ENSEMBLE_NAME as ENSEMBLE
 from imageragturbo.serving.server import ServerError, TritonServer, free_port
 from imageragturbo.serving.supervisor import Supervisor
 

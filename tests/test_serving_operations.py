@@ -14,13 +14,13 @@ import tritonclient.grpc as grpcclient
 from serving_support import PROMPTS, _prompt
 from tritonclient.utils import InferenceServerException
 
-from imageragturbo.cli import main
 from imageragturbo.client import (
     AsyncImageRAGTurboClient,
     ImageRAGTurboClient,
     InvalidInputError,
     RetryPolicy,
 )
+from imageragturbo.commands.main import main
 from imageragturbo.serving.repository import render_repository
 from imageragturbo.serving.server import TritonServer
 
@@ -156,6 +156,19 @@ def test_cli_generate_url_writes_png_through_the_server(server, tmp_path, capsys
 
     assert Image.open(out).size == (64, 64)
     assert '"neighbours"' in capsys.readouterr().out
+
+
+def test_cli_demo_url_draws_the_grid_through_a_running_server(server, tmp_path, capsys):
+    """`demo --url`: the grid through the SDK against a server already running; the command
+    prepares no export or index for it (its --model is not even installed here)."""
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--url", server.url, "--model", str(tmp_path / "no-such-model"),
+                 "--n", "2", "--k", "1", "-o", str(out)]) == 0
+    from PIL import Image
+
+    w, h = Image.open(out).size
+    assert w > 2 * 64 and h > 64
+    assert capsys.readouterr().out.strip() == str(out)
 
 
 # ----------------------------------------------------------------------------- TLS

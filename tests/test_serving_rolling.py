@@ -40,7 +40,7 @@ class Serve:
         self.tmp = tmp
         self.grpc, self.http = free_port(), free_port()
         self.log = tmp / "serve.log"
-        cmd = [sys.executable, "-m", "imageragturbo.cli", "serve", "--model",
+        cmd = [sys.executable, "-m", "imageragturbo.commands", "serve", "--model",
                str(assets["model"]), "--export", str(assets["adapter"]), "--index",
                str(assets["index"]), "--out", str(tmp / "repo"), "--grpc-port", str(self.grpc),
                "--http-port", str(self.http), *args]

@@ -183,7 +183,7 @@ def test_data_build_and_data_grid_commands_write_their_sample_grids(tmp_path, ca
     of the asked split (both draw through the shared caption-grid helper)."""
     from PIL import Image
 
-    from imageragturbo.cli import main
+    from imageragturbo.commands.main import main
 
     out = tmp_path / "sw"
     assert main(["data", "build", "--out", str(out), "--train", "6", "--retrieval", "4",

@@ -153,7 +153,7 @@ def test_score_folder_reads_generated_images_and_reports_missing_ones(tmp_path):
 
 
 def test_cli_selfcheck_json_prints_one_object():
-    out = subprocess.run([sys.executable, "-m", "imageragturbo.cli", "eval", "selfcheck",
+    out = subprocess.run([sys.executable, "-m", "imageragturbo.commands", "eval", "selfcheck",
                           "--json", "--n", "40"], capture_output=True, text=True, check=True)
     res = json.loads(out.stdout)
     assert set(res) == {"clean", "degraded", "noise", "blank", "perturbed"}
@@ -163,6 +163,6 @@ def test_cli_selfcheck_json_prints_one_object():
 @pytest.mark.parametrize("argv", [[], ["data"], ["data", "build"], ["eval"], ["eval", "selfcheck"],
                                   ["eval", "score"], ["demo"]])
 def test_every_command_has_help(argv):
-    out = subprocess.run([sys.executable, "-m", "imageragturbo.cli", *argv, "--help"],
+    out = subprocess.run([sys.executable, "-m", "imageragturbo.commands", *argv, "--help"],
                          capture_output=True, text=True)
     assert out.returncode == 0 and "usage: imageragturbo" in out.stdout

@@ -49,7 +49,7 @@ from imageragturbo.model.h_space import HAdapter, adapter_config_for, count_para
 from imageragturbo.model.lora import add_decoder_lora, lora_parameters, save_decoder_lora
 from imageragturbo.model.neighbour_attention import FOLDER as NB_DIR
 from imageragturbo.model.neighbour_attention import NeighbourAttention
-from imageragturbo.model.pipeline import teacher_sample_latents, tokenize
+from imageragturbo.model.pipeline import noised, sdedit_timestep, teacher_sample_latents, tokenize
 from imageragturbo.model.unet_split import UNetEncoder
 from imageragturbo.runtime.request import initial_noise
 
@@ -64,7 +64,7 @@ STAGES = ("data", "neighbours", "synth", "train", "export")  # synth may start f
 class AdapterRun(StagedRun):
     """ImageRAGTurbo fine-tuning of ``cfg.model`` into ``run_dir``, retrieving from the index
     at ``index`` (for ShapesWorld, built over ``data``'s retrieval split with the model's
-    encoder when missing: ``serving.assets.ensure_index``; for a user's pairs or prompts, an
+    encoder when missing: ``retriever.ensure.ensure_index``; for a user's pairs or prompts, an
     index the user built with ``imageragturbo index build --pairs``). The teacher is
     ``cfg.teacher``'s ``unet/`` or the student folder's ``teacher_unet/``."""
 
@@ -492,12 +492,13 @@ class AdapterRun(StagedRun):
         must come from this text encoder and its cached H features from this UNet encoder."""
         if self._index is None:
             from imageragturbo.defaults import model_files_id
+            from imageragturbo.model import load_retrieval_encoder
             from imageragturbo.retriever import IndexFormatError, RetrievalIndex
-            from imageragturbo.serving.assets import ensure_index
+            from imageragturbo.retriever.ensure import ensure_index
 
             if self.cfg.shapesworld:
                 path = ensure_index(str(self.cfg.model), self.index_dir, self.data_dir,
-                                    quiet=not self.progress)
+                                    quiet=not self.progress, load_encoder=load_retrieval_encoder)
             else:  # a user's index is never built behind their back from ShapesWorld
                 path = self.index_dir
                 if not (path / "manifest.json").is_file():
@@ -706,6 +707,13 @@ class AdapterRun(StagedRun):
             perc.to(self.acc.device)
         backward = self._backward_fn([p for g in groups for p in g["params"]])
         t999 = torch.full((n_real,), STUDENT_TIMESTEP, dtype=torch.long)
+        t_syn = None
+        if cfg.neighbour_init:
+            # the student starts where the teacher's SDEdit started: the top-1 neighbour's
+            # latent noised with the target's z_T to the SDEdit timestep
+            t_init = sdedit_timestep(self.c, cfg.synth_steps, cfg.neighbour_sdedit)
+            t_syn = torch.cat([t999, torch.full((cfg.batch - n_real,), t_init,
+                                                dtype=torch.long)]).to(self.acc.device)
 
         drawn = [0]  # steps whose items the streams have given
 
@@ -732,6 +740,10 @@ class AdapterRun(StagedRun):
                       else eps_t)
             syn_zt = torch.from_numpy(initial_noise([20_000_000 + int(r) for r in tgt[n_real:]],
                                                     shape))
+            if t_syn is not None:  # neighbour_init: from the top-1 neighbour, noised to t_init
+                top1 = index.latents(nb_ids[torch.from_numpy(tgt[n_real:]), 0].numpy())
+                syn_zt = noised(self.c, torch.from_numpy(top1.astype(np.float32)), syn_zt,
+                                t_init)
             z_t = torch.cat([z_real, syn_zt])
             z0 = torch.cat([z0_real, stack(syns, "z0").float()])
             ehs = torch.cat([stack(reals, "ehs", torch.zeros(0, text_len, text_dim)).float(),
@@ -786,7 +798,7 @@ class AdapterRun(StagedRun):
                                  sync_heads=self._sync_grads,
                                  perceptual=perceptual if perc is not None else None,
                                  perceptual_weight=cfg.perceptual_weight,
-                                 adv_weight=cfg.adv_weight, decoder_ehs=dec_ehs)
+                                 adv_weight=cfg.adv_weight, decoder_ehs=dec_ehs, t=t_syn)
 
         val = sh.load(syn_root, int(syn_stream.shards[0]["index"]))
         val_rows = val["item"][:4].numpy()
@@ -845,6 +857,7 @@ class AdapterRun(StagedRun):
                 "lora_parameters": sum(p.numel() for p in lora_parameters(student)),
                 **({"decoder_attention_parameters": count_parameters(nb_attn)}
                    if nb_attn is not None else {}),
+                **({"neighbour_init_timestep": int(t_syn[-1])} if t_syn is not None else {}),
                 "retrieval": cfg.retrieval, "device": str(self.acc.device),
                 "processes": self.acc.num_processes, "mixed_precision": cfg.mixed_precision,
                 "gradient_checkpointing": cfg.gradient_checkpointing,

@@ -113,6 +113,12 @@ class AdapterConfig:
     #                               targets from their top-1 neighbour's latent (SDEdit at this
     #                               strength) instead of from z_T, so the target shares the
     #                               neighbour's layout; 0 = the paper's pairs
+    neighbour_init: bool = False  # beyond the paper (needs neighbour_sdedit): the student's
+    #                               input for those targets is the one the teacher started
+    #                               from (the top-1 neighbour's latent noised to the SDEdit
+    #                               timestep), so it learns SDEdit in one step; served with
+    #                               the neighbour's latent as the start (retrieval on) or pure
+    #                               noise at t = 999 (retrieval off)
 
     def __post_init__(self) -> None:
         if self.decoder_attention and self.retrieval == "none":
@@ -125,6 +131,9 @@ class AdapterConfig:
             raise ValueError(f"k_max must be >= 1, got {self.k_max}")
         if self.neighbour_sdedit > 0 and self.retrieval == "none":
             raise ValueError("neighbour_sdedit needs retrieval: the control has no neighbours")
+        if self.neighbour_init and not self.neighbour_sdedit > 0:
+            raise ValueError("neighbour_init needs neighbour_sdedit > 0: the student starts "
+                             "where the teacher's SDEdit started")
         for name in ("real_fraction", "scene_neighbour", "text_drop", "max_bad_share",
                      "neighbour_sdedit"):
             if not 0.0 <= getattr(self, name) <= 1.0:

@@ -111,7 +111,7 @@ class StagedRun:
         torch.set_num_threads(self.cfg.threads)
         from accelerate import Accelerator
 
-        # One process on a CPU here; `accelerate launch -m imageragturbo.cli train ...` on
+        # One process on a CPU here; `accelerate launch -m imageragturbo.commands train ...` on
         # several GPUs runs the same code data-parallel: each process draws its own batches and
         # gradients are averaged across processes after every backward (``_backward_fn``). The
         # models are not DDP-wrapped because the stages call their methods (vae.encode, the

@@ -141,13 +141,14 @@ def ladd_step(student: OneStepStudent, disc: ladd.LADDDiscriminator, opt_g, opt_
               z0_teacher, ehs, pooled, s, eps_s, alphas_cumprod, distill_weight: float = 2.5,
               h_edit=None, backward=_backward, sync_heads=None, perceptual=None,
               perceptual_weight: float = 0.0, adv_weight: float = 1.0,
-              decoder_ehs=None) -> dict:
+              decoder_ehs=None, t=None) -> dict:
     """One generator and one discriminator update, paper Eq. 10: L_adv (Eqs. 6-7) + alpha
     L_distill (Eq. 8) + beta L_latentLPIPS (Eq. 9, when ``perceptual(z0_hat, z0)`` is given).
     ``sync_heads(params)`` averages the heads' gradients across processes (the heads run three
     times per step, so they are not DDP-wrapped). ``adv_weight`` scales L_adv (1 in Eq. 10).
-    ``decoder_ehs``: the decoder's cross-attention context (``OneStepStudent``)."""
-    z0_hat = student(z_t, ehs, h_edit, decoder_ehs)
+    ``decoder_ehs``: the decoder's cross-attention context and ``t`` each input's timestep
+    (``OneStepStudent``; None: t = 999)."""
+    z0_hat = student(z_t, ehs, h_edit, decoder_ehs, t)
     l_dist = ladd.distill_loss(z0_hat, z0_teacher)
     loss_g = distill_weight * l_dist
     out = {}

@@ -201,6 +201,9 @@ class Components:
     h_adapter: torch.nn.Module | None = None
     neighbour_attention: torch.nn.Module | None = None  # beyond the paper (neighbour_attention)
     name: str = "model"
+    # beyond the paper: a model trained with neighbour_init starts its step, with retrieval on,
+    # from the top-1 neighbour's latent noised to {"timestep", "alpha_bar"} (pipeline.py)
+    neighbour_start: dict | None = None
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -260,6 +263,10 @@ def load_components(model: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torc
         merge_decoder_lora(c.unet, path / LORA_DIR)
     if retrieval_tuned:
         attach_neighbour_attention(c, path)
+        if c.h_adapter is not None:
+            from .pipeline import neighbour_start_of
+
+            c.neighbour_start = neighbour_start_of(c, path / "adapter_training.json")
     return c.eval()
 
 

@@ -8,10 +8,12 @@ the ONNX Runtime pipeline and the Triton ensemble draw the very same z_T for a s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from imageragturbo.client import contract as C
 from imageragturbo.defaults import STUDENT_TIMESTEP, from_unit
 from imageragturbo.runtime.request import initial_noise
 
@@ -37,10 +39,8 @@ def encode_prompt(c: Components, prompts: Sequence[str]) -> tuple[torch.Tensor, 
 
 
 def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings, not one string")
-    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
+    """Token ids (B, L) as a tensor: ``contract.tokenize``, the call every stage shares."""
+    return C.tokenize(tokenizer, prompts, return_tensors="pt")
 
 
 @torch.no_grad()
@@ -58,14 +58,23 @@ def to_uint8_images(x: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def student_generate(c: Components, prompts: Sequence[str], seeds: Sequence[int],
                      h_retr: torch.Tensor | None = None, lam: torch.Tensor | None = None,
-                     slerp_w: float | None = None, return_latents: bool = False):
+                     slerp_w: float | None = None, return_latents: bool = False,
+                     z_init: torch.Tensor | None = None, t_init: int | None = None):
     """One step at t=999 through the split UNet. With ``h_retr`` (B, k, C, h, w): the
     H-adapter (when the model has one and ``slerp_w`` is None) or slerp injection of the
-    top-1 neighbour with target weight ``slerp_w`` (paper Eq. 3)."""
+    top-1 neighbour with target weight ``slerp_w`` (paper Eq. 3). With ``z_init`` (B, C, h, w)
+    and ``t_init`` (beyond the paper, for a model trained with ``neighbour_init``): the step
+    starts at t_init from z_init (the top-1 neighbour's latent) noised with the seed's noise."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if (z_init is None) != (t_init is None):
+        raise ValueError("z_init and t_init go together")
     ehs, _ = encode_prompt(c, prompts)
     z = torch.from_numpy(initial_noise(seeds, latent_shape(c))).to(ehs.dtype)
+    t = None
+    if z_init is not None:
+        z = noised(c, z_init.to(z.dtype), z, t_init)
+        t = torch.full((len(z),), int(t_init), dtype=torch.long)
     h_edit = None
     if h_retr is not None:
         if slerp_w is not None:
@@ -84,7 +93,7 @@ def student_generate(c: Components, prompts: Sequence[str], seeds: Sequence[int]
     if h_retr is not None and slerp_w is None and c.neighbour_attention is not None:
         decoder_ehs = c.neighbour_attention.decoder_context(ehs, h_retr.to(ehs.dtype))
     student = OneStepStudent(c.unet, c.alphas_cumprod, c.scheduler.config.prediction_type)
-    z0 = student(z, ehs, h_edit, decoder_ehs)
+    z0 = student(z, ehs, h_edit, decoder_ehs, t)
     images = decode_latents(c, z0)
     return (images, z0) if return_latents else images
 
@@ -101,6 +110,7 @@ class TorchStudent:
         self.c = load_components(model)
         self.text_dim = int(self.c.text_encoder.config.hidden_size)
         self.has_adapter = self.c.h_adapter is not None
+        self.neighbour_start = self.c.neighbour_start
         cfg = self.c.unet.config
         down = 2 ** (len(cfg.block_out_channels) - 1)
         _, lh, lw = latent_shape(self.c)
@@ -109,10 +119,18 @@ class TorchStudent:
     def pooled(self, prompts: Sequence[str]) -> np.ndarray:
         return encode_prompt(self.c, prompts)[1].numpy()
 
-    def generate(self, prompts, seeds, h_retr=None, lam=None, slerp_w=None) -> np.ndarray:
+    def generate(self, prompts, seeds, h_retr=None, lam=None, slerp_w=None,
+                 z_init=None) -> np.ndarray:
         ht = None if h_retr is None else torch.from_numpy(np.asarray(h_retr))
         lt = None if lam is None else torch.from_numpy(np.asarray(lam))
-        return student_generate(self.c, prompts, seeds, h_retr=ht, lam=lt, slerp_w=slerp_w)
+        start = {}
+        if z_init is not None:
+            if self.neighbour_start is None:
+                raise ValueError("z_init given, but this model has no neighbour start")
+            start = {"z_init": torch.from_numpy(np.asarray(z_init, np.float32)),
+                     "t_init": self.neighbour_start["timestep"]}
+        return student_generate(self.c, prompts, seeds, h_retr=ht, lam=lt, slerp_w=slerp_w,
+                                **start)
 
 
 def ddim_scheduler(c: Components):
@@ -138,8 +156,7 @@ def teacher_sample_latents(c: Components, unet, ehs: torch.Tensor, ehs_uncond: t
     sched.set_timesteps(steps)
     timesteps = sched.timesteps
     if z_init is not None and strength < 1.0:
-        keep = max(1, round(strength * steps))
-        timesteps = timesteps[steps - keep:]
+        timesteps = timesteps[steps - sdedit_keep(steps, strength):]
         z = sched.add_noise(z_init, z, timesteps[:1].expand(len(z)))
     cond = torch.cat([ehs_uncond.expand(len(z), -1, -1), ehs])
     for t in timesteps:
@@ -147,6 +164,43 @@ def teacher_sample_latents(c: Components, unet, ehs: torch.Tensor, ehs_uncond: t
         eps = eps_u + guidance * (eps_c - eps_u)
         z = sched.step(eps, t, z).prev_sample
     return z
+
+
+def sdedit_keep(steps: int, strength: float) -> int:
+    """How many of ``steps`` DDIM steps an SDEdit at ``strength`` runs (the last ones)."""
+    return max(1, round(strength * steps))
+
+
+def sdedit_timestep(c: Components, steps: int, strength: float) -> int:
+    """The timestep an SDEdit of ``steps`` DDIM steps (trailing spacing) at ``strength``
+    starts from: where ``teacher_sample_latents`` noises ``z_init`` to, and where a
+    ``neighbour_init`` student starts from its noised neighbour."""
+    sched = ddim_scheduler(c)
+    sched.set_timesteps(steps)
+    return int(sched.timesteps[steps - sdedit_keep(steps, strength)])
+
+
+def neighbour_start_of(c: Components, record: str | Path) -> dict | None:
+    """A retrieval fine-tuning run's start (``adapter_training.json`` of a run's export or of
+    the model folder it was installed into): for a run trained with ``neighbour_init`` (beyond
+    the paper), {"timestep": t, "alpha_bar": alphas_cumprod[t]}: with retrieval on, its one
+    step starts at t from the top-1 neighbour's latent noised with z_T. None otherwise."""
+    import json
+
+    record = Path(record)
+    cfg = json.loads(record.read_text()).get("config", {}) if record.is_file() else {}
+    if not cfg.get("neighbour_init"):
+        return None
+    t = sdedit_timestep(c, int(cfg["synth_steps"]), float(cfg["neighbour_sdedit"]))
+    return {"timestep": t, "alpha_bar": float(c.alphas_cumprod[t])}
+
+
+def noised(c: Components, z_init: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
+    """z_init noised to timestep t with noise eps (paper Eq. 1; DDPM's forward process), in
+    float32 as the served retriever computes it (``runtime.request.neighbour_start``)."""
+    abar = float(c.alphas_cumprod[int(t)])
+    return (np.float32(np.sqrt(abar)) * z_init.float()
+            + np.float32(np.sqrt(1.0 - abar)) * eps.float()).to(eps.dtype)
 
 
 @torch.no_grad()

@@ -17,24 +17,28 @@ stage           in                                             out
 ==============  =============================================  =================================
 
 ``UNetEncoder``, ``UNetDecoder`` and ``one_step_z0`` live in ``unet_split`` (the split itself),
-``HAdapter`` in ``h_space``; this module adds the two ends and ``OneStepStudent``, the one
-one-step forward (UNet encoder, optional edit of h, UNet decoder with the update) that every
-consumer calls.
+``HAdapter`` in ``h_space``; this module adds the two ends, ``FlatUNetDecoder`` (the decoder
+over the exported graph's flat inputs), ``runner`` (torch modules as ``contract.one_step``'s
+run) and ``OneStepStudent``, the one-step forward of training and the PyTorch pipeline. The
+stages are chained by ``contract.one_step`` alone, here as in ONNX Runtime and the ensemble.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
+from imageragturbo.client import contract as C
 from imageragturbo.defaults import STUDENT_TIMESTEP, to_unit
 
 from .h_space import HAdapter
 from .unet_split import UNetDecoder, UNetEncoder, one_step_z0
 
-__all__ = ["TextEncoder", "UNetEncoder", "HAdapter", "UNetDecoder", "VAEDecoder",
-           "OneStepStudent", "one_step_z0", "images_to_unit"]
+__all__ = ["TextEncoder", "UNetEncoder", "HAdapter", "UNetDecoder", "FlatUNetDecoder",
+           "VAEDecoder", "OneStepStudent", "runner", "one_step_z0", "images_to_unit"]
 
 
 class TextEncoder(nn.Module):
@@ -73,6 +77,35 @@ class VAEDecoder(nn.Module):
         return self.vae.decode(latents * self.inv_scale).sample
 
 
+class FlatUNetDecoder(nn.Module):
+    """``UNetDecoder`` (with the one-step update) over flat inputs, in the contract's order
+    (``contract.stage_inputs``: h, temb, skip_0..skip_n, encoder_hidden_states, sample,
+    timestep) -> z0: the signature of the exported graph and of ``contract.one_step``'s
+    decoder call."""
+
+    def __init__(self, decoder: UNetDecoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, h, temb, *rest):
+        *skips, encoder_hidden_states, sample, timestep = rest
+        return self.decoder(h, temb, skips, encoder_hidden_states, sample, timestep)
+
+
+def runner(modules: Mapping[str, Callable], after: Callable[[str], object] | None = None):
+    """``contract.one_step``'s run over torch modules (or any callables), each taking its
+    stage's inputs in the contract's order; outputs as a tuple. ``after(stage)``: called after
+    each stage (a synchronize and a timer, for benchmarks)."""
+
+    def run(stage, *inputs):
+        out = modules[stage](*inputs)
+        if after is not None:
+            after(stage)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+    return run
+
+
 class OneStepStudent(nn.Module):
     """z_T and text states -> z_0 in one step at t = 999 (SD-Turbo's step) through the split
     UNet: UNet encoder, then ``h_edit(h)`` when given (the H-adapter with the retrieved
@@ -92,12 +125,17 @@ class OneStepStudent(nn.Module):
         return self.unet_decoder.alphas_cumprod
 
     def forward(self, z_t: torch.Tensor, ehs: torch.Tensor, h_edit=None,
-                decoder_ehs: torch.Tensor | None = None) -> torch.Tensor:
+                decoder_ehs: torch.Tensor | None = None,
+                t: torch.Tensor | None = None) -> torch.Tensor:
         """``decoder_ehs``: what the decoder's cross-attention takes in place of ``ehs`` (the
-        text states with the neighbours' tokens appended: ``NeighbourAttention``)."""
-        t = torch.full((z_t.shape[0],), STUDENT_TIMESTEP, dtype=torch.long, device=z_t.device)
-        h, temb, *skips = self.unet_encoder(z_t, t, ehs)
-        if h_edit is not None:
-            h = h_edit(h)
-        return self.unet_decoder(h, temb, skips, ehs if decoder_ehs is None else decoder_ehs,
-                                 z_t, t)
+        text states with the neighbours' tokens appended: ``NeighbourAttention``). ``t`` (B,)
+        long: each input's timestep, t = 999 (SD-Turbo's one step) when None; a smaller t
+        only for a model trained to start from a noised neighbour (``neighbour_init``)."""
+        if t is None:
+            t = torch.full((z_t.shape[0],), STUDENT_TIMESTEP, dtype=torch.long,
+                           device=z_t.device)
+        # (a local wrapper, not a submodule: the decoder's parameters are registered once)
+        run = runner({C.UNET_ENCODER: self.unet_encoder,
+                      C.UNET_DECODER: FlatUNetDecoder(self.unet_decoder)})
+        return C.one_step(run, z_t, t, ehs=ehs, edit=h_edit, decoder_ehs=decoder_ehs,
+                          decode=False)[1]

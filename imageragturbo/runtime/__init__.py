@@ -13,17 +13,29 @@ The Triton backends in ``imageragturbo.model_repository`` import ``request``; ``
 ``manifest`` reads, and nothing here imports it.
 """
 
-from .manifest import MANIFEST, load_manifest, stage_names
-from .pipeline import OnnxPipeline, choose_providers, describe
-from .request import (
-    initial_noise,
-    load_index,
-    retrieval_controls,
-    retrieve,
-    slerp_inject,
-    to_uint8,
-)
+import importlib
 
-__all__ = ["MANIFEST", "OnnxPipeline", "choose_providers", "describe", "initial_noise",
-           "load_index", "load_manifest", "retrieval_controls", "retrieve", "slerp_inject",
-           "stage_names", "to_uint8"]
+# Loaded on first use (PEP 562): a Triton backend that imports ``runtime.request`` runs this
+# file, and must not load the pipeline (onnxruntime, the tokenizer) or the device chain with it.
+_EXPORTS = {
+    "manifest": ("MANIFEST", "load_manifest", "stage_names"),
+    "pipeline": ("OnnxPipeline", "choose_providers", "describe"),
+    "request": ("initial_noise", "load_index", "retrieval_controls", "retrieve",
+                "slerp_inject", "to_uint8"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -36,9 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
+from imageragturbo.client import contract as C
+
 from .request import slerp_inject
 
-DYNAMIC_DIMS = ("batch", "k")           # the export's dynamic axis names (export/onnx_export.py)
+DYNAMIC_DIMS = (C.BATCH_AXIS, C.K_AXIS)  # the export's dynamic axis names, in static's order
 GRAPH_ID = {False: "1", True: "2"}      # CUDA graph of the decoder per source of h (adapter?)
 
 
@@ -118,6 +120,7 @@ class DeviceChain:
         self.device, self.device_id = device, int(device_id)
         self.static = static
         self.outputs = {s: [o.name for o in sess.get_outputs()] for s, sess in sessions.items()}
+        self.num_skips = C.num_skips_of(self.outputs[C.UNET_ENCODER])
         self.run_options = {}
         for adapter, gid in GRAPH_ID.items():
             ro = ort.RunOptions()
@@ -134,7 +137,8 @@ class DeviceChain:
                                                      self.device_id)
 
     def _empty(self, info: dict, batch: int, k: int):
-        shape = [batch if d == "batch" else k if d == "k" else int(d) for d in info["shape"]]
+        fixed = dict(zip(DYNAMIC_DIMS, (batch, k)))
+        shape = [fixed[d] if isinstance(d, str) else int(d) for d in info["shape"]]
         return self.ort.OrtValue.ortvalue_from_shape_and_type(
             shape, np.dtype(info["dtype"]), self.device, self.device_id)
 
@@ -144,49 +148,63 @@ class DeviceChain:
         st = self.manifest["stages"]
         v = {(stage, o["name"]): self._empty(o, batch, k)
              for stage in self.sessions for o in st[stage]["outputs"]}
-        enc_h = v[("unet_encoder", "h")]
-        ehs = v[("text_encoder", "last_hidden_state")]
+        enc = st[C.UNET_ENCODER]
+        skips = self.num_skips
+
+        def buffer(stage: str, name: str):
+            return self._empty(next(i for i in st[stage]["inputs"] if i["name"] == name),
+                               batch, k)
+
+        # The inputs a call copies in (z_T and t: one buffer, two readers); every other input
+        # reads the output that ``contract.one_step`` routes to it, found by tracing the chain
+        # with the preallocated values. The decoder's h is bound twice (encoder's h, or the
+        # injected h: see ``bindings``).
+        self.buffers = {C.INPUT_IDS: buffer(C.TEXT_ENCODER, C.INPUT_IDS),
+                        C.SAMPLE: buffer(C.UNET_ENCODER, C.SAMPLE),
+                        C.TIMESTEP: buffer(C.UNET_ENCODER, C.TIMESTEP)}
+        if C.H_ADAPTER in self.sessions:
+            self.buffers.update({n: buffer(C.H_ADAPTER, n) for n in (C.H_RETR, C.LAM)})
+        self.outputs_static = {stage: [v[(stage, o)] for o in C.stage_outputs(stage, skips)]
+                               for stage in self.sessions}
+        links: dict = {}
+
+        def trace(stage, *args):
+            links.update({(stage, n): val for n, val in C.named(stage, args, skips).items()})
+            return self.outputs_static[stage]
+
+        self.enc_h = v[(C.UNET_ENCODER, C.H)]
         # h after injection: the adapter's output, or a buffer the host slerp writes into
-        self.h_injected = (v[("h_adapter", "h")] if "h_adapter" in self.sessions
-                           else self._empty(st["unet_encoder"]["outputs"][0], batch, k))
-        links = {  # stage input -> the value it reads
-            ("unet_encoder", "encoder_hidden_states"): ehs,
-            ("unet_decoder", "encoder_hidden_states"): ehs,
-            ("unet_decoder", "temb"): v[("unet_encoder", "temb")],
-            ("h_adapter", "h_tgt"): enc_h,
-            ("vae_decoder", "latents"): v[("unet_decoder", "z0")],
-        }
-        for name in self.outputs["unet_encoder"][2:]:
-            links[("unet_decoder", name)] = v[("unet_encoder", name)]
-        self.buffers = {}  # the inputs a call copies in
-        for stage in self.sessions:
-            for info in st[stage]["inputs"]:
-                if (stage, info["name"]) not in links and info["name"] != "h":
-                    name = info["name"]
-                    if name not in self.buffers:  # sample, timestep: one buffer, two readers
-                        self.buffers[name] = self._empty(info, batch, k)
-                    links[(stage, name)] = self.buffers[name]
-        self.enc_h, self.z0 = enc_h, v[("unet_decoder", "z0")]
-        self.image = v[("vae_decoder", "image")]
+        self.h_injected = (v[(C.H_ADAPTER, C.H)] if C.H_ADAPTER in self.sessions
+                           else self._empty(enc["outputs"][0], batch, k))
+        b = self.buffers
+        self.image, self.z0 = C.one_step(trace, b[C.SAMPLE], b[C.TIMESTEP], ids=b[C.INPUT_IDS])
+        if C.H_ADAPTER in self.sessions:
+            C.one_step(trace, b[C.SAMPLE], b[C.TIMESTEP], ids=b[C.INPUT_IDS],
+                       h_retr=b[C.H_RETR], lam=b[C.LAM])
         self.bindings = {}
         for stage, sess in self.sessions.items():
-            for var in ([False, True] if stage == "unet_decoder" else [None]):
-                b = sess.io_binding()
+            for var in ([False, True] if stage == C.UNET_DECODER else [None]):
+                bind = sess.io_binding()
                 for info in st[stage]["inputs"]:
-                    if stage == "unet_decoder" and info["name"] == "h":
-                        b.bind_ortvalue_input("h", self.h_injected if var else enc_h)
+                    if stage == C.UNET_DECODER and info["name"] == C.H:
+                        bind.bind_ortvalue_input(C.H, self.h_injected if var else self.enc_h)
                     else:
-                        b.bind_ortvalue_input(info["name"], links[(stage, info["name"])])
+                        bind.bind_ortvalue_input(info["name"], links[(stage, info["name"])])
                 for info in st[stage]["outputs"]:
-                    b.bind_ortvalue_output(info["name"], v[(stage, info["name"])])
-                self.bindings[(stage, var)] = b
+                    bind.bind_ortvalue_output(info["name"], v[(stage, info["name"])])
+                self.bindings[(stage, var)] = bind
 
     # ------------------------------------------------------------------ running
 
-    def _run_dynamic(self, stage: str, inputs: dict, timings: dict) -> list:
+    def _run_dynamic(self, stage: str, inputs: Sequence, timings: dict) -> list:
+        """``contract.one_step``'s run with IO binding: inputs bound where they are, outputs
+        allocated by ORT on the device; ``H_SLERP`` on the host (the one round trip)."""
+        if stage == C.H_SLERP:
+            h, h_retr, w = inputs
+            return [self.value(slerp_inject(h.numpy(), h_retr[:, 0], w))]
         t0 = time.perf_counter()
         b = self.sessions[stage].io_binding()
-        for name, val in inputs.items():
+        for name, val in C.named(stage, inputs, self.num_skips).items():
             b.bind_ortvalue_input(name, val)
         for name in self.outputs[stage]:
             b.bind_output(name, self.device, self.device_id)
@@ -195,11 +213,21 @@ class DeviceChain:
         timings[stage] = (time.perf_counter() - t0) * 1e3
         return out
 
-    def _run_static(self, stage: str, timings: dict, adapter: bool | None = None) -> None:
+    def _run_static(self, stage: str, inputs: Sequence, timings: dict) -> list:
+        """``contract.one_step``'s run on the fixed-shape profile: the bindings are made, so
+        the inputs are the preallocated values themselves (the decoder's binding chosen by the
+        h it is given); ``H_SLERP`` writes the host slerp into the injected-h buffer."""
+        if stage == C.H_SLERP:
+            h, h_retr, w = inputs
+            self.h_injected.update_inplace(
+                np.ascontiguousarray(slerp_inject(h.numpy(), h_retr[:, 0], w)))
+            return [self.h_injected]
         t0 = time.perf_counter()
-        ro = self.run_options[bool(adapter)] if stage == "unet_decoder" else None
+        adapter = (inputs[0] is self.h_injected) if stage == C.UNET_DECODER else None
+        ro = self.run_options[bool(adapter)] if stage == C.UNET_DECODER else None
         self.sessions[stage].run_with_iobinding(self.bindings[(stage, adapter)], ro)
         timings[stage] = (time.perf_counter() - t0) * 1e3
+        return self.outputs_static[stage]
 
     def fits(self, batch: int, k: int | None) -> bool:
         """Whether a call of this batch (and k neighbours) runs on the preallocated profile."""
@@ -222,38 +250,26 @@ class DeviceChain:
             raise ValueError(f"this pipeline's fixed-shape profile runs batch {self.static[0]} "
                              f"with k = {self.static[1]}, got batch {len(ids)}"
                              + (f", k = {k}" if k is not None else ""))
-        ehs, _ = self._run_dynamic("text_encoder", {"input_ids": self.value(ids)}, timings)
-        zv, tv = self.value(z), self.value(t)
-        h, temb, *skips = self._run_dynamic(
-            "unet_encoder", {"sample": zv, "timestep": tv, "encoder_hidden_states": ehs},
-            timings)
-        if h_retr is not None and slerp_w is not None:
-            h = self.value(slerp_inject(h.numpy(), h_retr[:, 0], slerp_w))
-        elif h_retr is not None:
-            h = self._run_dynamic("h_adapter", {"h_tgt": h, "h_retr": self.value(h_retr),
-                                                "lam": self.value(lam)}, timings)[0]
-        feeds = {"h": h, "temb": temb, "encoder_hidden_states": ehs, "sample": zv,
-                 "timestep": tv}
-        feeds.update({f"skip_{i}": s for i, s in enumerate(skips)})
-        z0 = self._run_dynamic("unet_decoder", feeds, timings)[0]
-        image = self._run_dynamic("vae_decoder", {"latents": z0}, timings)[0]
+        adapter = h_retr is not None and slerp_w is None
+        image, z0 = C.one_step(
+            lambda stage, *inputs: self._run_dynamic(stage, inputs, timings),
+            self.value(z), self.value(t), ids=self.value(ids),
+            h_retr=None if h_retr is None else self.value(h_retr) if adapter else h_retr,
+            lam=self.value(lam) if adapter else None, slerp_w=slerp_w)
         return image.numpy(), z0
 
     def _generate_static(self, ids, z, t, h_retr, lam, slerp_w, timings):
         buf = self.buffers
-        buf["input_ids"].update_inplace(np.ascontiguousarray(ids))
-        buf["sample"].update_inplace(np.ascontiguousarray(z))
-        buf["timestep"].update_inplace(np.ascontiguousarray(t))
-        self._run_static("text_encoder", timings)
-        self._run_static("unet_encoder", timings)
-        injected = h_retr is not None
-        if injected and slerp_w is not None:
-            self.h_injected.update_inplace(
-                np.ascontiguousarray(slerp_inject(self.enc_h.numpy(), h_retr[:, 0], slerp_w)))
-        elif injected:
-            buf["h_retr"].update_inplace(np.ascontiguousarray(h_retr))
-            buf["lam"].update_inplace(np.ascontiguousarray(lam))
-            self._run_static("h_adapter", timings)
-        self._run_static("unet_decoder", timings, adapter=injected)
-        self._run_static("vae_decoder", timings)
-        return self.image.numpy(), self.z0
+        buf[C.INPUT_IDS].update_inplace(np.ascontiguousarray(ids))
+        buf[C.SAMPLE].update_inplace(np.ascontiguousarray(z))
+        buf[C.TIMESTEP].update_inplace(np.ascontiguousarray(t))
+        adapter = h_retr is not None and slerp_w is None
+        if adapter:
+            buf[C.H_RETR].update_inplace(np.ascontiguousarray(h_retr))
+            buf[C.LAM].update_inplace(np.ascontiguousarray(lam))
+        image, z0 = C.one_step(
+            lambda stage, *inputs: self._run_static(stage, inputs, timings),
+            buf[C.SAMPLE], buf[C.TIMESTEP], ids=buf[C.INPUT_IDS],
+            h_retr=buf[C.H_RETR] if adapter else h_retr, lam=buf[C.LAM] if adapter else None,
+            slerp_w=slerp_w)
+        return image.numpy(), z0

@@ -8,11 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from imageragturbo.checksums import sha256_file
+from imageragturbo.client.contract import STAGES
 
 FORMAT = "imageragturbo-onnx"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-STAGES = ("text_encoder", "unet_encoder", "h_adapter", "unet_decoder", "vae_decoder")
 
 
 def load_manifest(path: str | Path, verify: bool = False) -> dict:

@@ -1,6 +1,6 @@
 """The one-step pipeline in process on ONNX Runtime: the five exported stages (see
-``imageragturbo.export.onnx_export``) chained as the served ensemble chains them (docs/design.md,
-"The request path")::
+``imageragturbo.export.onnx_export``) chained by ``contract.one_step``, the chain the served
+ensemble's wiring is made from (docs/design.md, "The request path")::
 
     ids -> text_encoder -> (ehs, pooled) ; pooled -> retriever -> (h_retr, lambda)
     z_T, t, ehs -> unet_encoder -> (h, temb, skips) ; h, h_retr, lambda -> h_adapter -> h
@@ -20,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from imageragturbo.client import contract as C
+
 from . import device
 from .manifest import MANIFEST, load_manifest, stage_names
-from .request import initial_noise, slerp_inject, to_uint8
+from .request import initial_noise, slerp_inject, start_from, to_uint8
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -118,8 +120,10 @@ class OnnxPipeline:
         self.tokenizer = CLIPTokenizer.from_pretrained(self.path / "tokenizer")
         self.latent_shape = tuple(self.manifest["latent_shape"])
         self.timestep = int(self.manifest["timestep"])
+        # beyond the paper: a model trained with a neighbour start ({"timestep", "alpha_bar"})
+        self.neighbour_start = self.manifest.get("neighbour_start")
         self.num_skips = int(self.manifest["num_skips"])
-        h = self.manifest["stages"]["unet_encoder"]["outputs"][0]["shape"]
+        h = self.manifest["stages"][C.UNET_ENCODER]["outputs"][0]["shape"]
         self.h_shape = tuple(h[1:])                                    # (C, h', w')
         self.timings: dict[str, float] = {}
         self.static = static
@@ -147,11 +151,11 @@ class OnnxPipeline:
 
     @property
     def has_adapter(self) -> bool:
-        return "h_adapter" in self.sessions
+        return C.H_ADAPTER in self.sessions
 
     @property
     def active_providers(self) -> list[str]:
-        return self.sessions["unet_encoder"].get_providers()
+        return self.sessions[C.UNET_ENCODER].get_providers()
 
     # ------------------------------------------------------------------ stages
 
@@ -165,29 +169,27 @@ class OnnxPipeline:
         self.timings[stage] = (time.perf_counter() - t0) * 1e3
         return out
 
+    def stage(self, stage: str, *inputs: np.ndarray) -> list[np.ndarray]:
+        """One stage on its inputs in the contract's order (``contract.stage_inputs``): the
+        ``run`` of ``contract.one_step``. ``H_SLERP`` (no graph) runs on the host."""
+        if stage == C.H_SLERP:
+            h, h_retr, w = inputs
+            return [slerp_inject(h, h_retr[:, 0], w)]
+        return self.run(stage, C.named(stage, inputs, self.num_skips))
+
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of strings, not one string")
-        ids = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                             max_length=int(self.manifest["max_length"]),
-                             return_tensors="np").input_ids
+        ids = C.tokenize(self.tokenizer, prompts, int(self.manifest["max_length"]))
         return ids.astype(np.int64)                                    # (B, L)
 
     def encode_prompt(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(B, L, D) text states and (B, D) L2-normalised pooled key."""
-        ehs, pooled = self.run("text_encoder", {"input_ids": self.tokenize(prompts)})
+        ehs, pooled = self.stage(C.TEXT_ENCODER, self.tokenize(prompts))
         return ehs, pooled
-
-    def unet_encoder(self, z: np.ndarray, t: np.ndarray, ehs: np.ndarray):
-        h, temb, *skips = self.run("unet_encoder", {"sample": z, "timestep": t,
-                                                    "encoder_hidden_states": ehs})
-        return h, temb, skips
 
     def h_adapter(self, h: np.ndarray, h_retr: np.ndarray, lam: np.ndarray) -> np.ndarray:
         """Paper Eq. 5: h + lam * g(h, h_retr); h_retr (B, k, C, h', w'), lam (B,)."""
         lam = self._check_retrieved(h.shape[0], h_retr, lam)
-        return self.run("h_adapter", {"h_tgt": h, "h_retr": h_retr.astype(np.float32),
-                                      "lam": lam})[0]
+        return self.stage(C.H_ADAPTER, h, h_retr.astype(np.float32), lam)[0]
 
     def _check_retrieved(self, batch: int, h_retr: np.ndarray, lam) -> np.ndarray:
         """The adapter's inputs checked against the batch and h's shape; lam as float32 (B,)."""
@@ -199,27 +201,31 @@ class OnnxPipeline:
             raise ValueError(f"lam must have one value per sample ({batch}), got {lam.shape}")
         return lam
 
-    def unet_decoder(self, h, temb, skips, ehs, z, t) -> np.ndarray:
-        feeds = {"h": h, "temb": temb, "encoder_hidden_states": ehs, "sample": z,
-                 "timestep": t}
-        feeds.update({f"skip_{i}": s for i, s in enumerate(skips)})
-        return self.run("unet_decoder", feeds)[0]
-
-    def vae_decoder(self, z0: np.ndarray) -> np.ndarray:
-        return self.run("vae_decoder", {"latents": z0})[0]
-
     # ------------------------------------------------------------------ whole pipeline
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int],
                  h_retr: np.ndarray | None = None, lam: np.ndarray | None = None,
-                 slerp_w: float | None = None, return_latents: bool = False):
+                 slerp_w: float | None = None, return_latents: bool = False,
+                 z_init: np.ndarray | None = None):
         """One step at t=999, as ``pipeline.student_generate``: uint8 (B, H, W, 3). With
         ``h_retr`` (B, k, C, h', w'): the H-adapter with ``lam`` (paper Eq. 5), or slerp of
-        the top-1 neighbour with target weight ``slerp_w`` (paper Eq. 3)."""
+        the top-1 neighbour with target weight ``slerp_w`` (paper Eq. 3). ``z_init`` (B, C, h,
+        w): for a neighbour-start export (``neighbour_start``), the top-1 neighbours' latents
+        (``index.latents(neighbours.ids[:, 0])``): the step starts from them noised with z_T, at
+        the export's start timestep, as the served retriever does."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         t0 = time.perf_counter()
         self.timings = {}
+        z = initial_noise(seeds, self.latent_shape)                    # (B, 4, h, w)
+        t = np.full((len(prompts),), self.timestep, dtype=np.int64)    # (B,)
+        if z_init is not None:
+            if self.neighbour_start is None or h_retr is None or slerp_w is not None:
+                raise ValueError("z_init is a neighbour-start model's, with its adapter's "
+                                 "retrieval: this export has no neighbour start, or no "
+                                 "neighbours were given")
+            z = start_from(z_init, z, self.neighbour_start)
+            t[:] = int(self.neighbour_start["timestep"])
         if h_retr is not None:
             h_retr = np.asarray(h_retr, dtype=np.float32)
             if slerp_w is None and not self.has_adapter:
@@ -227,25 +233,19 @@ class OnnxPipeline:
                                  "and no slerp strength was set")
             if slerp_w is None and lam is None:
                 raise ValueError("the H-adapter needs lam (B,): the retrieval similarity")
-        z = initial_noise(seeds, self.latent_shape)                    # (B, 4, h, w)
-        t = np.full((len(prompts),), self.timestep, dtype=np.int64)    # (B,)
-        if self.chain is not None:
-            if h_retr is not None and slerp_w is None:
+            if slerp_w is None:
                 lam = self._check_retrieved(z.shape[0], h_retr, lam)
-            image, z0 = self.chain.generate(self.tokenize(prompts), z, t, h_retr, lam, slerp_w,
-                                            self.timings)
+        ids = self.tokenize(prompts)
+        if self.chain is not None:
+            image, z0 = self.chain.generate(ids, z, t, h_retr, lam, slerp_w, self.timings)
             images = to_uint8(image)
             # a copy: on the CPU, numpy() of the preallocated fixed-shape buffer is a view that
             # the next call overwrites
             z0 = np.array(z0.numpy(), copy=True) if return_latents else None
         else:
-            ehs, _ = self.encode_prompt(prompts)
-            h, temb, skips = self.unet_encoder(z, t, ehs)
-            if h_retr is not None:
-                h = (slerp_inject(h, h_retr[:, 0], slerp_w) if slerp_w is not None
-                     else self.h_adapter(h, h_retr, lam))
-            z0 = self.unet_decoder(h, temb, skips, ehs, z, t)
-            images = to_uint8(self.vae_decoder(z0))
+            image, z0 = C.one_step(self.stage, z, t, ids=ids, h_retr=h_retr, lam=lam,
+                                   slerp_w=slerp_w)
+            images = to_uint8(image)
         self.timings["end_to_end"] = (time.perf_counter() - t0) * 1e3
         return (images, z0) if return_latents else images
 

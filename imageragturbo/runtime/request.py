@@ -9,7 +9,8 @@ same thing:
 - ``slerp_inject``: the training-free injection of paper Eq. 3;
 - ``to_uint8``: the VAE decoder's [-1, 1] output to uint8 pixels;
 - ``load_index`` / ``retrieve``: open a retrieval index checked against the model, and look up
-  the neighbours' cached H-space features.
+  the neighbours' cached H-space features;
+- ``neighbour_start``: a neighbour-start model's start, the top-1 neighbour's latent noised.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imageragturbo.client.contract import check_h_shape
 from imageragturbo.defaults import RERANK_CANDIDATES, from_unit
 
 
@@ -49,6 +51,24 @@ def slerp_inject(h_tgt: np.ndarray, h_retr: np.ndarray, w, eps: float = 1e-4) ->
     return np.where(small, lerp, slerp).reshape(h_tgt.shape).astype(h_tgt.dtype)
 
 
+def neighbour_start(index, top1: np.ndarray, z_t: np.ndarray, start: dict) -> np.ndarray:
+    """Where a neighbour-start model's one step begins (beyond the paper; ``train adapter
+    --neighbour-init``): the top-1 neighbours' latents (rows ``top1`` (B,) of the index) noised
+    with z_T to the model's start timestep, sqrt(a) latent + sqrt(1 - a) z_T in float32 with
+    a = ``start["alpha_bar"]``. Reads one latent row per request, the only one it uses."""
+    return start_from(index.latents(np.asarray(top1, np.int64).reshape(-1)), z_t, start)
+
+
+def start_from(latents: np.ndarray, z_t: np.ndarray, start: dict) -> np.ndarray:
+    """``latents`` (B, C, h, w) noised with z_T as ``neighbour_start`` does."""
+    lat = np.asarray(latents, np.float32)
+    if lat.shape != z_t.shape:
+        raise ValueError(f"the neighbours' latents {lat.shape} do not fit z_T {z_t.shape}: "
+                         "the index must be built with this model")
+    a = float(start["alpha_bar"])
+    return np.float32(np.sqrt(a)) * lat + np.float32(np.sqrt(1.0 - a)) * z_t.astype(np.float32)
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """VAE output (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), as ``decode_latents``."""
     x = np.round(from_unit(np.clip(image.astype(np.float32), -1, 1))).astype(np.uint8)
@@ -61,13 +81,10 @@ def load_index(path: str | Path, text_dim: int, h_shape: Sequence[int], ef: int 
     same text width, and cached H-space features of the UNet encoder's h shape. The index's
     structure is checked, its arrays memory-mapped, not read; ``verify`` adds the sha256 of
     every file (``RetrievalIndex.load``)."""
-    from imageragturbo.retriever import RetrievalIndex
+    from imageragturbo.retriever.index import RetrievalIndex
 
     index = RetrievalIndex.load(path, text_dim=text_dim, ef=ef, verify=verify)
-    cached = tuple(index.manifest["shapes"]["h"][1:])
-    if cached != tuple(h_shape):
-        raise ValueError(f"index {path} caches H-space features of shape {cached}; this model's "
-                         f"UNet encoder gives {tuple(h_shape)}: rebuild the index for it")
+    check_h_shape(index.manifest["shapes"]["h"][1:], h_shape, path)
     return index
 
 

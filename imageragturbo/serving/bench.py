@@ -10,42 +10,16 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-PROMPTS = ("a red circle in the top left corner", "two blue squares",
-           "a small green triangle left of a yellow circle", "a purple square in the middle")
+from imageragturbo.runtime.latency import PROMPTS, batch1_ms, in_process_request
+from imageragturbo.stats import percentile
 
-
-def _pct(xs: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(xs), q))
-
-
-def in_process_request(pipe, index, k: int):
-    """``one(prompts, seeds)``: a whole request in process on ``pipe`` (text encoder, retrieval
-    of ``k`` neighbours from ``index`` when k > 0, one step, uint8)."""
-    from imageragturbo import runtime
-
-    def one(prompts, seeds):
-        if k > 0:
-            _, pooled = pipe.encode_prompt(prompts)
-            h_retr, scores, _ = runtime.retrieve(index, pooled, k, prompts)
-            lam, w = runtime.retrieval_controls(scores, None, pipe.has_adapter)
-            pipe.generate(prompts, seeds, h_retr=h_retr, lam=lam, slerp_w=w)
-        else:
-            pipe.generate(prompts, seeds)
-    return one
-
-
-def batch1_ms(one, repeats: int, warmup: int) -> list[float]:
-    """Milliseconds of ``repeats`` single-prompt requests ``one`` after ``warmup`` untimed."""
-    times = []
-    for i in range(warmup + repeats):
-        t0 = time.perf_counter()
-        one([PROMPTS[i % len(PROMPTS)]], [i])
-        if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
+if TYPE_CHECKING:
+    from .session import Assets
 
 
 def in_process_latency(export_dir, index_dir, k: int, threads: int, repeats: int,
@@ -66,7 +40,8 @@ def in_process_latency(export_dir, index_dir, k: int, threads: int, repeats: int
         one(prompts, list(range(i * batch, (i + 1) * batch)))
         if i >= warmup:
             batch_times.append(time.perf_counter() - t0)
-    return {"p50_ms": round(_pct(times, 50), 3), "p99_ms": round(_pct(times, 99), 3),
+    return {"p50_ms": round(percentile(times, 50), 3),
+            "p99_ms": round(percentile(times, 99), 3),
             "repeats": repeats, "batch": batch,
             "batch_images_per_s": round(batch / float(np.median(batch_times)), 2)}
 
@@ -124,7 +99,7 @@ async def _load(url: str, concurrency: int, requests: int, warmup: int, k: int) 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
     return {"concurrency": concurrency, "requests": requests,
-            "p50_ms": round(_pct(lat, 50), 3), "p99_ms": round(_pct(lat, 99), 3),
+            "p50_ms": round(percentile(lat, 50), 3), "p99_ms": round(percentile(lat, 99), 3),
             "images_per_s": round(requests / wall, 2)}
 
 
@@ -143,13 +118,14 @@ async def _bursts(url: str, bursts: int, size: int, k: int) -> dict:
             await asyncio.gather(*(client.generate(PROMPTS[i % len(PROMPTS)], seed=i, k=k)
                                    for i in range(size)))
             times.append((time.perf_counter() - t0) * 1e3)
-    med = _pct(times, 50)
+    med = percentile(times, 50)
     return {"bursts": bursts, "size": size, "median_ms": round(med, 1),
             "max_ms": round(max(times), 1), "over_3x_median": sum(t > 3 * med for t in times)}
 
 
-def bench_serve(args: argparse.Namespace) -> dict:
-    from .assets import prepare
+def bench_serve(args: argparse.Namespace, prepare: Callable[[], Assets]) -> dict:
+    """``bench serve`` with its flags ``args``; ``prepare()`` gives the export and index (made
+    by the command when missing), called once the flags are checked."""
     from .repository import RenderOptions
     from .session import running_server
 
@@ -158,9 +134,7 @@ def bench_serve(args: argparse.Namespace) -> dict:
             raise ValueError(f"concurrency must be >= 1, got {c}")
     if args.requests < 1:
         raise ValueError(f"--requests must be >= 1, got {args.requests}")
-    assets = prepare(args.model, args.export, args.index, args.data,
-                     random_weights=args.random_weights, retrieval_items=args.retrieval_items,
-                     quiet=args.quiet or args.json)
+    assets = prepare()
     quiet = args.quiet or args.json
     if not quiet:
         print("bench: in-process ONNX Runtime pipeline", file=sys.stderr)

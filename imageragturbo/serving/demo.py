@@ -7,7 +7,12 @@ import argparse
 import contextlib
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .session import Assets
 
 SCALE = 3          # 64 px renders are shown at 192 px (nearest neighbour)
 COLS = 4           # prompts per row of the grid
@@ -68,11 +73,12 @@ def draw_grid(rows: list[dict], path: Path, k: int) -> Path:
     return path
 
 
-def run_demo(args: argparse.Namespace) -> Path:
+def run_demo(args: argparse.Namespace, prepare: Callable[[], Assets]) -> Path:
+    """``demo`` with its flags ``args``; without ``--url``, ``prepare()`` gives the export and
+    index to serve (made by the command when missing)."""
     from imageragturbo import shapesworld as sw
     from imageragturbo.client import ImageRAGTurboClient
 
-    from .assets import prepare
     from .session import running_server
 
     if args.n < 1:
@@ -83,10 +89,8 @@ def run_demo(args: argparse.Namespace) -> Path:
     if args.url:
         server_cm = contextlib.nullcontext(None)
     else:
-        assets = prepare(args.model, args.export, args.index, args.data,
-                         random_weights=args.random_weights,
-                         retrieval_items=args.retrieval_items, quiet=args.quiet)
-        server_cm = running_server(assets, ready_timeout=args.ready_timeout, quiet=args.quiet)
+        server_cm = running_server(prepare(), ready_timeout=args.ready_timeout,
+                                   quiet=args.quiet)
     rows = []
     with server_cm as server:
         url = args.url or server.url

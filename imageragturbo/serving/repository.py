@@ -19,11 +19,13 @@ every file's sha256 as it copies, so the retriever's load can check only the str
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
+from imageragturbo.client import contract as C
 from imageragturbo.defaults import RERANK_CANDIDATES
 from imageragturbo.runtime.manifest import load_manifest
 
@@ -33,12 +35,9 @@ SOURCE = next((p for p in (Path(__file__).resolve().parents[1] / "model_reposito
                if (p / "dynamic_batching.pbtxt.in").exists()),
               Path(__file__).resolve().parents[2] / "model_repository")
 PROFILES = ("cpu", "gpu")
-ENSEMBLE = "imageragturbo"
-ONNX_STAGES = ("text_encoder", "unet_encoder", "h_adapter", "unet_decoder", "vae_decoder")
-PYTHON_MODELS = ("preprocess", "retriever", "postprocess")
 # The stages where most of a request's compute is, and so where batching pays: their dynamic
 # batcher waits ``queue_delay_us`` for a batch, the light steps ``light_queue_delay_us``.
-HEAVY_STAGES = ("unet_encoder", "unet_decoder", "vae_decoder")
+HEAVY_STAGES = (C.UNET_ENCODER, C.UNET_DECODER, C.VAE_DECODER)
 MARKER = ".imageragturbo-repository"  # a rendered folder; safe to replace on the next render
 DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64",
           "int32": "TYPE_INT32", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
@@ -184,16 +183,17 @@ def render_repository(export_dir: str | Path, index_dir: str | Path, out: str | 
         from imageragturbo.retriever import copy_index
 
         try:
-            copy_index(index_dir, out / "retriever" / "1" / "index")
+            copy_index(index_dir, out / C.RETRIEVER / "1" / "index")
         except BaseException:
-            shutil.rmtree(out / "retriever", ignore_errors=True)
+            shutil.rmtree(out / C.RETRIEVER, ignore_errors=True)
             raise
 
     stages = m["stages"]
-    h_shape = stages["unet_encoder"]["outputs"][0]["shape"][1:]               # (C, h', w')
-    img = stages["vae_decoder"]["outputs"][0]["shape"]                        # (B, 3, H, W)
-    skips = [f"skip_{i}" for i in range(int(m["num_skips"]))]
-    has_adapter = "h_adapter" in stages and opt.injection == "adapter"
+    h_shape = stages[C.UNET_ENCODER]["outputs"][0]["shape"][1:]              # (C, h', w')
+    img = stages[C.VAE_DECODER]["outputs"][0]["shape"]                       # (B, 3, H, W)
+    skips = C.skip_names(int(m["num_skips"]))
+    has_adapter = C.H_ADAPTER in stages and opt.injection == "adapter"
+    start = m.get("neighbour_start") if has_adapter else None
     def batching(delay_us: int) -> str:
         return _template("dynamic_batching.pbtxt.in").substitute(
             queue_delay_us=delay_us, queue_timeout_us=opt.queue_timeout_us,
@@ -211,7 +211,11 @@ def render_repository(export_dir: str | Path, index_dir: str | Path, out: str | 
         "h_dims": ", ".join(map(str, h_shape)), "h_shape": ",".join(map(str, h_shape)),
         "ef": "" if opt.ef is None else opt.ef, "rerank": opt.rerank,
         "neighbour_pool": opt.neighbour_pool,
+        # a neighbour-start model's start (its trained adapter only; slerp starts from z_T)
+        "start_timestep": start["timestep"] if start else "",
+        "start_alpha_bar": repr(float(start["alpha_bar"])) if start else "",
         "verify_index": "true" if opt.verify_index else "false",
+        "injection": C.LAM if has_adapter else C.SLERP_W,
         "encoder_skip_outputs": "\n".join(
             f'      output_map {{ key: "{s}" value: "{s}" }}' for s in skips),
         "decoder_skip_inputs": "\n".join(
@@ -224,23 +228,23 @@ def render_repository(export_dir: str | Path, index_dir: str | Path, out: str | 
         (d / "config.pbtxt").write_text(text)
         return d
 
-    write(ENSEMBLE, _template(f"{ENSEMBLE}/config.pbtxt.in").substitute(common))
-    for name in PYTHON_MODELS:
+    write(C.ENSEMBLE_NAME, _template(f"{C.ENSEMBLE_NAME}/config.pbtxt.in").substitute(common))
+    for name in C.PYTHON_MODELS:
         d = write(name, _template(f"{name}/config.pbtxt.in").substitute(common))
         shutil.copy2(SOURCE / name / "1" / "model.py", d / "1" / "model.py")
-    _place(export_dir / "tokenizer", out / "preprocess" / "1" / "tokenizer", link)
+    _place(export_dir / "tokenizer", out / C.PREPROCESS / "1" / "tokenizer", link)
     if link != "copy":
-        _place(index_dir, out / "retriever" / "1" / "index", link)
+        _place(index_dir, out / C.RETRIEVER / "1" / "index", link)
 
     stage_tpl = _template(f"onnx_stage/config.{profile}.pbtxt.in")
     # Warm-up at batch 1 and at the largest batch, in both profiles: each runner's memory
     # arena then starts at the size it will keep (in the cpu profile, warming at batch 1 only
     # let the VAE decoder's stubs grow 28% during a 2,000-request soak).
     warm_batches = [1, opt.max_batch_size] if opt.max_batch_size > 1 else [1]
-    for name in ONNX_STAGES:
-        if name == "h_adapter" and not has_adapter:
-            d = write(name, _template("h_slerp/config.pbtxt.in").substitute(common))
-            shutil.copy2(SOURCE / "h_slerp" / "1" / "model.py", d / "1" / "model.py")
+    for name in C.STAGES:
+        if name == C.H_ADAPTER and not has_adapter:
+            d = write(name, _template(f"{C.H_SLERP}/config.pbtxt.in").substitute(common))
+            shutil.copy2(SOURCE / C.H_SLERP / "1" / "model.py", d / "1" / "model.py")
             continue
         st = stages[name]
         heavy = name in HEAVY_STAGES
@@ -256,12 +260,36 @@ def render_repository(export_dir: str | Path, index_dir: str | Path, out: str | 
             _place(export_dir / f, d / "1" / target, link)
         if profile == "cpu":
             shutil.copy2(SOURCE / "onnx_stage" / "1" / "model.py", d / "1" / "model.py")
+    check_ensemble(out / C.ENSEMBLE_NAME / "config.pbtxt", int(m["num_skips"]), has_adapter)
     (out / MARKER).write_text(f"profile {profile}\nexport {export_dir.resolve()}\n"
                               f"index {index_dir.resolve()}\n")
     return out
 
 
 # ----------------------------------------------------------------------------- inspection
+
+
+def ensemble_wiring(text: str) -> list[C.Step]:
+    """The steps of an ensemble config's text, read with the standard library (no protobuf):
+    each step's model and its input and output maps, in order."""
+    steps: list[C.Step] = []
+    for block in re.split(r"\bmodel_name:", text)[1:]:
+        model = re.match(r'\s*"([^"]+)"', block).group(1)
+        maps = {kind: dict(re.findall(kind + r'\s*\{\s*key:\s*"([^"]+)"\s*value:\s*"([^"]+)"',
+                                      block)) for kind in ("input_map", "output_map")}
+        steps.append(C.Step(model, maps["input_map"], maps["output_map"]))
+    return steps
+
+
+def check_ensemble(config: Path, num_skips: int, adapter: bool) -> None:
+    """The rendered ensemble's steps must be ``contract.ensemble_steps`` (the template is
+    written out for reading; this keeps it the contract's)."""
+    got, want = ensemble_wiring(config.read_text()), C.ensemble_steps(num_skips, adapter)
+    if got != want:
+        diff = [f"{w.model}: {g} != {w}" for g, w in zip(got, want) if g != w]
+        raise ValueError(f"{config}: the ensemble template differs from the stage contract "
+                         f"(client/contract.py): {diff or [s.model for s in got]}")
+
 
 
 def load_configs(repo: str | Path) -> dict:

@@ -1,15 +1,25 @@
-"""One call that goes from a model name to a ready server: assets, rendering, start."""
+"""From the assets a server needs (an export and an index, made by the commands:
+``commands.assets.prepare``) to a ready server: rendering, start, stop."""
 
 from __future__ import annotations
 
 import contextlib
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from .assets import DEFAULT_RUNS, Assets, prepare
 from .repository import RenderOptions, render_repository
 from .server import TritonServer
+
+DEFAULT_RUNS = Path("runs/serve")
+
+
+@dataclass
+class Assets:
+    model: str            # variant name or folder the export and index come from
+    export_dir: Path
+    index_dir: Path
 
 
 def repository_dir(assets: Assets, profile: str = "cpu") -> Path:
@@ -40,4 +50,4 @@ def running_server(assets: Assets, options: RenderOptions | None = None,
         server.stop()
 
 
-__all__ = ["prepare", "repository_dir", "running_server"]
+__all__ = ["DEFAULT_RUNS", "Assets", "repository_dir", "running_server"]

@@ -84,9 +84,9 @@ def drain(server, deadline: float, hurry: threading.Event | None = None,
     server stopped answering first. A model that comes back READY meanwhile (a reload that was
     in progress) is unloaded again."""
     if model is None:
-        from .repository import ENSEMBLE
+        from imageragturbo.client.contract import ENSEMBLE_NAME
 
-        model = ENSEMBLE
+        model = ENSEMBLE_NAME
     p = server.process
     if p is None or p.poll() is not None:
         return True, ""  # no tritonserver (a restart in progress): nothing can be in flight

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import PROMPTS, _pct
+from imageragturbo.runtime.latency import PROMPTS
+from imageragturbo.stats import percentile
 
 VALID = PROMPTS + ("three cyan stars", "a big yellow square on a plain background")
 INVALID = (("   ", {}), ("a" * 5000, {}), ("a red star", {"strength": float("nan")}),
@@ -78,8 +79,8 @@ async def _soak(url: str, requests: int, concurrency: int, invalid_every: int) -
     return {"outcomes": kinds, "unexpected": unexpected[:20],
             "unexpected_count": sum(v for k, v in kinds.items()
                                     if k not in ("image", "INVALID_ARGUMENT")),
-            "p50_ms": round(_pct(lat, 50), 2) if lat else None,
-            "p99_ms": round(_pct(lat, 99), 2) if lat else None,
+            "p50_ms": round(percentile(lat, 50), 2) if lat else None,
+            "p99_ms": round(percentile(lat, 99), 2) if lat else None,
             "seconds": round(wall, 1), "requests_per_s": round(requests / wall, 1)}
 
 

@@ -39,7 +39,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from .repository import ENSEMBLE
+from imageragturbo.client import contract as C
+
 from .server import ServerError, TritonServer, http_error_message
 
 _STUB = re.compile(r"Stub process '(.+)_\d+_\d+' is not healthy")
@@ -170,11 +171,11 @@ class Supervisor:
         """One request through the ensemble (HTTP, so it works under mutual TLS); None when it
         gave an image of the served shape, else the error."""
         body = {"inputs": [
-            {"name": "PROMPT", "shape": [1, 1], "datatype": "BYTES", "data": [CANARY_PROMPT]},
-            {"name": "SEED", "shape": [1, 1], "datatype": "INT64", "data": [0]}],
-            "outputs": [{"name": "IMAGE", "parameters": {"binary_data": True}}]}
+            {"name": t.name, "shape": [1, 1], "datatype": t.dtype, "data": [value]}
+            for t, value in ((C.PROMPT, CANARY_PROMPT), (C.SEED, 0))],
+            "outputs": [{"name": C.IMAGE_OUT.name, "parameters": {"binary_data": True}}]}
         req = urllib.request.Request(
-            f"{self.server.http_url}/v2/models/{ENSEMBLE}/infer", data=json.dumps(body).encode(),
+            f"{self.server.http_url}/v2/models/{C.ENSEMBLE_NAME}/infer", data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"}, method="POST")
         try:
             with urllib.request.urlopen(req, timeout=self.canary_timeout) as r:
@@ -235,8 +236,8 @@ class Supervisor:
                 self.dead_instances += 1
             if self.standing_down:  # a drain unloads the ensemble: do not load it back
                 return ev
-            if not self._ready(ENSEMBLE):
-                self.server.load_model(ENSEMBLE, timeout=self.ready_timeout)
+            if not self._ready(C.ENSEMBLE_NAME):
+                self.server.load_model(C.ENSEMBLE_NAME, timeout=self.ready_timeout)
         except ServerError as e:
             if self.standing_down:
                 return ev

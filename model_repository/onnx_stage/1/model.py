@@ -5,6 +5,7 @@ graph, tensor names and dynamic batching.
 The requests of one dynamic batch with equal per-item shapes are concatenated on the batch
 axis and run as one call; the outputs are split back, one response per request, in order.
 An input declared ``dims: [1]`` for a graph input of shape (B,) (timestep, lam) is flattened.
+Tensor names and dtypes come from the model config (rendered from the export's manifest).
 """
 
 import json
@@ -29,6 +30,8 @@ class TritonPythonModel:
         self.inputs = [i["name"] for i in cfg["input"]]
         self.outputs = [o["name"] for o in cfg["output"]]
         self.out_dims = {o["name"]: [int(d) for d in o["dims"]] for o in cfg["output"]}
+        self.out_dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"])
+                           for o in cfg["output"]}
 
     def _feeds(self, request):
         feeds = {}
@@ -59,8 +62,12 @@ class TritonPythonModel:
             for i in idx:
                 n = len(next(iter(feeds[i].values())))
                 tensors = [pb_utils.Tensor(name, np.ascontiguousarray(
-                    o[start:start + n].reshape(n, *self.out_dims[name])))
+                    o[start:start + n].reshape(n, *self.out_dims[name]),
+                    dtype=self.out_dtypes[name]))
                     for name, o in zip(self.outputs, outs)]
                 responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
                 start += n
         return responses
+
+    def finalize(self):
+        self.session = None  # ONNX Runtime frees the graph and its arena with the session

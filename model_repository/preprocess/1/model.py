@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from imageragturbo.client import contract as C
 from imageragturbo.runtime.request import initial_noise, retrieval_controls
 
 
@@ -38,6 +39,8 @@ class TritonPythonModel:
         self.max_k = int(p["max_k"])
         self.has_adapter = p["has_adapter"] == "true"
         self.max_prompt_chars = int(p["max_prompt_chars"])
+        self.dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"])
+                       for o in cfg["output"]}
         folder = Path(args["model_repository"]) / args["model_version"] / "tokenizer"
         # The same tokenizer class and call as the in-process OnnxPipeline.
         self.tokenizer = CLIPTokenizer.from_pretrained(folder)
@@ -45,9 +48,9 @@ class TritonPythonModel:
     # ------------------------------------------------------------------ validation
 
     def _prompts(self, request):
-        t = pb_utils.get_input_tensor_by_name(request, "PROMPT")
+        t = pb_utils.get_input_tensor_by_name(request, C.PROMPT.name)
         if t is None:
-            raise RequestError("PROMPT is required")
+            raise RequestError(f"{C.PROMPT.name} is required")
         raw = t.as_numpy().reshape(-1)
         prompts = []
         for i, b in enumerate(raw):
@@ -57,12 +60,12 @@ class TritonPythonModel:
                 try:
                     s = bytes(b).decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise RequestError(f"PROMPT[{i}] is not valid UTF-8 text ({e.reason} at byte "
-                                       f"{e.start})") from None
+                    raise RequestError(f"{C.PROMPT.name}[{i}] is not valid UTF-8 text "
+                                       f"({e.reason} at byte {e.start})") from None
             if not s.strip():
-                raise RequestError(f"PROMPT[{i}] is empty: give a text prompt")
+                raise RequestError(f"{C.PROMPT.name}[{i}] is empty: give a text prompt")
             if len(s) > self.max_prompt_chars:
-                raise RequestError(f"PROMPT[{i}] has {len(s)} characters; at most "
+                raise RequestError(f"{C.PROMPT.name}[{i}] has {len(s)} characters; at most "
                                    f"{self.max_prompt_chars} are accepted")
             prompts.append(s)
         return prompts
@@ -80,32 +83,33 @@ class TritonPythonModel:
     def _parse(self, request):
         prompts = self._prompts(request)
         n = len(prompts)
-        seeds = self._optional(request, "SEED", n)
+        seeds = self._optional(request, C.SEED.name, n)
         if seeds is None:
             seeds = np.array([secrets.randbits(63) for _ in range(n)], dtype=np.int64)
         elif (seeds < 0).any():
-            raise RequestError(f"SEED must be >= 0, got {int(seeds.min())}")
-        ks = self._optional(request, "K", n)
+            raise RequestError(f"{C.SEED.name} must be >= 0, got {int(seeds.min())}")
+        ks = self._optional(request, C.K.name, n)
         if ks is None:
             k = self.default_k
         else:
             if (ks != ks[0]).any():
-                raise RequestError(f"K must be the same for every prompt of a request, got "
-                                   f"{sorted(set(ks.tolist()))}")
+                raise RequestError(f"{C.K.name} must be the same for every prompt of a "
+                                   f"request, got {sorted(set(ks.tolist()))}")
             k = int(ks[0])
             if not 0 <= k <= self.max_k:
-                raise RequestError(f"K must be in [0, {self.max_k}] (0 = no retrieval), got {k}")
-        strength = self._optional(request, "STRENGTH", n)
+                raise RequestError(f"{C.K.name} must be in [0, {self.max_k}] (0 = no "
+                                   f"retrieval), got {k}")
+        strength = self._optional(request, C.STRENGTH.name, n)
         if strength is None:
             strength = np.full(n, np.nan, dtype=np.float32)  # NaN: the default strength
         else:
             if not np.isfinite(strength).all():
-                raise RequestError("STRENGTH must be a finite number")
+                raise RequestError(f"{C.STRENGTH.name} must be a finite number")
             for s in strength:
                 try:
                     retrieval_controls(np.ones((1, 1), np.float32), float(s), self.has_adapter)
                 except ValueError as e:
-                    raise RequestError(f"STRENGTH: {e}") from None
+                    raise RequestError(f"{C.STRENGTH.name}: {e}") from None
         return prompts, seeds.astype(np.int64), k, strength.astype(np.float32)
 
     # ------------------------------------------------------------------ execute
@@ -120,19 +124,22 @@ class TritonPythonModel:
                     error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)))
                 continue
             n = len(prompts)
-            ids = self.tokenizer(prompts, padding="max_length", truncation=True,
-                                 max_length=self.max_length, return_tensors="np").input_ids
+            ids = C.tokenize(self.tokenizer, prompts, self.max_length)      # (B, L)
             z = initial_noise(seeds.tolist(), self.latent_shape)            # (B, C, h, w)
-            out = [
-                pb_utils.Tensor("input_ids", ids.astype(np.int64)),         # (B, 77)
-                pb_utils.Tensor("sample", z.astype(np.float32)),
-                pb_utils.Tensor("timestep", np.full((n, 1), self.timestep, np.int64)),
-                pb_utils.Tensor("k", np.full((n, 1), k, np.int32)),
-                pb_utils.Tensor("strength", strength.reshape(n, 1)),
-                pb_utils.Tensor("seed", seeds.reshape(n, 1)),
+            values = {
+                C.INPUT_IDS: ids,
+                C.SAMPLE: z,
+                C.TIMESTEP: np.full((n, 1), self.timestep),
+                C.K_WIRE: np.full((n, 1), k),
+                C.STRENGTH_WIRE: strength.reshape(n, 1),
+                C.SEED_WIRE: seeds.reshape(n, 1),
                 # the checked text, for the retriever's lexical re-ranking
-                pb_utils.Tensor("prompt", np.array([p.encode() for p in prompts],
-                                                   np.object_).reshape(n, 1)),
-            ]
+                C.PROMPT_WIRE: np.array([p.encode() for p in prompts], np.object_).reshape(n, 1),
+            }
+            out = [pb_utils.Tensor(name, np.asarray(a, dtype=self.dtypes[name]))
+                   for name, a in values.items()]
             responses.append(pb_utils.InferenceResponse(output_tensors=out))
         return responses
+
+    def finalize(self):
+        self.tokenizer = None

@@ -1,8 +1,9 @@
-"""Subcommands of the retriever: ``index build``, ``index query``, ``index verify`` and
+"""The retriever's commands: ``index build``, ``index query``, ``index verify`` and
 ``bench retrieval``.
 
 Standard library only at module level (the main CLI imports this for ``--help``); numpy,
-hnswlib and the model load inside the handlers.
+hnswlib and the model load inside the handlers. The hnswlib flags come from
+``retriever.index.HNSWParams`` (``flags``), which owns their defaults.
 """
 
 from __future__ import annotations
@@ -13,19 +14,16 @@ from pathlib import Path
 
 from imageragturbo.defaults import DATA_ROOT, DEFAULT_MODEL, index_dir_of
 
-# Kept equal to retriever.index.DEFAULT_* (checked by the tests); repeated here so that
-# --help needs no numpy.
-_M, _EF_CONSTRUCTION, _EF = 16, 100, 64
+from .flags import add_dataclass_flags, dataclass_from_args
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
     import os
 
     from imageragturbo.model import load_retrieval_encoder
-
-    from .build import build_index, resolve_device
-    from .index import HNSWParams
-    from .pairs import read_pairs, shapesworld_pairs
+    from imageragturbo.retriever.build import build_index, resolve_device
+    from imageragturbo.retriever.index import HNSWParams
+    from imageragturbo.retriever.pairs import read_pairs, shapesworld_pairs
 
     device, rank, world, barrier = str(resolve_device(args.device)), 0, 1, None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # under `accelerate launch`
@@ -40,7 +38,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     encoder = (load_retrieval_encoder(args.model) if device == "cpu" else
                load_retrieval_encoder(args.model, device))
     out = build_index(pairs, encoder, args.out or index_dir_of(args.model),
-                      params=HNSWParams(args.M, args.ef_construction, args.ef),
+                      params=dataclass_from_args(HNSWParams, args),
                       batch_size=args.batch_size, threads=args.threads,
                       resume=not args.restart, overwrite=args.overwrite,
                       progress=not args.quiet and rank == 0, model_source=args.model,
@@ -57,8 +55,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 def _cmd_query(args: argparse.Namespace) -> int:
     from imageragturbo.model import load_retrieval_encoder
-
-    from .index import RetrievalIndex
+    from imageragturbo.retriever.index import RetrievalIndex
 
     args.index = args.index or index_dir_of(args.model or DEFAULT_MODEL)
     index = RetrievalIndex.load(args.index, ef=args.ef, verify=args.verify)
@@ -86,7 +83,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .index import verify_index
+    from imageragturbo.retriever.index import verify_index
 
     args.index = args.index or index_dir_of(args.model)
     res = verify_index(args.index, progress=not args.quiet)
@@ -97,7 +94,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_retrieval_bench
+    from imageragturbo.retriever.bench import run_retrieval_bench
 
     res = run_retrieval_bench(
         args.n, args.dim, queries=args.queries, exact_queries=args.exact_queries,
@@ -123,12 +120,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+HNSW_HELP = {
+    "M": "hnswlib links per node",
+    "ef_construction": "hnswlib build beam width",
+    "ef": "hnswlib query beam width (raised to k when k is larger)",
+}
+
+
 def _hnsw_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--M", type=int, default=_M, help="hnswlib links per node")
-    p.add_argument("--ef-construction", type=int, default=_EF_CONSTRUCTION,
-                   help="hnswlib build beam width")
-    p.add_argument("--ef", type=int, default=_EF,
-                   help="hnswlib query beam width (raised to k when k is larger)")
+    from imageragturbo.retriever.index import HNSWParams
+
+    add_dataclass_flags(p, HNSWParams, HNSW_HELP)
 
 
 def add_parsers(sub, bench) -> None:

@@ -65,8 +65,8 @@ def _generate_remote(args: argparse.Namespace, prompts: list[str], seeds: list[i
 def _cmd_generate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from . import pipeline as onnx_pipeline
-    from . import request
+    from imageragturbo.runtime import pipeline as onnx_pipeline
+    from imageragturbo.runtime import request
 
     if args.k < 0:
         raise ValueError(f"--k must be >= 0, got {args.k}")
@@ -95,8 +95,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         def pooled_of(ps):
             return pipe.encode_prompt(ps)[1]
 
-        def run(h_retr=None, lam=None, slerp_w=None):
-            return pipe.generate(prompts, seeds, h_retr=h_retr, lam=lam, slerp_w=slerp_w)
+        start = pipe.neighbour_start
+
+        def run(h_retr=None, lam=None, slerp_w=None, z_init=None):
+            return pipe.generate(prompts, seeds, h_retr=h_retr, lam=lam, slerp_w=slerp_w,
+                                 z_init=z_init)
     else:  # the PyTorch model core (needs the train extra)
         from imageragturbo.model.pipeline import TorchStudent
 
@@ -104,14 +107,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         text_dim, h_shape, has_adapter = student.text_dim, student.h_shape, student.has_adapter
         pooled_of = student.pooled
 
-        def run(h_retr=None, lam=None, slerp_w=None):
-            return student.generate(prompts, seeds, h_retr=h_retr, lam=lam, slerp_w=slerp_w)
+        start = student.neighbour_start
+
+        def run(h_retr=None, lam=None, slerp_w=None, z_init=None):
+            return student.generate(prompts, seeds, h_retr=h_retr, lam=lam, slerp_w=slerp_w,
+                                    z_init=z_init)
     if args.k > 0:
         index = request.load_index(args.index or index_dir_of(args.model), text_dim, h_shape)
         h_retr, scores, nb = request.retrieve(index, pooled_of(prompts), args.k, prompts,
                                               args.rerank, seeds, args.neighbour_pool)
         lam, slerp_w = request.retrieval_controls(scores, args.strength, has_adapter)
-        images = run(h_retr, lam, slerp_w)
+        # a neighbour-start model (with its adapter) starts from the top-1 neighbour's latent
+        z_init = index.latents(nb.ids[:, 0]) if start and lam is not None else None
+        images = run(h_retr, lam, slerp_w, z_init)
+        if z_init is not None:
+            info["start"] = f"top-1 neighbour's latent noised to t = {start['timestep']}"
         info["neighbours"] = [
             [{"id": i, "score": round(float(s), 4), "caption": cap}
              for i, s, cap in zip(nb.item_ids[b], nb.scores[b], nb.captions[b])]

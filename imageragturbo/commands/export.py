@@ -1,4 +1,4 @@
-"""Subcommands of the export part: ``export``, ``bench pipeline`` and ``bench sdturbo-gpu``.
+"""The export commands: ``export``, ``bench pipeline`` and ``bench sdturbo-gpu``.
 
 Standard library only at module level (the main CLI imports this for ``--help``); torch,
 onnx and onnxruntime load inside the handlers.
@@ -21,9 +21,8 @@ def _default_onnx_dir(model: str, random_weights: bool = False) -> Path:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from imageragturbo.export.onnx_export import export_model, random_tiny_components
     from imageragturbo.runtime.pipeline import describe
-
-    from .onnx_export import export_model, random_tiny_components
 
     out = args.out or _default_onnx_dir(args.model, args.random_weights)
     if args.random_weights:
@@ -45,7 +44,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_pipeline(args: argparse.Namespace) -> int:
-    from .bench import bench_pipeline, format_table
+    from imageragturbo.export.bench import bench_pipeline, format_table
 
     res = bench_pipeline(args.model, args.random_weights, args.batch, args.repeats, args.warmup,
                          args.threads, args.k, args.providers, progress=not args.json)
@@ -54,13 +53,13 @@ def _cmd_bench_pipeline(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_gpu(args: argparse.Namespace) -> int:
-    from . import gpu_bench
+    from imageragturbo.export import gpu_bench
 
     if args.dry_run:
         res = gpu_bench.dry_run(args.upcast_attention, args.batch[0])
         print(json.dumps(res) if args.json else json.dumps(res, indent=2))
         return 0
-    from .gpu_report import format_summary, write_report
+    from imageragturbo.export.gpu_report import format_summary, write_report
 
     written: dict = {}   # the report, rewritten after each configuration (a killed run keeps it)
     res = gpu_bench.run_gpu_bench(args.out, args.providers, args.repeats, args.warmup,

@@ -1,6 +1,8 @@
-"""Subcommands of the serving part: ``serve``, ``demo`` and ``bench serve``.
+"""The serving commands: ``serve``, ``demo``, ``bench serve`` and ``bench soak``.
 
-Standard library only at module level (the main CLI imports this for ``--help``).
+Standard library only at module level (the main CLI imports this for ``--help``). The
+rendering flags come from ``serving.repository.RenderOptions`` (``flags``), which owns their
+defaults; the export and index are made here (``assets``) and handed to ``serving``.
 """
 
 from __future__ import annotations
@@ -14,18 +16,16 @@ from pathlib import Path
 
 from imageragturbo.defaults import DATA_ROOT, DEFAULT_MODEL, export_dir_of, index_dir_of
 
+from .flags import add_dataclass_flags, dataclass_from_args
+
 
 def _options(args: argparse.Namespace):
-    from .repository import RenderOptions
+    """``RenderOptions`` from serve's flags (each named after its field; the queue timeout
+    is given in seconds)."""
+    from imageragturbo.serving.repository import RenderOptions
 
-    return RenderOptions(
-        max_batch_size=args.max_batch_size, queue_delay_us=args.queue_delay_us,
-        light_queue_delay_us=args.light_queue_delay_us,
-        queue_timeout_us=int(args.queue_timeout * 1e6), max_queue_size=args.max_queue_size,
-        default_k=args.default_k, max_k=args.max_k, threads=args.threads,
-        instances=args.instances, trt_cache=args.trt_cache, injection=args.injection,
-        rerank=args.rerank, neighbour_pool=args.neighbour_pool,
-        verify_index=args.verify_index)
+    return dataclass_from_args(RenderOptions, args,
+                               queue_timeout_us=int(args.queue_timeout * 1e6))
 
 
 def _assets(args: argparse.Namespace):
@@ -63,17 +63,17 @@ def _say(msg: str) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .repository import render_repository
-    from .server import TritonServer
-    from .session import repository_dir
-    from .shutdown import (
+    from imageragturbo.serving.repository import render_repository
+    from imageragturbo.serving.server import TritonServer
+    from imageragturbo.serving.session import repository_dir
+    from imageragturbo.serving.shutdown import (
         EXIT_DRAIN_INCOMPLETE,
         STOP_TIMEOUT_S,
         SUPERVISOR_STOP_S,
         graceful_stop,
         stop_budget,
     )
-    from .supervisor import Supervisor
+    from imageragturbo.serving.supervisor import Supervisor
 
     if args.profile == "gpu" and not args.render_only:
         raise ValueError("the gpu profile runs in NVIDIA's Triton container (onnxruntime "
@@ -156,25 +156,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from imageragturbo.serving.demo import run_demo
 
-    path = run_demo(args)
+    path = run_demo(args, lambda: _assets(args))
     print(path)
     return 0
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
-    from .bench import bench_serve, format_table
+    from imageragturbo.serving.bench import bench_serve, format_table
 
-    res = bench_serve(args)
+    res = bench_serve(args, lambda: _assets(args))
     print(json.dumps(res) if args.json else format_table(res))
     return 0
 
 
 def _cmd_bench_soak(args: argparse.Namespace) -> int:
-    from .repository import RenderOptions
-    from .session import running_server
-    from .soak import soak
+    from imageragturbo.serving.repository import RenderOptions
+    from imageragturbo.serving.session import running_server
+    from imageragturbo.serving.soak import soak
 
     quiet = args.quiet or args.json
     assets = _assets(args)
@@ -224,53 +224,52 @@ def _ready_timeout_arg(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for every model to load before giving up")
 
 
-def _delay_args(p: argparse.ArgumentParser) -> None:
-    from .repository import RenderOptions
+# serve's flags for RenderOptions fields, in --help order (defaults: the dataclass's).
+DELAY_HELP = {
+    "queue_delay_us": "how long the dynamic batcher of the UNet encoder, UNet decoder and VAE "
+                      "decoder waits to fill a batch (microseconds)",
+    "light_queue_delay_us": "the same for the light steps (preprocess, text encoder, "
+                            "retriever, adapter, postprocess); default: --queue-delay-us",
+}
+QUEUE_HELP = {
+    "max_queue_size": "queued requests per model before new ones get UNAVAILABLE",
+    "default_k": "neighbours retrieved when a request sends no K",
+    "max_k": "largest K a request may ask for",
+    "rerank": "hybrid retrieval: re-rank the dense top N by the prompt's words and word pairs "
+              "(0: dense only)",
+    "neighbour_pool": "> 1: each request's K neighbours are drawn from the top K x POOL by its "
+                      "seed (a model that follows its neighbours then varies with the seed)",
+    "injection": "how retrieved H features enter: the trained H-adapter (ImageRAGTurbo; a "
+                 "model without one falls back to slerp) or training-free slerp of the top-1 "
+                 "neighbour (paper Eq. 3; STRENGTH = 1 - w, default 0.2)",
+    "threads": "cpu profile: ONNX Runtime intra-op threads per stage",
+    "instances": "instances of every composing model (one lets this Triton stall a queued "
+                 "batch for ~500 ms)",
+    "trt_cache": "gpu profile: TensorRT engine cache folder (inside the container)",
+    "verify_index": "the retriever checks the sha256 of every index file when it loads (reads "
+                    "the whole index in every instance before the server is ready; without it "
+                    "the structure is checked and the arrays memory-mapped)",
+}
+INJECTIONS = ("adapter", "slerp")
 
-    d = RenderOptions()
-    p.add_argument("--queue-delay-us", type=int, default=d.queue_delay_us,
-                   help="how long the dynamic batcher of the UNet encoder, UNet decoder and "
-                        "VAE decoder waits to fill a batch (microseconds)")
-    p.add_argument("--light-queue-delay-us", type=int, default=None,
-                   help="the same for the light steps (preprocess, text encoder, retriever, "
-                        "adapter, postprocess); default: --queue-delay-us")
+
+def _delay_args(p: argparse.ArgumentParser) -> None:
+    from imageragturbo.serving.repository import RenderOptions
+
+    add_dataclass_flags(p, RenderOptions, DELAY_HELP)
 
 
 def _render_args(p: argparse.ArgumentParser) -> None:
-    from .repository import RenderOptions
+    from imageragturbo.serving.repository import RenderOptions
 
-    p.add_argument("--max-batch-size", type=int, default=8,
-                   help="largest batch per request and per dynamic batch")
+    add_dataclass_flags(p, RenderOptions, {
+        "max_batch_size": "largest batch per request and per dynamic batch"})
     _delay_args(p)
-    p.add_argument("--queue-timeout", type=float, default=30.0,
+    p.add_argument("--queue-timeout", type=float,
+                   default=RenderOptions.queue_timeout_us / 1e6,
                    help="seconds a request may wait in a model's queue before it is rejected "
                         "(UNAVAILABLE)")
-    p.add_argument("--max-queue-size", type=int, default=64,
-                   help="queued requests per model before new ones get UNAVAILABLE")
-    p.add_argument("--default-k", type=int, default=1,
-                   help="neighbours retrieved when a request sends no K")
-    p.add_argument("--max-k", type=int, default=16, help="largest K a request may ask for")
-    p.add_argument("--rerank", type=int, default=RenderOptions().rerank,
-                   help="hybrid retrieval: re-rank the dense top N by the prompt's words and "
-                        "word pairs (0: dense only)")
-    p.add_argument("--neighbour-pool", type=int, default=RenderOptions().neighbour_pool,
-                   help="> 1: each request's K neighbours are drawn from the top K x POOL by its "
-                        "seed (a model that follows its neighbours then varies with the seed)")
-    p.add_argument("--injection", choices=["adapter", "slerp"], default="adapter",
-                   help="how retrieved H features enter: the trained H-adapter (ImageRAGTurbo; "
-                        "a model without one falls back to slerp) or training-free slerp of the "
-                        "top-1 neighbour (paper Eq. 3; STRENGTH = 1 - w, default 0.2)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="cpu profile: ONNX Runtime intra-op threads per stage")
-    p.add_argument("--instances", type=int, default=RenderOptions().instances,
-                   help="instances of every composing model (one lets this Triton stall a "
-                        "queued batch for ~500 ms)")
-    p.add_argument("--trt-cache", default="/tmp/imageragturbo-trt-cache",
-                   help="gpu profile: TensorRT engine cache folder (inside the container)")
-    p.add_argument("--verify-index", action="store_true",
-                   help="the retriever checks the sha256 of every index file when it loads "
-                        "(reads the whole index in every instance before the server is ready; "
-                        "without it the structure is checked and the arrays memory-mapped)")
+    add_dataclass_flags(p, RenderOptions, QUEUE_HELP, choices={"injection": INJECTIONS})
 
 
 def _clean_errors(func):
@@ -280,8 +279,7 @@ def _clean_errors(func):
     @functools.wraps(func)
     def run(args: argparse.Namespace) -> int:
         from imageragturbo.client import ImageRAGTurboError
-
-        from .server import ServerError
+        from imageragturbo.serving.server import ServerError
 
         try:
             return func(args)
@@ -294,7 +292,8 @@ def _clean_errors(func):
 def add_parsers(sub, bench) -> None:
     """Add ``serve`` and ``demo`` to the top-level subparsers ``sub`` and ``serve`` to the
     ``bench`` group's subparsers."""
-    from .shutdown import DRAIN_TIMEOUT_S, EXIT_DRAIN_INCOMPLETE, stop_budget
+    from imageragturbo.serving.repository import RenderOptions
+    from imageragturbo.serving.shutdown import DRAIN_TIMEOUT_S, EXIT_DRAIN_INCOMPLETE, stop_budget
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
@@ -382,9 +381,9 @@ def add_parsers(sub, bench) -> None:
     b.add_argument("--requests", type=int, default=64, help="timed requests per concurrency")
     b.add_argument("--warmup", type=int, default=8, help="untimed requests first")
     b.add_argument("--k", type=int, default=1, help="neighbours per request (0: no retrieval)")
-    b.add_argument("--threads", type=int, default=1,
-                   help="ONNX Runtime threads per stage, served and in-process")
-    b.add_argument("--max-batch-size", type=int, default=8, help="server's max batch size")
+    add_dataclass_flags(b, RenderOptions, {
+        "threads": "ONNX Runtime threads per stage, served and in-process",
+        "max_batch_size": "server's max batch size"})
     _delay_args(b)
     b.add_argument("--instances", type=int, default=None,
                    help="instances of every composing model (default: serve's)")

@@ -1,9 +1,10 @@
-"""The ``imageragturbo`` command: one entry point, a subcommand per job (``--help`` on each)."""
+"""The ``imageragturbo`` command: one entry point, a subcommand per job (``--help`` on each).
+This module holds the entry point and the ``data``, ``eval``, ``bench quality`` and ``bench
+sensitivity`` subcommands; the other command groups each have a module beside it."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
@@ -11,16 +12,16 @@ from pathlib import Path
 
 from imageragturbo.defaults import DATA_ROOT, DEFAULT_MODEL, index_dir_of
 
-# Modules that add their own subcommands: each defines ``add_parsers(sub, bench)`` where
-# ``sub`` is the top-level subparsers object and ``bench`` the ``bench`` group's. They must
-# import only the standard library at module level (heavy imports go in the handlers), so
-# ``--help`` stays fast and works in a client-only install.
-PLUGINS = (
-    "imageragturbo.retriever.cli",
-    "imageragturbo.training.cli",
-    "imageragturbo.export.cli",
-    "imageragturbo.runtime.cli",   # generate
-    "imageragturbo.serving.cli",  # serve, demo (the served ensemble), bench serve
+from . import export, generate, index, serve, train
+
+# The command groups with a module of their own: each defines ``add_parsers(sub, bench)``
+# where ``sub`` is the top-level subparsers object and ``bench`` the ``bench`` group's.
+GROUPS = (
+    index,      # index build / query / verify, bench retrieval
+    train,      # train base, train adapter
+    export,     # export, bench pipeline, bench sdturbo-gpu
+    generate,   # generate
+    serve,      # serve, demo (the served ensemble), bench serve, bench soak
 )
 
 
@@ -28,7 +29,7 @@ PLUGINS = (
 
 
 def _cmd_data_build(args: argparse.Namespace) -> int:
-    from . import shapesworld as sw
+    from imageragturbo import shapesworld as sw
 
     counts = {"train": args.train, "retrieval": args.retrieval, "eval": args.eval}
     t0 = time.perf_counter()
@@ -46,7 +47,7 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_grid(args: argparse.Namespace) -> int:
-    from . import shapesworld as sw
+    from imageragturbo import shapesworld as sw
 
     items = sw.make_split(args.split, args.n, args.seed)
     path = sw.sample_grid(items, args.output, cols=args.cols)
@@ -58,7 +59,7 @@ def _cmd_data_grid(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_selfcheck(args: argparse.Namespace) -> int:
-    from . import tifa
+    from imageragturbo import tifa
 
     res = tifa.selfcheck(n=args.n, seed=args.seed, resolution=args.resolution,
                          blur=args.blur, noise=args.noise)
@@ -74,7 +75,7 @@ def _cmd_eval_selfcheck(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_score(args: argparse.Namespace) -> int:
-    from . import tifa
+    from imageragturbo import tifa
 
     res = tifa.score_folder(args.dataset, args.images, split=args.split)
     if args.plot:
@@ -87,7 +88,7 @@ def _cmd_eval_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_run(args: argparse.Namespace) -> int:
-    from . import evaluate, tifa
+    from imageragturbo import evaluate, tifa
 
     res = evaluate.run(args.model, args.pipeline, args.steps, args.guidance, args.n, args.seed,
                        grid=args.grid, progress=not args.json, k=args.k,
@@ -105,7 +106,7 @@ def _cmd_eval_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_compare(args: argparse.Namespace) -> int:
-    from . import evaluate
+    from imageragturbo import evaluate
 
     print(evaluate.compare_grid(args.model, args.n, args.seed, args.output, args.steps,
                                 args.guidance))
@@ -114,7 +115,7 @@ def _cmd_eval_compare(args: argparse.Namespace) -> int:
 
 def _cmd_bench_quality(args: argparse.Namespace) -> int:
     """The paper's Table 2 rows on ShapesWorld, same prompts and seeds, in one run."""
-    from . import quality, tifa
+    from imageragturbo import quality, tifa
 
     runs = dict(r.rsplit("=", 1) for r in args.run)
     if args.control:
@@ -143,7 +144,7 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_sensitivity(args: argparse.Namespace) -> int:
-    from . import sensitivity
+    from imageragturbo import sensitivity
 
     results = {m: sensitivity.run(m, args.n, args.seed, progress=not args.json)
                for m in (args.model or [DEFAULT_MODEL])}
@@ -152,7 +153,7 @@ def _cmd_bench_sensitivity(args: argparse.Namespace) -> int:
 
 
 def _print_table(results: dict[str, dict]) -> None:
-    from .tifa import CATEGORIES
+    from imageragturbo.tifa import CATEGORIES
 
     cats = [c for c in CATEGORIES if any(c in r["categories"] for r in results.values())]
     w = max(12, *(len(n) for n in results))
@@ -169,8 +170,8 @@ def _print_table(results: dict[str, dict]) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     """The ShapesWorld demo: a grid of evaluation prompts with their renders, and the
     scorer's self-check histogram."""
-    from . import shapesworld as sw
-    from . import tifa
+    from imageragturbo import shapesworld as sw
+    from imageragturbo import tifa
 
     out = Path(args.out)
     items = sw.make_split("eval", 24, args.seed)
@@ -388,14 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument("--json", action="store_true", help="print one JSON object")
     sens.set_defaults(func=_cmd_bench_sensitivity)
 
-    for name in PLUGINS:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name and name.startswith(e.name):
-                continue  # the plugin is not part of this install
-            raise
-        mod.add_parsers(sub, bench_sub)
+    for group in GROUPS:
+        group.add_parsers(sub, bench_sub)
     return p
 
 

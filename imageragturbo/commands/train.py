@@ -1,4 +1,8 @@
-"""``imageragturbo train ...`` subcommands (registered by the main CLI)."""
+"""The training commands: ``train base`` and ``train adapter``.
+
+Standard library only at module level (the main CLI imports this for ``--help``); torch and
+the training code load inside the handlers (the adapter's defaults for ``--help`` come from
+``training.config``, which needs no torch)."""
 
 from __future__ import annotations
 
@@ -12,8 +16,7 @@ from imageragturbo.defaults import DATA_ROOT, DEFAULT_MODEL, index_dir_of
 
 def _cmd_train_base(args: argparse.Namespace) -> int:
     from imageragturbo.model.family import VARIANTS
-
-    from .base import STAGES, Recipe, RecipeConfig
+    from imageragturbo.training.base import STAGES, Recipe, RecipeConfig
 
     cfg = RecipeConfig.quick() if args.quick else RecipeConfig()
     if args.threads:
@@ -39,7 +42,7 @@ def _cmd_train_base(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_adapter(args: argparse.Namespace) -> int:
-    from .adapter import AdapterConfig, AdapterRun, install
+    from imageragturbo.training.adapter import AdapterConfig, AdapterRun, install
 
     kw = {"model": args.model}
     if args.pairs and args.n_train is not None and args.pairs != ["shapesworld"]:
@@ -68,6 +71,8 @@ def _cmd_train_adapter(args: argparse.Namespace) -> int:
         kw["positional"] = True
     if args.decoder_attention:
         kw["decoder_attention"] = True
+    if args.neighbour_init:
+        kw["neighbour_init"] = True
     if args.threads:
         kw["threads"] = args.threads
     if args.gradient_checkpointing:
@@ -84,7 +89,7 @@ def _cmd_train_adapter(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub, bench) -> None:
-    from .config import AdapterConfig
+    from imageragturbo.training.config import AdapterConfig
 
     A = AdapterConfig()  # the defaults the help states  # noqa: N806
     tr = sub.add_parser("train", help="train models",
@@ -219,6 +224,11 @@ def add_parsers(sub, bench) -> None:
                         "target's top-1 neighbour (SDEdit at STRENGTH in (0, 1]) instead of from "
                         "noise, so the neighbour shows the target's layout (default 0: the "
                         "paper's pairs)")
+    a.add_argument("--neighbour-init", action="store_true",
+                   help="beyond the paper (with --neighbour-sdedit): the student learns the "
+                        "teacher's SDEdit in one step, starting from the top-1 neighbour's "
+                        "latent noised to the SDEdit timestep; retrieval on serves that start, "
+                        "retrieval off pure noise at t = 999")
     a.add_argument("--decoder-attention", action="store_true",
                    help="beyond the paper: the UNet decoder's cross-attention layers also attend "
                         "to the neighbours' tokens (decoupled, IP-Adapter style), trained with "
