@@ -35,26 +35,6 @@ from .index import (
 from .pairs import Pair, load_image
 
 
-def resolve_device(device: str = "cpu"):
-    """``auto`` (CUDA when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; a
-    device that is not available is a ValueError (one line at the CLI). Returns a
-    ``torch.device``; torch is imported here only, the module stays numpy-only."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available here "
-                         "(torch.cuda.is_available() is False); use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: there are {torch.cuda.device_count()} CUDA "
-                         "devices")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device}: cpu, cuda or auto")
-    return dev
-
-
 def _fingerprint(pairs: Sequence[Pair], model_id: str, text_dim: int) -> str:
     """What a partial build's rows depend on: the model and the pairs, in order (not the batch
     size, nor the hnswlib parameters, which only the final graph uses)."""

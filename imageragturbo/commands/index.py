@@ -21,7 +21,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     import os
 
     from imageragturbo.model import load_retrieval_encoder
-    from imageragturbo.retriever.build import build_index, resolve_device
+    from imageragturbo.model.encoder import resolve_device
+    from imageragturbo.retriever.build import build_index
     from imageragturbo.retriever.index import HNSWParams
     from imageragturbo.retriever.pairs import read_pairs, shapesworld_pairs
 

@@ -13,11 +13,27 @@ import numpy as np
 import torch
 
 from imageragturbo.defaults import DEFAULT_MODEL, INDEX_PARTS, files_identity
-from imageragturbo.retriever.build import resolve_device
 
 from .family import Components, load_components, resolve
 from .pipeline import tokenize
 from .stages import TextEncoder, UNetEncoder, images_to_unit
+
+
+def resolve_device(device: str = "cpu") -> torch.device:
+    """``auto`` (CUDA when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; a
+    device that is not available is a ValueError (one line at the CLI)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here "
+                         "(torch.cuda.is_available() is False); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: there are {torch.cuda.device_count()} CUDA "
+                         "devices")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: cpu, cuda or auto")
+    return dev
 
 
 class TorchRetrievalEncoder:
