@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from imageragturbo.cli import main
+from imageragturbo.commands.main import main
 from imageragturbo.retriever import RetrievalIndex, build_index, shapesworld_pairs
 
 
