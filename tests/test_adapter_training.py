@@ -439,12 +439,14 @@ def test_neighbour_sdedit_targets_keep_the_neighbours_layout_and_init_starts_fro
     t_init = sdedit_timestep(c, 4, 0.5)
     assert out["train"]["neighbour_init_timestep"] == t_init
     assert 0 < t_init < 999
-    syn = torch.load(tmp_path / "run" / "synth" / "synth.pt", weights_only=True)
-    top1 = run._top1_latents(syn["idx"].numpy())
+    from imageragturbo.training import shards
+
+    syn = shards.read_all(tmp_path / "run" / "synth" / "shards", ("item", "z0"))
+    top1 = run._top1_latents(syn["item"].numpy())
     plain = _run(tmp_path / "plain", model_and_index, synth_steps=4)
     plain.run()
-    syn0 = torch.load(tmp_path / "plain" / "synth" / "synth.pt", weights_only=True)
-    assert torch.equal(syn["idx"], syn0["idx"])          # same prompts, same z_T
+    syn0 = shards.read_all(tmp_path / "plain" / "synth" / "shards", ("item", "z0"))
+    assert torch.equal(syn["item"], syn0["item"])        # same prompts, same z_T
     near = (syn["z0"] - top1).pow(2).mean()
     far = (syn0["z0"] - top1).pow(2).mean()
     assert near < 0.5 * far, (near, far)
