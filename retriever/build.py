@@ -73,7 +73,8 @@ def build_index(pairs: Sequence[Pair], encoder: RetrievalEncoder, out: str | os.
                 params: HNSWParams = HNSWParams(), batch_size: int = 64,  # noqa: B008 - frozen
                 threads: int | None = None, resume: bool = True, overwrite: bool = False,
                 progress: bool = True, model_source: str | None = None,
-                image_loader: Callable[[str], object] = load_image) -> Path:
+                image_loader: Callable[[str], object] = load_image, rank: int = 0,
+                world: int = 1, barrier: Callable[[], None] | None = None) -> Path | None:
     """Encode ``pairs`` with ``encoder`` and write a retrieval index folder at ``out``.
 
     Per batch: the text embedding (the retrieval key), the VAE latents of the images and the
@@ -86,6 +87,12 @@ def build_index(pairs: Sequence[Pair], encoder: RetrievalEncoder, out: str | os.
 
     ``model_source`` (a model name or path) is recorded so ``index query`` can load the same
     encoder. Returns ``out``.
+
+    Several processes (``accelerate launch``: ``rank`` of ``world``, ``barrier`` waits for
+    all): batch j after the resumed prefix is encoded by process j mod world, each writing its
+    rows of the shared memory maps and counting its batches in ``progress-<rank>.json``; a
+    rerun resumes after the longest prefix of batches all processes finished. The main
+    process (rank 0) then builds the graph and publishes; the others return None.
     """
     import hnswlib
     from tqdm import tqdm
@@ -107,20 +114,8 @@ def build_index(pairs: Sequence[Pair], encoder: RetrievalEncoder, out: str | os.
 
     tmp = out.with_name(out.name + ".partial")
     fp = _fingerprint(pairs, model_id, dim)
-    state = None
-    if tmp.exists():
-        try:
-            state = json.loads((tmp / PROGRESS).read_text())
-        except (OSError, ValueError):
-            state = None
-        if not resume or state is None or state.get("fingerprint") != fp:
-            shutil.rmtree(tmp)
-            state = None
-    if state is None:
-        tmp.mkdir(parents=True)
-        state = {"fingerprint": fp, "done": 0, "shapes": None}
-        _write_json(tmp / PROGRESS, state)
-
+    main = rank == 0
+    wait = barrier or (lambda: None)
     maps: dict[str, np.ndarray] = {}
 
     def open_maps(shapes: dict, mode: str) -> None:
@@ -128,23 +123,9 @@ def build_index(pairs: Sequence[Pair], encoder: RetrievalEncoder, out: str | os.
             maps[key] = np.lib.format.open_memmap(tmp / FILES[key], mode=mode,
                                                   dtype=np.float16, shape=(n, *shapes[key]))
 
-    if state["shapes"] is not None:
-        try:
-            open_maps(state["shapes"], "r+")
-        except (OSError, ValueError):  # a partial folder damaged by hand: start again
-            maps.clear()
-            shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-            state = {"fingerprint": fp, "done": 0, "shapes": None}
-            _write_json(tmp / PROGRESS, state)
-    bar = tqdm(total=n, initial=state["done"], desc="index: encode", unit="pair",
-               disable=not progress)
-    for start in range(state["done"], n, batch_size):
-        batch = pairs[start:start + batch_size]
+    def encode(batch: Sequence[Pair], shapes: dict | None):
         captions = [p.caption for p in batch]
-        shapes = state["shapes"]
-        text = _check_batch("encode_text", encoder.encode_text(captions), len(batch),
-                            (dim,))
+        text = _check_batch("encode_text", encoder.encode_text(captions), len(batch), (dim,))
         norms = np.linalg.norm(text, axis=1)
         if np.abs(norms - 1).max() > 1e-2:
             raise ValueError("encoder encode_text must return L2-normalised rows "
@@ -154,7 +135,65 @@ def build_index(pairs: Sequence[Pair], encoder: RetrievalEncoder, out: str | os.
             None if shapes is None else shapes["latents"])
         h = _check_batch("h_features", encoder.h_features(lat, captions), len(batch),
                          None if shapes is None else shapes["h"])
-        if shapes is None:
+        return text, lat, h
+
+    def fresh() -> dict:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        st = {"fingerprint": fp, "done": 0, "shapes": None}
+        _write_json(tmp / PROGRESS, st)
+        return st
+
+    if main:
+        state = None
+        if tmp.exists():
+            try:
+                state = json.loads((tmp / PROGRESS).read_text())
+            except (OSError, ValueError):
+                state = None
+            if not resume or state is None or state.get("fingerprint") != fp:
+                state = None
+        if state is None:
+            state = fresh()
+        # the batches the processes of the last run finished after its prefix: the longest
+        # run of consecutive batches all done moves the prefix on
+        parts = [json.loads(p.read_text()) for p in sorted(tmp.glob("progress-*.json"))]
+        if parts and all(p.get("start") == state["done"] for p in parts):
+            w = parts[0]["world"]
+            done = {r: 0 for r in range(w)}
+            for p in parts:
+                if p["world"] == w and p["batch_size"] == parts[0]["batch_size"]:
+                    done[p["rank"]] = p["count"]
+            j = min(r + done[r] * w for r in range(w))
+            state["done"] = min(n, state["done"] + j * parts[0]["batch_size"])
+        for p in tmp.glob("progress-*.json"):
+            p.unlink()
+        if state["shapes"] is not None:
+            try:
+                open_maps(state["shapes"], "r+")
+            except (OSError, ValueError):  # a partial folder damaged by hand: start again
+                maps.clear()
+                state = fresh()
+        if state["shapes"] is None and world > 1:  # the shapes, from the first pair, for all
+            t, lat, h = encode(pairs[:1], None)
+            state["shapes"] = {"text": [dim], "latents": list(lat.shape[1:]),
+                               "h": list(h.shape[1:])}
+            open_maps(state["shapes"], "w+")
+        _write_json(tmp / PROGRESS, state)
+    wait()
+    if not main:
+        state = json.loads((tmp / PROGRESS).read_text())
+        open_maps(state["shapes"], "r+")
+    start0 = state["done"]
+    batches = list(range(start0, n, batch_size))
+    mine = batches[rank::world]
+    bar = tqdm(total=n, initial=start0, desc="index: encode", unit="pair",
+               disable=not (progress and main))
+    for count, start in enumerate(mine, 1):
+        batch = pairs[start:start + batch_size]
+        text, lat, h = encode(batch, state["shapes"])
+        if state["shapes"] is None:        # one process: the first batch gives the shapes
             state["shapes"] = {"text": [dim], "latents": list(lat.shape[1:]),
                                "h": list(h.shape[1:])}
             open_maps(state["shapes"], "w+")
@@ -162,10 +201,22 @@ def build_index(pairs: Sequence[Pair], encoder: RetrievalEncoder, out: str | os.
         for key, a in (("text", text), ("latents", lat), ("h", h)):
             maps[key][start:stop] = a
             maps[key].flush()
-        state["done"] = stop
-        _write_json(tmp / PROGRESS, state)
-        bar.update(len(batch))
+        if world == 1:
+            state["done"] = stop
+            _write_json(tmp / PROGRESS, state)
+        else:
+            _write_json(tmp / f"progress-{rank}.json",
+                        {"rank": rank, "world": world, "batch_size": batch_size,
+                         "start": start0, "count": count})
+        bar.update(len(batch) * (world if world > 1 else 1))
     bar.close()
+    wait()
+    if not main:
+        maps.clear()
+        return None
+    for p in tmp.glob("progress-*.json"):
+        p.unlink()
+    state["done"] = n
 
     # The graph is built from the stored fp16 keys (renormalised in fp32), so a resumed build
     # and a fresh one index the same vectors.

@@ -182,8 +182,9 @@ def test_an_interrupted_run_resumes_to_the_same_losses(tmp_path, model_and_index
     part = tmp_path / "part"
     _run(part, model_and_index, steps=2).run()
     (part / "train" / "done.json").unlink()
-    ckpt = torch.load(part / "train" / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 2
+    kept = sorted((part / "train" / "checkpoints").glob("checkpoint-*"))  # accelerate's
+    assert [p.name for p in kept] == ["checkpoint-0000002"]
+    assert json.loads((kept[0] / "meta.json").read_text())["step"] == 2
     resumed = _run(part, model_and_index, reconfigure=True).run()
     hist_part = json.loads((part / "train" / "history.json").read_text())
     assert [h["step"] for h in hist_part] == [0, 1, 2, 3]
@@ -192,6 +193,14 @@ def test_an_interrupted_run_resumes_to_the_same_losses(tmp_path, model_and_index
         for key in set(a) - {"step", "seconds"}:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
     assert resumed["train"]["steps"] == whole["train"]["steps"]
+    # checkpoints_total_limit (2): of the one at step 2 and the one at step 4, both kept;
+    # with 1, only the newest
+    assert len(list((part / "train" / "checkpoints").glob("checkpoint-*"))) == 2
+    (part / "train" / "done.json").unlink()
+    _run(part, model_and_index, steps=6, checkpoints_total_limit=1, reconfigure=True).run(
+        ["train"])
+    assert [p.name for p in (part / "train" / "checkpoints").glob("checkpoint-*")] == \
+        ["checkpoint-0000006"]
 
 
 def test_a_corrupted_checkpoint_is_refused_with_its_path(tmp_path, model_and_index):
@@ -430,12 +439,14 @@ def test_neighbour_sdedit_targets_keep_the_neighbours_layout_and_init_starts_fro
     t_init = sdedit_timestep(c, 4, 0.5)
     assert out["train"]["neighbour_init_timestep"] == t_init
     assert 0 < t_init < 999
-    syn = torch.load(tmp_path / "run" / "synth" / "synth.pt", weights_only=True)
-    top1 = run._top1_latents(syn["idx"].numpy())
+    from imageragturbo.training import shards
+
+    syn = shards.read_all(tmp_path / "run" / "synth" / "shards", ("item", "z0"))
+    top1 = run._top1_latents(syn["item"].numpy())
     plain = _run(tmp_path / "plain", model_and_index, synth_steps=4)
     plain.run()
-    syn0 = torch.load(tmp_path / "plain" / "synth" / "synth.pt", weights_only=True)
-    assert torch.equal(syn["idx"], syn0["idx"])          # same prompts, same z_T
+    syn0 = shards.read_all(tmp_path / "plain" / "synth" / "shards", ("item", "z0"))
+    assert torch.equal(syn["item"], syn0["item"])        # same prompts, same z_T
     near = (syn["z0"] - top1).pow(2).mean()
     far = (syn0["z0"] - top1).pow(2).mean()
     assert near < 0.5 * far, (near, far)

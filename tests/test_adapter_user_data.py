@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 from imageragturbo.commands.main import main
 from imageragturbo.model import family
 from imageragturbo.model.h_space import HAdapter
+from imageragturbo.training import shards
 from imageragturbo.training.adapter import AdapterConfig, AdapterRun
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220),
@@ -164,10 +165,10 @@ def test_train_adapter_on_a_users_model_and_pairs_skips_and_reports_bad_images(
     assert done["data"]["index_images_compared"] == 40
     items = [json.loads(x) for x in (run / "data" / "items.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in items] == ["pair"] * 62 + ["prompt"] * 12
-    cache = torch.load(run / "data" / "cache.pt", weights_only=True)
+    cache = shards.read_all(run / "data" / "shards", ("latents", "ehs"))
     assert cache["latents"].shape == (62, 4, 16, 16) and cache["ehs"].shape[0] == 74
-    syn = torch.load(run / "synth" / "synth.pt", weights_only=True)
-    assert len(syn["idx"]) == 8 and bool((syn["idx"] >= 62).all())   # the prompts' rows
+    syn = shards.read_all(run / "synth" / "shards", ("item",))
+    assert len(syn["item"]) == 8 and bool((syn["item"] >= 62).all())   # the prompts' rows
     nb = torch.load(run / "neighbours" / "neighbours.pt", weights_only=True)["ids"].numpy()
     assert nb.shape == (74, 4) and int(nb.max()) < 40
     index_ids = [json.loads(x)["id"] for x in
@@ -186,7 +187,7 @@ def test_train_adapter_on_a_users_model_and_pairs_skips_and_reports_bad_images(
                  (tar_run / "data" / "items.jsonl").read_text().splitlines()]
     assert [(r["id"], r["caption"], r["sha256"]) for r in tar_items] == \
         [(r["id"], r["caption"], r["sha256"]) for r in items]
-    assert torch.equal(torch.load(tar_run / "data" / "cache.pt", weights_only=True)["latents"],
+    assert torch.equal(shards.read_all(tar_run / "data" / "shards", ("latents",))["latents"],
                        cache["latents"])
     tar_bad = json.loads((tar_run / "data" / "report.json").read_text())["bad_items"]
     assert {(b["id"], b["reason"]) for b in tar_bad} == {(f"train-{CORRUPT:03d}", "corrupt"),
@@ -216,7 +217,7 @@ def test_more_bad_images_than_the_limit_stop_the_run_before_training(user, tmp_p
     assert str(report) in str(e.value)
     rep = json.loads(report.read_text())
     assert rep["stopped"] and {b["reason"] for b in rep["bad_items"]} == {"corrupt", "missing"}
-    assert not (tmp_path / "run" / "data" / "cache.pt").exists()
+    assert not (tmp_path / "run" / "data" / "shards" / "manifest.json").exists()
     assert not (tmp_path / "run" / "train").exists()
     run = _run(user, tmp_path / "ok", pairs, max_bad_share=0.2, retrieval="none")
     out = run.run(["data"])
@@ -263,7 +264,7 @@ def test_a_training_image_in_the_index_is_refused_by_content_hash(user, tmp_path
                                          r"\(the same file content, sha256\), e\.g\. training "
                                          r"'train-005'.*'elsewhere-1'"):
         _run(user, tmp_path / "run", user["jsonl"], index=index).run()
-    assert not (tmp_path / "run" / "data" / "cache.pt").exists()
+    assert not (tmp_path / "run" / "data" / "shards" / "manifest.json").exists()
 
 
 def test_a_training_id_in_the_index_is_refused_before_any_image_is_read(user, tmp_path):
@@ -283,7 +284,7 @@ def test_an_index_of_another_model_is_refused_before_anything_trains(user, tmp_p
     index = _index_of(user, tmp_path, _retrieval_rows(user), model=user["teacher"])
     with pytest.raises(IndexFormatError, match="built with model 'teacher:"):
         _run(user, tmp_path / "run", user["jsonl"], index=index).run()
-    assert not (tmp_path / "run" / "data" / "cache.pt").exists()
+    assert not (tmp_path / "run" / "data" / "shards" / "manifest.json").exists()
     assert not (tmp_path / "run" / "train").exists()
 
 

@@ -483,6 +483,9 @@ def test_model(monkeypatch):
     mod = types.ModuleType("imageragturbo.model")
     mod.load_retrieval_encoder = lambda name: HashingTestEncoder(model_id=f"test:{name}")
     monkeypatch.setitem(sys.modules, "imageragturbo.model", mod)
+    enc = types.ModuleType("imageragturbo.model.encoder")   # `index build --device`'s check
+    enc.resolve_device = lambda device: device
+    monkeypatch.setitem(sys.modules, "imageragturbo.model.encoder", enc)
 
 
 def test_cli_index_build_and_query_on_shapesworld(tmp_path, capsys, test_model):

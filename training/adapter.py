@@ -57,7 +57,7 @@ from imageragturbo.runtime.request import initial_noise
 from . import ladd
 from .config import AdapterConfig  # noqa: F401 - the recipe's configuration
 from .stages import StagedRun, load_checkpoint, mean_tail, save_atomic
-from .steps import OneStepStudent, ladd_step, to_unit, training_data
+from .steps import OneStepStudent, ladd_step, to_unit
 
 STAGES = ("data", "neighbours", "synth", "train", "export")  # synth may start from neighbours
 
@@ -111,160 +111,249 @@ class AdapterRun(StagedRun):
             print(f"train adapter: {msg}", file=sys.stderr, flush=True)
 
     # -- 1. data: real pairs, text states and keys
+    def _item_bytes(self) -> int:
+        """About how many bytes one item takes in a data shard: its fp16 latent and text
+        states, fp32 pooled key (and fp16 scene feature with ``scene_neighbour``)."""
+        from imageragturbo.model.pipeline import latent_shape
+
+        d = int(self.c.text_encoder.config.hidden_size)
+        n = 2 * int(np.prod(latent_shape(self.c))) + 2 * int(self.c.tokenizer.model_max_length) \
+            * d + 4 * d
+        if self.cfg.scene_neighbour > 0:
+            n += 2 * int(np.prod(self.h_shape()))
+        return n
+
+    def _shards_dir(self, stage: str) -> Path:
+        """``<stage>/shards``, refusing a run folder whose stage predates streamed caches."""
+        root = self.dir / stage / "shards"
+        if self.done(stage) is not None and not (root / "manifest.json").exists():
+            old = {"data": "data/cache.pt", "synth": "synth/synth.pt"}[stage]
+            raise FileNotFoundError(
+                f"{self.dir} was made by an older version ({old}, held in memory, instead of "
+                f"streamed shards in {stage}/shards): remove {self.dir / 'data'}, "
+                f"{self.dir / 'neighbours'}, {self.dir / 'synth'} and {self.dir / 'train'} "
+                "and rerun; the data stage then writes the shards")
+        return root
+
     @torch.no_grad()
     def stage_data(self) -> dict:
-        """Real pairs -> VAE latents (in batches of 256, images streamed), every caption and
-        prompt -> text states and pooled keys, in ``data/cache.pt``; one row per item in
-        ``data/items.jsonl`` (the real pairs first, then the prompts). A user's pairs are
-        read by ``training/sources.py``: bad images are skipped and listed in
-        ``data/report.json``. With retrieval, the index is checked (model, disjointness)
-        before any image is read, and again by content once the images are hashed."""
+        """Real pairs -> VAE latents, every caption and prompt -> text states and pooled keys,
+        written as shards (``data/shards``, ``training/shards.py``: about ``shard_mb`` MiB
+        each, with a manifest of counts and sha256) so that neither this stage nor training
+        holds the data set in memory; a stage killed midway resumes at the first incomplete
+        shard. Under ``accelerate launch`` shard i is encoded by process i mod N. The slots
+        are the listed pairs (or ShapesWorld's items), then the prompts; a shard keeps its
+        usable pairs first (``latents`` has a row for each), then its prompts. One row per
+        kept item in ``data/items.jsonl``. A user's pairs are read by
+        ``training/sources.py``: bad images are skipped and listed in ``data/report.json``.
+        With retrieval, the index is checked (model, disjointness) before any image is read,
+        and again by content once the images are hashed."""
+        import hashlib
+
+        from imageragturbo.images import BadImage
+
+        from . import shards as sh
         from . import sources
 
-        cfg, d = self.cfg, self.dir / "data"
+        cfg, d, c, dev = self.cfg, self.dir / "data", self.c, self.acc.device
         d.mkdir(exist_ok=True)
         t0 = time.perf_counter()
         info: dict = {}
-        if self.acc.is_main_process:
-            c, dev = self.c, self.acc.device
-            vae, text = c.vae.to(dev), c.text_encoder.to(dev)
+        listed_bad: list[dict] = []
+        if cfg.shapesworld:
+            from imageragturbo import shapesworld as sw
 
-            def encode(imgs: np.ndarray) -> torch.Tensor:  # uint8 (B, H, W, 3) -> (B, C, h, w)
-                z = vae.encode(to_unit(imgs).to(dev)).latent_dist.mode()
-                return (z * vae.config.scaling_factor).cpu()
+            items = sw.make_split("train", cfg.n_train, cfg.seed)
+            if cfg.retrieval == "index":
+                info.update(self._check_index([{"id": it.id, "caption": it.caption,
+                                                "image": None, "sha256": None, "kind": "pair"}
+                                               for it in items]))
+        elif cfg.pairs:
+            items, listed_bad = sources.list_pairs(cfg.pairs)
+            if not items and not listed_bad:
+                raise ValueError(f"no pairs in {', '.join(cfg.pairs)}")
+            if cfg.retrieval == "index":            # ids: before any image is read
+                self._check_index([{"id": it.id, "kind": "pair"} for it in items],
+                                  content=False)
+        else:  # prompts only: no real pairs, the teacher's samples are every target
+            items = []
+            if cfg.retrieval == "index":
+                _ = self.index                      # another model's index is refused here
+        prompts = sources.read_prompts(cfg.prompts) if cfg.prompts else []
+        listed = len(items) + len(listed_bad)
+        size = int(c.vae.config.sample_size)        # the student's resolution (latent_shape's)
+        min_side = cfg.min_image_side or size // 2
+        limit = cfg.max_bad_share * listed
+        per = sh.items_per_shard(cfg.shard_mb, self._item_bytes())
+        cuts = sh.cut(len(items) + len(prompts), per)
+        fp = hashlib.sha256(json.dumps([cfg.model, cfg.teacher, cfg.seed, cfg.scene_neighbour,
+                                        size, min_side]).encode())
+        for it in items:
+            fp.update(f"{it.id}\0{it.caption}\n".encode())
+        for p in prompts:
+            fp.update(f"{p}\n".encode())
+        root = d / "shards"
+        sh.prepare(root, {"fingerprint": fp.hexdigest(), "shard_items": per,
+                          "shards": len(cuts)}, self.acc.is_main_process)
+        self.acc.wait_for_everyone()
+        vae, text = c.vae.to(dev), c.text_encoder.to(dev)
+        unc = text(tokenize(c.tokenizer, [""]).to(dev)).last_hidden_state.cpu()
 
+        def encode(imgs: np.ndarray) -> torch.Tensor:   # uint8 (B, H, W, 3) -> (B, C, h, w)
+            out = []
+            for a in range(0, len(imgs), 256):
+                z = vae.encode(to_unit(imgs[a:a + 256]).to(dev)).latent_dist.mode()
+                out.append((z * vae.config.scaling_factor).cpu())
+            return torch.cat(out)
+
+        from imageragturbo.model.pipeline import latent_shape
+
+        bad_seen = len(listed_bad)                  # this process's running count
+        stopped = None
+        mine = sh.mine(len(cuts), self.acc.process_index, self.acc.num_processes)
+        from tqdm import tqdm
+
+        for i in tqdm(mine, desc="data: shards", disable=not self.progress):
+            meta = sh.done(root, i)
+            if meta is not None:
+                bad_seen += len(meta["bad"])
+                continue
+            a, b = cuts[i]
+            rows, imgs, bad, seen = [], [], [], 0
             if cfg.shapesworld:
-                from imageragturbo import shapesworld as sw
-
-                imgs, _ = training_data(cfg, d)
-                rows = [{"id": it.id, "caption": it.caption, "image": None, "sha256": None,
-                         "kind": "pair"} for it in sw.make_split("train", cfg.n_train, cfg.seed)]
-                if cfg.retrieval == "index":
-                    info.update(self._check_index(rows))
-                lat = torch.cat([encode(imgs[i:i + 256]) for i in range(0, len(imgs), 256)])
-                report = None
-            elif cfg.pairs:
-                rows, lat, report = self._read_pairs(encode, info)
-            else:  # prompts only: no real pairs, the teacher's samples are every target
-                from imageragturbo.model.pipeline import latent_shape
-
-                rows, lat, report = [], torch.zeros(0, *latent_shape(c)), None
-                if cfg.retrieval == "index":
-                    _ = self.index                  # another model's index is refused here
+                for it in items[a:min(b, len(items))]:
+                    rows.append({"id": it.id, "caption": it.caption, "image": None,
+                                 "sha256": None, "kind": "pair"})
+                    imgs.append(np.asarray(sw.render(it.scene, size)))
+            elif items and a < len(items) and bad_seen <= limit:
+                for it, img, digest in sources.load_images(items[a:min(b, len(items))],
+                                                           size, min_side):
+                    seen += 1
+                    if isinstance(img, BadImage):
+                        bad.append(sources.bad_entry(it, img))
+                        if bad_seen + len(bad) > limit:
+                            break
+                        continue
+                    rows.append({"id": it.id, "caption": it.caption, "image": it.where,
+                                 "sha256": digest, "kind": "pair"})
+                    imgs.append(img)
+            if bad_seen + len(bad) > limit:         # stop: the report, then the error
+                stopped = {"bad": bad, "read": seen}
+                break
             n_real = len(rows)
-            prompts = sources.read_prompts(cfg.prompts) if cfg.prompts else []
-            rows += [{"id": f"prompt:{n}", "caption": p, "image": None, "sha256": None,
-                      "kind": "prompt"} for n, p in enumerate(prompts)]
+            rows += [{"id": f"prompt:{n}", "caption": prompts[n], "image": None,
+                      "sha256": None, "kind": "prompt"}
+                     for n in range(max(a, len(items)) - len(items), b - len(items))]
+            lat = encode(np.stack(imgs)) if imgs else torch.zeros(0, *latent_shape(c))
             caps = [r["caption"] for r in rows]
-            ehs, pooled = [], []
-            for i in range(0, len(caps), 256):
-                out = text(tokenize(c.tokenizer, caps[i:i + 256]).to(dev))
+            ehs, pooled = [torch.zeros(0, *unc.shape[1:], dtype=torch.float16)], \
+                [torch.zeros(0, int(c.text_encoder.config.hidden_size))]
+            for s in range(0, len(caps), 256):
+                out = text(tokenize(c.tokenizer, caps[s:s + 256]).to(dev))
                 ehs.append(out.last_hidden_state.half().cpu())
                 pooled.append(out.pooler_output.float().cpu())
-            unc = text(tokenize(c.tokenizer, [""]).to(dev)).last_hidden_state.cpu()
-            ehs = torch.cat(ehs)
-            scene_h = self._scene_features(ehs) if self.cfg.scene_neighbour > 0 else None
-            vae.cpu(), text.cpu()
-            save_atomic({"latents": lat.half(), "ehs": ehs, "pooled": torch.cat(pooled),
-                         "uncond": unc.float(),
-                         **({"scene_h": scene_h} if scene_h is not None else {})},
-                        d / "cache.pt")
-            with open(d / "items.jsonl.tmp", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-            (d / "items.jsonl.tmp").replace(d / "items.jsonl")
-            info = {"source": "shapesworld" if cfg.shapesworld else "pairs",
-                    "items": len(rows), "real_items": n_real, "prompts": len(prompts),
-                    **({} if report is None else {"pairs_listed": report["listed"],
-                                                  "bad_images": report["bad"],
-                                                  "report": str(d / "report.json")}),
-                    **info, "seconds": time.perf_counter() - t0}
+            tensors = {"latents": lat.half(), "ehs": torch.cat(ehs), "pooled": torch.cat(pooled)}
+            if cfg.scene_neighbour > 0:
+                tensors["scene_h"] = self._scene_features(items[a:a + n_real], tensors["ehs"],
+                                                          i)
+            bad_seen += len(bad)
+            sh.write(root, i, tensors, {"items": len(rows), "real": n_real,
+                                        "read": n_real + len(bad), "rows": rows, "bad": bad})
+        if stopped is not None:
+            (d / f"stopped-{self.acc.process_index}.json").write_text(json.dumps(stopped))
+        vae.cpu(), text.cpu()
+        self.acc.wait_for_everyone()
+        stops = sorted(d.glob("stopped-*.json"))
+        if not self.acc.is_main_process:
+            if stops:
+                raise ValueError(f"data: more than max_bad_share of the images are bad; see "
+                                 f"{d / 'report.json'}")
+        else:
+            info = self._finish_data(root, cuts, listed, listed_bad, prompts, stops, size,
+                                     min_side, info, unc, t0)
         out = self._finish("data", info)
         self.acc.wait_for_everyone()
         self._adopt_data_counts()
         return out
 
-    def _read_pairs(self, encode, info: dict) -> tuple[list[dict], torch.Tensor, dict]:
-        """A user's pairs, streamed: each image read, hashed, normalised to the student's
-        resolution (``imageragturbo.images``) and encoded in batches; the bad ones (missing,
-        corrupt, too small, no caption) skipped and listed in ``data/report.json`` and
-        summed up on stderr. More than ``max_bad_share`` bad stops the run (ValueError) as
-        soon as the count passes it, before anything trains."""
-        from tqdm import tqdm
+    def _finish_data(self, root, cuts, listed, listed_bad, prompts, stops, size, min_side,
+                     info, unc, t0) -> dict:
+        """The main process, once every process has written its shards: the report and the
+        bad-share stop, items.jsonl, the content check against the index, the manifest."""
+        from . import shards as sh
 
-        from imageragturbo.images import BadImage
-        from imageragturbo.model.pipeline import latent_shape
-
-        from . import sources
-
-        cfg, path = self.cfg, self.dir / "data" / "report.json"
-        items, bad = sources.list_pairs(cfg.pairs)
-        listed = len(items) + len(bad)
-        if listed == 0:
-            raise ValueError(f"no pairs in {', '.join(cfg.pairs)}")
-        size = int(self.c.vae.config.sample_size)   # the student's resolution (latent_shape's)
-        min_side = cfg.min_image_side or size // 2
-        limit = cfg.max_bad_share * listed
-        if cfg.retrieval == "index":                # ids: before any image is read
-            self._check_index([{"id": it.id, "kind": "pair"} for it in items], content=False)
-        rows, lats, batch, seen = [], [], [], 0
-        stream = sources.load_images(items, size, min_side) if len(bad) <= limit else iter(())
-        for it, img, digest in tqdm(stream, total=len(items), desc="data: images",
-                                    disable=not self.progress):
-            seen += 1
-            if isinstance(img, BadImage):
-                bad.append(sources.bad_entry(it, img))
-                if len(bad) > limit:
-                    break
-                continue
-            rows.append({"id": it.id, "caption": it.caption, "image": it.where,
-                         "sha256": digest, "kind": "pair"})
-            batch.append(img)
-            if len(batch) == 256:
-                lats.append(encode(np.stack(batch)))
-                batch = []
-        if batch:
-            lats.append(encode(np.stack(batch)))
-        stopped = len(bad) > limit
-        reasons: dict[str, int] = {}
-        for b in bad:
-            reasons[b["reason"]] = reasons.get(b["reason"], 0) + 1
-        report = {"pairs": list(cfg.pairs), "listed": listed, "read": seen, "kept": len(rows),
-                  "bad": len(bad), "bad_share": len(bad) / listed,
-                  "max_bad_share": cfg.max_bad_share, "stopped": stopped,
-                  "resolution": size, "min_image_side": min_side, "by_reason": reasons,
-                  "bad_items": bad}
-        path.write_text(json.dumps(report, indent=2) + "\n")
-        why = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
-        if stopped:
-            some = "at least " if seen < len(items) else ""
-            raise ValueError(f"data: {some}{len(bad)} of {listed} pairs are bad "
-                             f"({why}: {len(bad) / listed:.1%}), more than max_bad_share "
-                             f"{cfg.max_bad_share:.1%} (--max-bad-share); stopped before "
-                             f"training. The list, with paths and reasons: {path}")
-        if self.acc.is_main_process:
-            print(f"train adapter: data: {len(rows)} of {listed} pairs kept, {len(bad)} skipped"
-                  f"{f' ({why})' if bad else ''}; report: {path}", file=sys.stderr, flush=True)
-        n_real = int(round(cfg.batch * cfg.real_fraction))
-        if len(rows) < n_real:
-            raise ValueError(f"data: {len(rows)} usable pairs, fewer than the {n_real} real "
-                             "pairs each batch draws (batch x real_fraction)")
-        if cfg.retrieval == "index":                # content: the images' hashes, now known
-            info.update(self._check_index(rows))
-        lat = torch.cat(lats) if lats else torch.zeros(0, *latent_shape(self.c))
-        return rows, lat, report
+        cfg, d = self.cfg, self.dir / "data"
+        rows_n, n_real, bad, read = 0, 0, list(listed_bad), 0
+        complete = [i for i in range(len(cuts)) if sh.done(root, i) is not None]
+        with open(d / "items.jsonl.tmp", "w") as f:
+            for meta in sh.sidecars(root, len(cuts)) if len(complete) == len(cuts) else []:
+                f.writelines(json.dumps(r) + "\n" for r in meta["rows"])
+                rows_n += int(meta["items"])
+                n_real += int(meta["real"])
+        for i in complete:
+            meta = json.loads((root / f"shard-{i:05d}.json").read_text())
+            bad += meta["bad"]
+            read += int(meta["read"])
+        for p in stops:
+            s = json.loads(p.read_text())
+            bad += s["bad"]
+            read += int(s["read"])
+            p.unlink()
+        if not cfg.shapesworld and cfg.pairs:
+            stopped = len(bad) > cfg.max_bad_share * listed
+            reasons: dict[str, int] = {}
+            for b in bad:
+                reasons[b["reason"]] = reasons.get(b["reason"], 0) + 1
+            report = {"pairs": list(cfg.pairs), "listed": listed, "read": read,
+                      "kept": n_real, "bad": len(bad), "bad_share": len(bad) / listed,
+                      "max_bad_share": cfg.max_bad_share, "stopped": stopped,
+                      "resolution": size, "min_image_side": min_side, "by_reason": reasons,
+                      "bad_items": bad}
+            path = d / "report.json"
+            path.write_text(json.dumps(report, indent=2) + "\n")
+            why = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
+            if stopped:
+                some = "at least " if read < listed - len(listed_bad) else ""
+                raise ValueError(f"data: {some}{len(bad)} of {listed} pairs are bad "
+                                 f"({why}: {len(bad) / listed:.1%}), more than max_bad_share "
+                                 f"{cfg.max_bad_share:.1%} (--max-bad-share); stopped before "
+                                 f"training. The list, with paths and reasons: {path}")
+            print(f"train adapter: data: {n_real} of {listed} pairs kept, {len(bad)} "
+                  f"skipped{f' ({why})' if bad else ''}; report: {path}",
+                  file=sys.stderr, flush=True)
+            need = int(round(cfg.batch * cfg.real_fraction))
+            if n_real < need:
+                raise ValueError(f"data: {n_real} usable pairs, fewer than the {need} real "
+                                 "pairs each batch draws (batch x real_fraction)")
+            info = {**info, "pairs_listed": listed, "bad_images": len(bad),
+                    "report": str(path)}
+        if len(complete) < len(cuts):
+            raise RuntimeError(f"data: shards {sorted(set(range(len(cuts))) - set(complete))} "
+                               "were not written (a process failed?); rerun to resume")
+        (d / "items.jsonl.tmp").replace(d / "items.jsonl")
+        self._items = None
+        if cfg.retrieval == "index" and not cfg.shapesworld and cfg.pairs:
+            info.update(self._check_index(self.items))   # content: the hashes, now known
+        save_atomic({"uncond": unc.float()}, d / "uncond.pt")
+        m = sh.finalize(root, len(cuts), {"real_items": n_real, "prompts": len(prompts)})
+        return {"source": "shapesworld" if cfg.shapesworld else "pairs",
+                "items": rows_n, "real_items": n_real, "prompts": len(prompts),
+                "shards": len(m["shards"]), "shard_items": m["shards"][0]["items"] if
+                m["shards"] else 0, "shards_bytes": sum(s["bytes"] for s in m["shards"]),
+                **info, "seconds": time.perf_counter() - t0}
 
     @torch.no_grad()
-    def _scene_features(self, ehs: torch.Tensor) -> torch.Tensor:
-        """The augmentation neighbour of every training item (``scene_neighbour``): its scene
-        re-rendered with a small jitter (``sw.jitter``), encoded as the index encodes its items,
-        h = f_enc(tau(caption), t=0, VAE latent) (paper Sec. 3.2). (N, C, h, w) fp16. These
-        are never index items: they stand in for a neighbour that shows what the caption does
-        not pin down (layout, size, exact hue), which no retrieved item is guaranteed to."""
+    def _scene_features(self, items, ehs: torch.Tensor, shard: int) -> torch.Tensor:
+        """The augmentation neighbour of ShapesWorld training ``items`` (``scene_neighbour``):
+        each scene re-rendered with a small jitter (``sw.jitter``, seeded per shard), encoded
+        as the index encodes its items, h = f_enc(tau(caption), t=0, VAE latent) (paper Sec.
+        3.2). (N, C, h, w) fp16. These are never index items: they stand in for a neighbour
+        that shows what the caption does not pin down (layout, size, exact hue), which no
+        retrieved item is guaranteed to."""
         from imageragturbo import shapesworld as sw
 
         c, dev = self.c, self.acc.device
-        items = sw.make_split("train", self.cfg.n_train, self.cfg.seed)
-        rng = np.random.default_rng([self.cfg.seed, 77])
+        rng = np.random.default_rng([self.cfg.seed, 77, shard])
         imgs = np.stack([np.asarray(sw.render(sw.jitter(it.scene, rng), c.vae.config.sample_size))
                          for it in items])
         enc = UNetEncoder(c.unet).to(dev)
@@ -279,72 +368,95 @@ class AdapterRun(StagedRun):
 
     @property
     def cache(self) -> dict:
+        """Every data shard at once (``latents`` of the real pairs, ``ehs``, ``pooled``,
+        ``uncond``, ``scene_h``): for small runs, tests and inspection; training streams."""
         if self._cache is None:
-            self._cache = load_checkpoint(self.dir / "data" / "cache.pt")
+            from . import shards as sh
+
+            root = self._shards_dir("data")
+            self._cache = {**sh.read_all(root, ("latents", "ehs", "pooled", "scene_h")),
+                           **load_checkpoint(self.dir / "data" / "uncond.pt")}
         return self._cache
 
     @property
     def items(self) -> list[dict]:
-        """One row per cache row (``data/items.jsonl``): id, caption, image, sha256, kind
-        ("pair" or "prompt"). A ShapesWorld run folder from before that file gets its rows
-        from the split, as the data stage made them."""
+        """One row per data row (``data/items.jsonl``): id, caption, image, sha256, kind
+        ("pair" or "prompt")."""
         if self._items is None:
             path = self.dir / "data" / "items.jsonl"
-            if path.exists():
-                self._items = [json.loads(line) for line in path.read_text().splitlines()]
-            elif self.cfg.shapesworld:
-                from imageragturbo import shapesworld as sw
-
-                self._items = [{"id": it.id, "caption": it.caption, "image": None,
-                                "sha256": None, "kind": "pair"}
-                               for it in sw.make_split("train", self.cfg.n_train, self.cfg.seed)]
-            else:
+            if not path.exists():
                 raise FileNotFoundError(f"{path} missing: run the data stage first")
+            self._items = [json.loads(line) for line in path.read_text().splitlines()]
         return self._items
 
     # -- 2. synthetic pairs from the teacher
     @torch.no_grad()
     def stage_synth(self) -> dict:
-        """The teacher's samples for ``synth_prompts`` training prompts from stored z_T, 200
-        at a time, each chunk saved as it ends (a rerun continues after the last)."""
+        """The teacher's samples for ``synth_prompts`` training prompts from seeded z_T
+        (``initial_noise`` of 20,000,000 + the prompt's row, so z_T need not be stored),
+        written as shards aligned with the data shards (``synth/shards``: synth shard i holds
+        the drawn rows of data shard i, with their z0, text states and keys, so training
+        streams them without the data shards); a rerun resumes at the first incomplete shard,
+        and under ``accelerate launch`` shard i is sampled by process i mod N."""
         from tqdm import tqdm
+
+        from imageragturbo.model.pipeline import latent_shape
+
+        from . import shards as sh
 
         cfg, d = self.cfg, self.dir / "synth"
         d.mkdir(exist_ok=True)
         t0 = time.perf_counter()
-        # the prompts file's rows when there is one, else every item's caption
-        pool = np.array([i for i, r in enumerate(self.items) if r["kind"] == "prompt"],
-                        np.int64)
-        if not len(pool):
-            pool = np.arange(len(self.items))
+        src = self._shards_dir("data")
+        m = sh.manifest(src)
+        n_items, n_real = int(m["items"]), int(m["real_items"])
+        # the prompts file's rows when there is one (after the real pairs), else every row
+        pool = np.arange(n_real if m["prompts"] else 0, n_items, dtype=np.int64)
         n = min(cfg.synth_prompts, len(pool))
         need = cfg.batch - int(round(cfg.batch * cfg.real_fraction))
         if n < need:
             raise ValueError(f"synth: {n} prompts for the teacher, fewer than the {need} "
                              "synthetic pairs each batch draws: give more prompts (or "
                              "--synth-prompts), or a smaller --batch")
-        if self.acc.is_main_process:
-            data = self.cache
-            idx = pool[np.random.default_rng([cfg.seed, 2]).choice(len(pool), n, replace=False)]
-            z_t = torch.from_numpy(initial_noise([20_000_000 + int(i) for i in idx],
-                                                 tuple(data["latents"].shape[1:])))
-            part = d / "partial.pt"
-            z0 = load_checkpoint(part)["z0"] if part.exists() else torch.full_like(z_t, np.nan)
-            teacher = self.c.teacher_unet.to(self.acc.device)
-            z_init = self._top1_latents(idx) if cfg.neighbour_sdedit > 0 else None
-            todo = [a for a in range(0, n, 200) if torch.isnan(z0[a]).any()]
-            for a in tqdm(todo, desc="synth", disable=not self.progress):
+        idx = pool[np.random.default_rng([cfg.seed, 2]).choice(len(pool), n, replace=False)]
+        root = d / "shards"
+        sh.prepare(root, {"data": [s["sha256"] for s in m["shards"]], "n": n,
+                          "steps": cfg.synth_steps, "guidance": cfg.guidance,
+                          "sdedit": cfg.neighbour_sdedit}, self.acc.is_main_process)
+        self.acc.wait_for_everyone()
+        dev = self.acc.device
+        uncond = load_checkpoint(self.dir / "data" / "uncond.pt")["uncond"].to(dev)
+        shape = tuple(latent_shape(self.c))
+        teacher = self.c.teacher_unet.to(dev)
+        todo = [i for i in sh.mine(len(m["shards"]), self.acc.process_index,
+                                   self.acc.num_processes) if sh.done(root, i) is None]
+        for i in tqdm(todo, desc="synth: shards", disable=not self.progress):
+            s = m["shards"][i]
+            first, count = int(s["first"]), int(s["items"])
+            rows = idx[(idx >= first) & (idx < first + count)]       # in the drawn order
+            t = sh.load(src, i) if len(rows) else None
+            local = torch.from_numpy(rows - first)
+            z0 = torch.zeros(len(rows), *shape)
+            z_init = self._top1_latents(rows) if cfg.neighbour_sdedit > 0 and len(rows) \
+                else None
+            for a in range(0, len(rows), 200):
                 sl = slice(a, a + 200)
-                ehs = data["ehs"][idx[sl]].float().to(self.acc.device)
+                z_t = torch.from_numpy(initial_noise([20_000_000 + int(r) for r in rows[sl]],
+                                                     shape))
                 z0[sl] = teacher_sample_latents(
-                    self.c, teacher, ehs, data["uncond"].to(self.acc.device),
-                    z_t[sl].to(self.acc.device), cfg.synth_steps, cfg.guidance,
-                    z_init=None if z_init is None else z_init[sl].to(self.acc.device),
+                    self.c, teacher, t["ehs"][local[sl]].float().to(dev), uncond,
+                    z_t.to(dev), cfg.synth_steps, cfg.guidance,
+                    z_init=None if z_init is None else z_init[sl].to(dev),
                     strength=cfg.neighbour_sdedit or 1.0).cpu()
-                save_atomic({"z0": z0}, part)
-            teacher.cpu()
-            save_atomic({"idx": torch.from_numpy(idx), "z_t": z_t, "z0": z0}, d / "synth.pt")
-            part.unlink(missing_ok=True)
+            out = {"item": torch.from_numpy(rows), "z0": z0}
+            for f in ("ehs", "pooled", "scene_h"):
+                if t is not None and f in t:
+                    out[f] = t[f][local]
+            sh.write(root, i, out, {"items": len(rows)})
+        teacher.cpu()
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            sh.finalize(root, len(m["shards"]), {"prompts": n})
         return self._finish("synth", {"prompts": n,
                                       "steps": cfg.synth_steps, "guidance": cfg.guidance,
                                       "neighbour_sdedit": cfg.neighbour_sdedit,
@@ -450,7 +562,11 @@ class AdapterRun(StagedRun):
         """The k_max neighbours of every training target by its pooled text key, with the
         proof that retrieval never hands a target back to itself: no retrieved item is a
         training item (ids; and by content hash for pairs read from files: ``_check_index``),
-        and none has the target's very latent (content at the model's resolution)."""
+        and none has the target's very latent (content at the model's resolution). The
+        targets are searched shard by shard (``data/shards``); the result, (N, k) ids and
+        scores, is ``neighbours/neighbours.pt``."""
+        from . import shards as sh
+
         cfg, d = self.cfg, self.dir / "neighbours"
         d.mkdir(exist_ok=True)
         info: dict = {"retrieval": cfg.retrieval}
@@ -460,7 +576,6 @@ class AdapterRun(StagedRun):
             if k < cfg.k_max:
                 self._say(f"k_max {cfg.k_max} is larger than the index ({len(index)} items); "
                           f"using k = {k}")
-            pooled = self.cache["pooled"].numpy()
             rows = self.items
             # the content hashes again only for another index than the data stage compared
             checked = (self.done("data") or {}).get("index_items_sha256")
@@ -469,35 +584,46 @@ class AdapterRun(StagedRun):
             # A scene drawn in both splits renders to the same image: such a neighbour would
             # be the target itself. Search a few extra and drop them (counted in done.json).
             extra = min(4, len(index) - k)
-            captions = [r["caption"] for r in rows]
-            cand, cand_scores = index.search(pooled, k + extra, prompts=captions,
-                                             rerank=cfg.rerank)          # [N, k + extra]
-            lat = self.cache["latents"].numpy()          # [n_real, C, h, w] fp16: real pairs
-            n_real = len(lat)                            # first; prompts have no image
-            ids = np.empty((len(cand), k), np.int64)
-            scores = np.empty((len(cand), k), np.float32)
+            src = self._shards_dir("data")
+            m = sh.manifest(src)
+            ids = np.empty((len(rows), k), np.int64)
+            scores = np.empty((len(rows), k), np.float32)
             dropped = 0
-            for a in range(0, len(cand), 1024):
-                nb = index.latents(cand[a:a + 1024]).astype(np.float16)  # [n, k+e, C, h, w]
-                m = max(0, min(n_real - a, len(nb)))
-                same = np.zeros(nb.shape[:2], bool)
-                if m:
-                    same[:m] = (nb[:m] == lat[a:a + m, None]).reshape(m, nb.shape[1], -1).all(-1)
-                for j, row in enumerate(same):
-                    keep = np.flatnonzero(~row)[:k]
-                    if len(keep) < k:
-                        raise ValueError(f"training target {a + j} has fewer than {k} "
-                                         "neighbours that are not its own image")
-                    dropped += int(row[:k + int(row.sum())].sum())
-                    ids[a + j], scores[a + j] = cand[a + j, keep], cand_scores[a + j, keep]
-            # the proof, checked (not asserted: it must hold under python -O too)
-            check = index.latents(ids).astype(np.float16)[:n_real]
-            own = (check == lat[:, None]).reshape(n_real, k, -1).all(-1) if n_real else \
-                np.zeros((0, k), bool)
-            if own.any():
-                t = int(np.flatnonzero(own.any(1))[0])
-                raise ValueError(f"training target {t} has its own image among its neighbours "
-                                 f"(index rows {ids[t][own[t]].tolist()})")
+            for s in m["shards"]:
+                first, count, n_real = int(s["first"]), int(s["items"]), int(s["real"])
+                if not count:
+                    continue
+                t = sh.load(src, int(s["index"]))
+                captions = [r["caption"] for r in rows[first:first + count]]
+                cand, cand_scores = index.search(t["pooled"].numpy(), k + extra,
+                                                 prompts=captions, rerank=cfg.rerank)
+                lat = t["latents"].numpy()          # [n_real, C, h, w] fp16: real pairs first
+                for a in range(0, len(cand), 1024):
+                    nb = index.latents(cand[a:a + 1024]).astype(np.float16)
+                    mm = max(0, min(n_real - a, len(nb)))
+                    same = np.zeros(nb.shape[:2], bool)
+                    if mm:
+                        same[:mm] = (nb[:mm] == lat[a:a + mm, None]).reshape(
+                            mm, nb.shape[1], -1).all(-1)
+                    for j, row in enumerate(same):
+                        keep = np.flatnonzero(~row)[:k]
+                        g = first + a + j
+                        if len(keep) < k:
+                            raise ValueError(f"training target {g} has fewer than {k} "
+                                             "neighbours that are not its own image")
+                        dropped += int(row[:k + int(row.sum())].sum())
+                        ids[g], scores[g] = cand[a + j, keep], cand_scores[a + j, keep]
+                # the proof, checked (not asserted: it must hold under python -O too)
+                if n_real:
+                    mine_ids = ids[first:first + n_real]
+                    check = index.latents(mine_ids).astype(np.float16)
+                    own = (check == lat[:, None]).reshape(n_real, k, -1).all(-1)
+                    if own.any():
+                        r = int(np.flatnonzero(own.any(1))[0])
+                        raise ValueError(f"training target {first + r} has its own image "
+                                         f"among its neighbours (index rows "
+                                         f"{mine_ids[r][own[r]].tolist()})")
+                del t
             if self.acc.is_main_process:
                 save_atomic({"ids": torch.from_numpy(ids), "scores": torch.from_numpy(scores)},
                             d / "neighbours.pt")
@@ -514,23 +640,44 @@ class AdapterRun(StagedRun):
         cfg, d = self.cfg, self.dir / "train"
         d.mkdir(exist_ok=True)
         torch.manual_seed(cfg.seed)
-        data = self.cache
-        syn = load_checkpoint(self.dir / "synth" / "synth.pt")
+        from imageragturbo.model.pipeline import latent_shape
+
+        from . import shards as sh
+
+        # Streams, not the data set: the real pairs from the data shards, the teacher's pairs
+        # from the synth shards, each in a seeded shard order through a bounded shuffle buffer
+        # (``shards.Stream``); this process's shards only under ``accelerate launch``.
+        rank, world = self.acc.process_index, self.acc.num_processes
+        data_root, syn_root = self._shards_dir("data"), self._shards_dir("synth")
+        scene = ("scene_h",) if cfg.scene_neighbour > 0 else ()
+        n_real = int(round(cfg.batch * cfg.real_fraction))
+        real_stream = sh.Stream(data_root, ("latents", "ehs", "pooled", *scene), cfg.seed,
+                                rank, world, cfg.shuffle_buffer, key=1,
+                                rows=lambda s: int(s["real"])) if n_real else None
+        syn_stream = sh.Stream(syn_root, ("item", "z0", "ehs", "pooled", *scene), cfg.seed,
+                               rank, world, cfg.shuffle_buffer, key=2)
+        first = sh.load(syn_root, int(syn_stream.shards[0]["index"]))
+        text_len, text_dim = first["ehs"].shape[1], first["pooled"].shape[1]
+        del first
+        uncond = load_checkpoint(self.dir / "data" / "uncond.pt")["uncond"]
+        shape = tuple(latent_shape(self.c))
         student = self.c.unet.train()
         if cfg.lora:
             add_decoder_lora(student, rank=cfg.lora_rank, targets=cfg.lora_targets)
         else:
             student.requires_grad_(False)
+        if cfg.gradient_checkpointing:  # recompute the UNet blocks' activations in backward
+            student.enable_gradient_checkpointing()
         acfg = adapter_config_for(student)
         acfg.positional = cfg.positional
         adapter = HAdapter(acfg).train()
         nb_attn = None
         if cfg.decoder_attention:
-            nb_attn = NeighbourAttention.for_unet(student, text_len=data["ehs"].shape[1]).train()
+            nb_attn = NeighbourAttention.for_unet(student, text_len=text_len).train()
             nb_attn.attach(student)
         teacher = self.c.teacher_unet.requires_grad_(False)
-        disc = ladd.LADDDiscriminator(teacher, text_dim=data["pooled"].shape[1])
-        perc = (ladd.LatentPerceptual(UNetEncoder(teacher), data["uncond"])
+        disc = ladd.LADDDiscriminator(teacher, text_dim=text_dim)
+        perc = (ladd.LatentPerceptual(UNetEncoder(teacher), uncond)
                 if cfg.perceptual_weight > 0 else None)
         groups = [{"params": list(adapter.parameters()), "lr": cfg.adapter_lr}]
         if cfg.lora:
@@ -544,8 +691,10 @@ class AdapterRun(StagedRun):
         ac = self.c.alphas_cumprod
         if cfg.retrieval == "index":
             index = self.index
-            nb = load_checkpoint(self.dir / "neighbours" / "neighbours.pt")
-            nb_ids, nb_scores = nb["ids"].numpy(), nb["scores"].numpy()
+            # memory-mapped: (N, k) rows read as the batches need them
+            nb = torch.load(self.dir / "neighbours" / "neighbours.pt", weights_only=True,
+                            mmap=True)
+            nb_ids, nb_scores = nb["ids"], nb["scores"]
         state = {"adapter": adapter, "student": student, "heads": disc.heads, "opt_g": opt_g,
                  "opt_d": opt_d, **({"neighbour_attention": nb_attn} if nb_attn is not None else {})}
         one_step = OneStepStudent(student, ac).to(self.acc.device)
@@ -555,34 +704,53 @@ class AdapterRun(StagedRun):
         if perc is not None:
             perc.to(self.acc.device)
         backward = self._backward_fn([p for g in groups for p in g["params"]])
-        n_real = int(round(cfg.batch * cfg.real_fraction))
-        n_syn = len(syn["idx"])
         t999 = torch.full((n_real,), STUDENT_TIMESTEP, dtype=torch.long)
         t_syn = None
         if cfg.neighbour_init:
             # the student starts where the teacher's SDEdit started: the top-1 neighbour's
             # latent noised with the target's z_T to the SDEdit timestep
             t_init = sdedit_timestep(self.c, cfg.synth_steps, cfg.neighbour_sdedit)
-            syn = {**syn, "z_t": noised(self.c, self._top1_latents(syn["idx"].numpy()),
-                                        syn["z_t"], t_init)}
             t_syn = torch.cat([t999, torch.full((cfg.batch - n_real,), t_init,
                                                 dtype=torch.long)]).to(self.acc.device)
 
+        drawn = [0]  # steps whose items the streams have given
+
+        def draw(i):
+            """Step i's items; a resumed run first draws (and drops) the earlier steps' items,
+            so that it continues with the very items an uninterrupted run would."""
+            while drawn[0] <= i:
+                reals = real_stream.draw(n_real) if n_real else []
+                syns = syn_stream.draw(cfg.batch - n_real)
+                drawn[0] += 1
+            return reals, syns
+
+        def stack(items, key, like=None):
+            return torch.stack([x[key] for x in items]) if items else like
+
         def step(i):
+            reals, syns = draw(i)
             rng = self._rng("train", i)
-            ri = rng.choice(cfg.n_train, n_real, replace=False)
-            si = rng.choice(n_syn, cfg.batch - n_real, replace=False)
-            tgt = np.concatenate([ri, syn["idx"].numpy()[si]])           # training item rows
-            z0_real = data["latents"][ri].float()
+            tgt = np.array([x["row"] for x in reals] + [int(x["item"]) for x in syns],
+                           np.int64)                                     # training item rows
+            z0_real = stack(reals, "latents", torch.zeros(0, *shape)).float()
             eps_t = torch.from_numpy(rng.standard_normal(z0_real.shape).astype(np.float32))
             z_real = (ladd.add_noise(z0_real, eps_t, t999, ac) if cfg.real_input == "noised"
                       else eps_t)
-            z_t = torch.cat([z_real, syn["z_t"][si]])
-            z0 = torch.cat([z0_real, syn["z0"][si]])
-            ehs, pooled = data["ehs"][tgt].float(), data["pooled"][tgt]
+            syn_zt = torch.from_numpy(initial_noise([20_000_000 + int(r) for r in tgt[n_real:]],
+                                                    shape))
+            if t_syn is not None:  # neighbour_init: from the top-1 neighbour, noised to t_init
+                top1 = index.latents(nb_ids[torch.from_numpy(tgt[n_real:]), 0].numpy())
+                syn_zt = noised(self.c, torch.from_numpy(top1.astype(np.float32)), syn_zt,
+                                t_init)
+            z_t = torch.cat([z_real, syn_zt])
+            z0 = torch.cat([z0_real, stack(syns, "z0").float()])
+            ehs = torch.cat([stack(reals, "ehs", torch.zeros(0, text_len, text_dim)).float(),
+                             stack(syns, "ehs").float()])
+            pooled = torch.cat([stack(reals, "pooled", torch.zeros(0, text_dim)).float(),
+                                stack(syns, "pooled").float()])
             if cfg.text_drop > 0:  # the student's text only; the discriminator keeps pooled
                 drop = torch.from_numpy(rng.random(cfg.batch) < cfg.text_drop).view(-1, 1, 1)
-                ehs = torch.where(drop, data["uncond"].expand_as(ehs), ehs)
+                ehs = torch.where(drop, uncond.expand_as(ehs), ehs)
             s = torch.from_numpy(rng.integers(0, cfg.disc_s_max, cfg.batch))
             eps_s = torch.from_numpy(rng.standard_normal(z0.shape).astype(np.float32))
             gen = torch.Generator().manual_seed(int(rng.integers(2 ** 31)))
@@ -591,8 +759,9 @@ class AdapterRun(StagedRun):
             z_t, z0, ehs, pooled, s, eps_s = self._dev(z_t, z0, ehs, pooled, s, eps_s)
             if cfg.retrieval == "index":
                 k = int(rng.integers(1, nb_ids.shape[1] + 1))
-                h_retr = torch.from_numpy(index.h(nb_ids[tgt, :k]))      # (B, k, C, h, w)
-                lam = (torch.from_numpy(nb_scores[tgt, 0]) if cfg.lam == "similarity"
+                t_ = torch.from_numpy(tgt)
+                h_retr = torch.from_numpy(index.h(nb_ids[t_, :k].numpy()))  # (B, k, C, h, w)
+                lam = (nb_scores[t_, 0].clone() if cfg.lam == "similarity"
                        else torch.ones(cfg.batch)).float()
                 if cfg.scene_neighbour > 0:
                     # the augmentation: the target's own scene, jittered, in all k slots (k
@@ -601,7 +770,8 @@ class AdapterRun(StagedRun):
                     scene = np.concatenate([np.ones(n_real, bool), rng.random(
                         cfg.batch - n_real) < cfg.scene_neighbour])
                     sel = torch.from_numpy(scene)
-                    own = data["scene_h"][tgt].float().unsqueeze(1).expand_as(h_retr)
+                    own = torch.cat([stack(reals, "scene_h"), stack(syns, "scene_h")]
+                                    ).float().unsqueeze(1).expand_as(h_retr)
                     h_retr = torch.where(sel.view(-1, 1, 1, 1, 1), own, h_retr.float())
                     lam = torch.where(sel, torch.ones_like(lam), lam)
                 h_retr, lam = self._dev(h_retr.float(), lam)
@@ -618,15 +788,61 @@ class AdapterRun(StagedRun):
             def perceptual(a, b):
                 return perc(a, b, gen)
 
-            return ladd_step(one_step, disc, opt_g, opt_d, z_t, z0, ehs, pooled, s, eps_s, ac,
-                             cfg.distill_weight, h_edit=h_edit, backward=backward,
-                             sync_heads=self._sync_grads,
-                             perceptual=perceptual if perc is not None else None,
-                             perceptual_weight=cfg.perceptual_weight,
-                             adv_weight=cfg.adv_weight, decoder_ehs=dec_ehs, t=t_syn)
+            if cfg.validation_every and (i + 1) % cfg.validation_every == 0:
+                validate(i + 1)
+            with self._autocast():
+                return ladd_step(one_step, disc, opt_g, opt_d, z_t, z0, ehs, pooled, s, eps_s,
+                                 ac, cfg.distill_weight, h_edit=h_edit, backward=backward,
+                                 sync_heads=self._sync_grads,
+                                 perceptual=perceptual if perc is not None else None,
+                                 perceptual_weight=cfg.perceptual_weight,
+                                 adv_weight=cfg.adv_weight, decoder_ehs=dec_ehs, t=t_syn)
+
+        val = sh.load(syn_root, int(syn_stream.shards[0]["index"]))
+        val_rows = val["item"][:4].numpy()
+        val_ehs = val["ehs"][:4].float()
+        del val
+
+        @torch.no_grad()
+        def validate(at: int) -> None:
+            """A PNG grid, ``train/validation/step-NNNNNN.png``, before step ``at``'s update:
+            the first synth shard's first prompts, one column each, from fixed z_T; top row
+            with retrieval (their neighbours, all k_max; the control: its own h), bottom row
+            without (the student with its LoRA, no adapter). No training randomness is used."""
+            if not self.acc.is_main_process:
+                return
+            from PIL import Image
+
+            from imageragturbo.model.pipeline import decode_latents
+
+            z = torch.from_numpy(initial_noise([20_000_000 + int(r) for r in val_rows], shape))
+            z, e = self._dev(z, val_ehs)
+            if cfg.retrieval == "index":
+                t_ = torch.from_numpy(val_rows)
+                hr = torch.from_numpy(index.h(nb_ids[t_].numpy())).float()
+                lm = (nb_scores[t_, 0].clone() if cfg.lam == "similarity"
+                      else torch.ones(len(t_))).float()
+                hr, lm = self._dev(hr, lm)
+                dec = None if nb_attn is None else nb_attn.decoder_context(e, hr)
+
+                def edit(h):
+                    return adapter(h, hr, lm)
+            else:
+                dec = None
+
+                def edit(h):
+                    return adapter(h, h.unsqueeze(1), torch.ones_like(h[:, 0, 0, 0]))
+
+            with self._autocast():
+                rows = [one_step(z, e, edit, dec), one_step(z, e, None)]
+            imgs = [decode_latents(self.c, r.float().cpu()) for r in rows]   # (B, H, W, 3)
+            grid = np.concatenate([np.concatenate(list(x), axis=1) for x in imgs], axis=0)
+            out = d / "validation"
+            out.mkdir(exist_ok=True)
+            Image.fromarray(grid).save(out / f"step-{at:06d}.png")
 
         t0 = time.perf_counter()
-        hist = self._loop("train", state, step, cfg.steps)
+        hist = self._loop("train", state, self._timed(step, d / "log.jsonl"), cfg.steps)
         if self.acc.is_main_process:
             # fp16 on disk, like the rest of the shipped model (loaded back as fp32)
             adapter.cpu().eval().save_pretrained(d / "h_adapter", dtype=torch.float16)
@@ -641,13 +857,124 @@ class AdapterRun(StagedRun):
                    if nb_attn is not None else {}),
                 **({"neighbour_init_timestep": int(t_syn[-1])} if t_syn is not None else {}),
                 "retrieval": cfg.retrieval, "device": str(self.acc.device),
-                "processes": self.acc.num_processes}
+                "processes": self.acc.num_processes, "mixed_precision": cfg.mixed_precision,
+                "gradient_checkpointing": cfg.gradient_checkpointing,
+                **self._throughput(d / "log.jsonl")}
         for key in ("distill", "lpips", "g_adv", "d"):
             if any(key in h for h in hist):  # lpips, g_adv and d only when their term is on
                 info[f"first_{key}"] = mean_tail(hist[:50], key)
                 info[f"final_{key}"] = mean_tail(hist, key, 200)
         (d / "history.json").write_text(json.dumps(hist) + "\n")
         return self._finish("train", info)
+
+    def _loop(self, name: str, state: dict, step_fn, steps: int) -> list[dict]:
+        """The train stage's loop: ``stages.train_loop``'s, with checkpoints written by
+        ``accelerator.save_state`` into ``train/checkpoints/checkpoint-NNNNNNN/`` every
+        ``ckpt_every`` steps (the state's objects, registered for checkpointing, and
+        ``meta.json``, written last: the step and the loss history), only the newest
+        ``checkpoints_total_limit`` kept. A rerun resumes from the newest complete one, read
+        back ``weights_only`` (``stages.load_checkpoint``: accelerate's ``load_state`` would
+        unpickle them whole); a run folder with the older ``train/ckpt.pt`` resumes from it."""
+        if name != "train":
+            return super()._loop(name, state, step_fn, steps)
+        from tqdm import tqdm
+
+        root = self.dir / "train" / "checkpoints"
+        objs = list(state.values())
+        if not getattr(self, "_registered", False):
+            self.acc.register_for_checkpointing(*objs)
+            self._registered = True
+        history: list[dict] = []
+        start = 0
+        kept = sorted(p for p in root.glob("checkpoint-*") if (p / "meta.json").is_file())
+        old = self.dir / "train" / "ckpt.pt"
+        if kept:
+            meta = json.loads((kept[-1] / "meta.json").read_text())
+            for i, obj in enumerate(objs):
+                obj.load_state_dict(load_checkpoint(kept[-1] / f"custom_checkpoint_{i}.pkl"))
+            history, start = meta["history"], int(meta["step"])
+        elif old.exists():
+            blob = load_checkpoint(old)
+            for k, obj in state.items():
+                obj.load_state_dict(blob["state"][k])
+            history, start = blob["history"], int(blob["step"])
+        is_main = self.acc.is_main_process
+        bar = tqdm(range(start, steps), desc=name, disable=not (self.progress and is_main),
+                   initial=start, total=steps)
+        t0 = time.perf_counter()
+        for step in bar:
+            losses = step_fn(step)
+            for k, v in losses.items():
+                if not np.isfinite(v):
+                    raise FloatingPointError(f"{name}: loss {k} is {v} at step {step}")
+            history.append({"step": step, **losses})
+            if (step + 1) % self.cfg.ckpt_every == 0 or step + 1 == steps:
+                path = root / f"checkpoint-{step + 1:07d}"
+                self.acc.save_state(str(path))
+                self.acc.wait_for_everyone()
+                if is_main:
+                    (path / "meta.json").write_text(json.dumps(
+                        {"step": step + 1, "history": history}) + "\n")
+                    done = sorted(p for p in root.glob("checkpoint-*")
+                                  if (p / "meta.json").is_file())
+                    for p in done[:max(0, len(done) - self.cfg.checkpoints_total_limit)]:
+                        shutil.rmtree(p, ignore_errors=True)
+        bar.close()
+        if history and start < steps:
+            history[-1]["seconds"] = time.perf_counter() - t0
+        return history
+
+    def _autocast(self):
+        """The forward passes in ``mixed_precision`` (bf16 or fp16 autocast on the run's
+        device; the weights and optimiser states stay fp32); a no-op for "no"."""
+        import contextlib
+
+        mp = self.cfg.mixed_precision
+        if mp == "no":
+            return contextlib.nullcontext()
+        if mp == "fp16" and self.acc.device.type != "cuda":
+            raise ValueError("mixed_precision fp16 needs a CUDA device; use bf16 on the CPU")
+        dtype = torch.bfloat16 if mp == "bf16" else torch.float16
+        return torch.autocast(self.acc.device.type, dtype=dtype)
+
+    def _timed(self, step, log: Path):
+        """``step`` that also appends one JSON line per step to ``log``: its seconds, steps/s,
+        images/s (over all processes) and the peak memory so far (CUDA: max allocated;
+        CPU: the process's peak RSS)."""
+        import resource
+
+        batch = self.cfg.batch * self.acc.num_processes
+
+        def timed(i):
+            t = time.perf_counter()
+            out = step(i)
+            dt = time.perf_counter() - t
+            if self.acc.device.type == "cuda":
+                peak = int(torch.cuda.max_memory_allocated(self.acc.device))
+            else:
+                peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+            if self.acc.is_main_process:
+                with open(log, "a") as f:
+                    f.write(json.dumps({"step": i, "seconds": dt, "steps_per_s": 1 / dt,
+                                        "images_per_s": batch / dt,
+                                        "peak_memory_bytes": peak}) + "\n")
+            return out
+
+        return timed
+
+    @staticmethod
+    def _throughput(log: Path) -> dict:
+        """Mean steps/s and images/s over the logged steps (the first, warm-up, left out
+        when there are more) and the peak memory."""
+        if not log.exists():
+            return {}
+        rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+        use = rows[1:] if len(rows) > 1 else rows
+        secs = sum(r["seconds"] for r in use)
+        return {"steps_per_s": len(use) / secs if secs else None,
+                "images_per_s": sum(r["images_per_s"] * r["seconds"] for r in use) / secs
+                if secs else None,
+                "peak_memory_bytes": max((r["peak_memory_bytes"] for r in rows), default=None)}
 
     # -- 5. export
     def stage_export(self) -> dict:

@@ -98,6 +98,13 @@ class AdapterConfig:
     adv_weight: float = 0.0       # weight of L_adv in Eq. 10 (the paper: 1; measured worse here)
     disc_s_max: int = 750         # discriminator noise level s ~ U{0..s_max-1}
     ckpt_every: int = 100
+    shard_mb: float = 256.0       # data / synth caches: shards of about this many MiB each,
+    #                               streamed in training (training/shards.py)
+    shuffle_buffer: int = 2048    # training: items held in the streams' shuffle buffers
+    mixed_precision: str = "no"   # training's forward passes: "no", "bf16" or "fp16" autocast
+    gradient_checkpointing: bool = False  # the student UNet recomputes activations in backward
+    validation_every: int = 0     # > 0: a PNG grid (with / without retrieval) every N steps
+    checkpoints_total_limit: int = 2  # train: accelerate checkpoints kept (the newest)
     decoder_attention: bool = False  # beyond the paper: the decoder's cross-attention layers
     #                               also attend to the neighbours' tokens (IP-Adapter style,
     #                               model/neighbour_attention.py)
@@ -134,6 +141,15 @@ class AdapterConfig:
         self.pairs = tuple(str(p) for p in self.pairs)
         if "shapesworld" in self.pairs and len(self.pairs) > 1:
             raise ValueError("pairs: 'shapesworld' cannot be mixed with pairs files")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got "
+                             f"{self.mixed_precision!r}")
+        if self.checkpoints_total_limit < 1:
+            raise ValueError("checkpoints_total_limit must be >= 1")
+        if self.validation_every < 0:
+            raise ValueError(f"validation_every must be >= 0, got {self.validation_every}")
+        if self.shard_mb <= 0 or self.shuffle_buffer < 1:
+            raise ValueError("shard_mb must be > 0 and shuffle_buffer >= 1")
         if self.min_image_side < 0:
             raise ValueError(f"min_image_side must be >= 0, got {self.min_image_side}")
         if self.scene_neighbour > 0 and (not self.shapesworld or self.prompts):

@@ -18,20 +18,34 @@ from .flags import add_dataclass_flags, dataclass_from_args
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
+    import os
+
     from imageragturbo.model import load_retrieval_encoder
+    from imageragturbo.model.encoder import resolve_device
     from imageragturbo.retriever.build import build_index
     from imageragturbo.retriever.index import HNSWParams
     from imageragturbo.retriever.pairs import read_pairs, shapesworld_pairs
 
+    device, rank, world, barrier = str(resolve_device(args.device)), 0, 1, None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # under `accelerate launch`
+        from accelerate import PartialState
+
+        state = PartialState(cpu=device == "cpu")
+        rank, world, barrier = state.process_index, state.num_processes, state.wait_for_everyone
+        device = str(state.device)
     pairs = read_pairs(args.pairs) if args.pairs else shapesworld_pairs(args.data, args.split)
     if args.limit is not None:
         pairs = pairs[:args.limit]
-    encoder = load_retrieval_encoder(args.model)
+    encoder = (load_retrieval_encoder(args.model) if device == "cpu" else
+               load_retrieval_encoder(args.model, device))
     out = build_index(pairs, encoder, args.out or index_dir_of(args.model),
                       params=dataclass_from_args(HNSWParams, args),
                       batch_size=args.batch_size, threads=args.threads,
                       resume=not args.restart, overwrite=args.overwrite,
-                      progress=not args.quiet, model_source=args.model)
+                      progress=not args.quiet and rank == 0, model_source=args.model,
+                      rank=rank, world=world, barrier=barrier)
+    if out is None:                                   # not the main process: it publishes
+        return 0
     manifest = json.loads((out / "manifest.json").read_text())
     print(json.dumps({"out": str(out), "count": manifest["count"],
                       "model_id": manifest["model_id"], "shapes": manifest["shapes"],
@@ -153,6 +167,10 @@ def add_parsers(sub, bench) -> None:
     b.add_argument("--model", default=DEFAULT_MODEL,
                    help="model name (e.g. tiny-shapes) or diffusers folder")
     b.add_argument("--batch-size", type=int, default=64, help="pairs per encoder batch")
+    b.add_argument("--device", default="cpu",
+                   help="where the text encoder, VAE and UNet encoder run: cpu, cuda, cuda:N "
+                        "or auto (CUDA when there is one); under `accelerate launch` each "
+                        "process encodes its share of the batches on its own GPU")
     b.add_argument("--limit", type=int, default=None, help="index only the first N pairs")
     b.add_argument("--threads", type=int, default=None,
                    help="hnswlib build threads (default: all CPUs)")

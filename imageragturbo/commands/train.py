@@ -52,7 +52,8 @@ def _cmd_train_adapter(args: argparse.Namespace) -> int:
                 "adv_weight", "distill_weight", "real_fraction", "text_drop",
                 "scene_neighbour", "real_input", "perceptual_weight", "rerank", "teacher",
                 "prompts", "min_image_side", "max_bad_share", "guidance", "synth_steps",
-                "neighbour_sdedit"):
+                "neighbour_sdedit", "shard_mb", "shuffle_buffer", "mixed_precision", "validation_every",
+                "checkpoints_total_limit"):
         if getattr(args, key) is not None:
             kw[key] = str(getattr(args, key)) if key in ("teacher", "prompts") \
                 else getattr(args, key)
@@ -74,6 +75,8 @@ def _cmd_train_adapter(args: argparse.Namespace) -> int:
         kw["neighbour_init"] = True
     if args.threads:
         kw["threads"] = args.threads
+    if args.gradient_checkpointing:
+        kw["gradient_checkpointing"] = True
     cfg = AdapterConfig.quick(**kw) if args.quick else AdapterConfig(**kw)
     run = AdapterRun(args.run_dir, cfg, index=args.index, data=args.data,
                      progress=not args.quiet, reconfigure=args.reconfigure)
@@ -238,6 +241,24 @@ def add_parsers(sub, bench) -> None:
     a.add_argument("--no-lora", action="store_true", help="ablation: the adapter only")
     a.add_argument("--no-perceptual", action="store_true",
                    help="ablation: without the latent perceptual loss (Eq. 9)")
+    a.add_argument("--shard-mb", type=float, default=None,
+                   help="data and synth caches: shards of about this many MiB, streamed in "
+                        f"training so memory does not grow with the data (default {A.shard_mb:g})")
+    a.add_argument("--shuffle-buffer", type=int, default=None,
+                   help="training: items in each stream's shuffle buffer (shards come in a "
+                        f"seeded random order; default {A.shuffle_buffer})")
+    a.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
+                   help="training's forward passes under bf16 or fp16 autocast (fp16: CUDA "
+                        f"only; default {A.mixed_precision})")
+    a.add_argument("--validation-every", type=int, default=None, metavar="N",
+                   help="every N training steps a PNG grid of a few prompts with and without "
+                        "retrieval in RUN/train/validation/ (default 0: none)")
+    a.add_argument("--checkpoints-total-limit", type=int, default=None, metavar="N",
+                   help="training checkpoints (accelerator.save_state, every ckpt_every "
+                        f"steps) kept, the newest (default {A.checkpoints_total_limit})")
+    a.add_argument("--gradient-checkpointing", action="store_true",
+                   help="the student UNet recomputes its activations in backward: less "
+                        "memory, more compute")
     a.add_argument("--quick", action="store_true",
                    help="a few steps of every stage on 64 items: checks the recipe end to end")
     a.add_argument("--threads", type=int, default=None, help="torch CPU threads")

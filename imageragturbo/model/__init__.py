@@ -11,9 +11,9 @@ Submodules import torch; this package's ``__init__`` does not, so torch-free cod
 from imageragturbo.defaults import DEFAULT_MODEL
 
 
-def load_retrieval_encoder(model: str = DEFAULT_MODEL):
+def load_retrieval_encoder(model: str = DEFAULT_MODEL, device: str = "cpu"):
     """The pipeline's text encoder, VAE and UNet encoder as a ``RetrievalEncoder`` for
     ``imageragturbo.retriever`` (imports torch)."""
     from .encoder import TorchRetrievalEncoder
 
-    return TorchRetrievalEncoder.load(model)
+    return TorchRetrievalEncoder.load(model, device)
