@@ -29,6 +29,8 @@ import pytest
 import tomllib
 import yaml
 
+from imageragturbo.client import contract as C
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 CHART = DEPLOY / "helm" / "imageragturbo"
@@ -547,7 +549,7 @@ def test_model_repository_and_index_come_from_volumes():
     assert vols[mounts[index_path]["name"]]["persistentVolumeClaim"]["claimName"] == \
         "imageragturbo-index"
     source = (ROOT / "imageragturbo" / "serving" / "repository.py").read_text()
-    assert 'out / "retriever" / "1" / "index"' in source
+    assert 'out / C.RETRIEVER / "1" / "index"' in source and C.RETRIEVER == "retriever"
     sync, sync_index, verify = pod["initContainers"]
     assert sync["command"] == ["aws", "s3", "sync", "--only-show-errors", "--delete",
                                ALL_ON["sync"]["url"], repo]

@@ -20,8 +20,11 @@ from imageragturbo.model.h_space import HAdapter, adapter_config_for_channels
 from imageragturbo.model.neighbour_attention import NeighbourAttention
 from imageragturbo.model.pretrained import LEGACY_WEIGHTS
 
-# shipped subfolder -> (class, the dtype its weights are shipped in)
-SHIPPED = {"h_adapter": (HAdapter, torch.float16), "clip_scorer": (ClipScorer, torch.float32)}
+# shipped folder (relative to the package's weights/) written in the old layout -> (class, the
+# dtype its weights are shipped in). The paper's H-adapter, shipped as tiny-shapes' adapter
+# until the neighbour-start model replaced it, is kept in adapters/paper as it was written.
+SHIPPED = {"adapters/paper/h_adapter": (HAdapter, torch.float16),
+           "tiny-shapes/clip_scorer": (ClipScorer, torch.float32)}
 
 
 def _outputs(m) -> list[torch.Tensor]:
@@ -44,7 +47,7 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.mark.parametrize("sub", SHIPPED)
 def test_shipped_folders_load_and_save_again_byte_identical_with_the_same_outputs(sub, tmp_path):
     cls, dtype = SHIPPED[sub]
-    folder = family.resolve("tiny-shapes") / sub
+    folder = family.resolve("tiny-shapes").parent / sub
     old_cfg = json.loads((folder / "config.json").read_text())
     assert "_class_name" not in old_cfg and (folder / LEGACY_WEIGHTS).is_file()  # the old layout
     shipped = load_file(folder / LEGACY_WEIGHTS)
@@ -56,16 +59,16 @@ def test_shipped_folders_load_and_save_again_byte_identical_with_the_same_output
     assert all(torch.equal(sd[k], v.float()) for k, v in shipped.items())
     before = _outputs(m)
 
-    m.save_pretrained(tmp_path / sub, dtype=dtype)
-    cfg = json.loads((tmp_path / sub / "config.json").read_text())
+    m.save_pretrained(tmp_path / sub.replace('/', '_'), dtype=dtype)
+    cfg = json.loads((tmp_path / sub.replace('/', '_') / "config.json").read_text())
     assert cfg["_class_name"] == cls.__name__ and "_diffusers_version" in cfg
     assert {k: cfg[k] for k in old_cfg} == old_cfg
-    assert not (tmp_path / sub / LEGACY_WEIGHTS).exists()
-    saved = load_file(tmp_path / sub / SAFETENSORS_WEIGHTS_NAME)
+    assert not (tmp_path / sub.replace('/', '_') / LEGACY_WEIGHTS).exists()
+    saved = load_file(tmp_path / sub.replace('/', '_') / SAFETENSORS_WEIGHTS_NAME)
     assert set(saved) == set(shipped)
     assert all(_same_bytes(saved[k], v) for k, v in shipped.items()), sub
     assert m.dtype == torch.float32                      # saving in fp16 left the module as it was
-    after = _outputs(cls.from_pretrained(tmp_path / sub))
+    after = _outputs(cls.from_pretrained(tmp_path / sub.replace('/', '_')))
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
