@@ -56,7 +56,7 @@ from imageragturbo.runtime.request import initial_noise
 
 from . import ladd
 from .config import AdapterConfig  # noqa: F401 - the recipe's configuration
-from .stages import StagedRun, load_checkpoint, mean_tail, save_atomic
+from .stages import StagedRun, load_checkpoint, mean_tail, record_step, save_atomic
 from .steps import OneStepStudent, ladd_step, to_unit
 
 STAGES = ("data", "neighbours", "synth", "train", "export")  # synth may start from neighbours
@@ -904,10 +904,7 @@ class AdapterRun(StagedRun):
         t0 = time.perf_counter()
         for step in bar:
             losses = step_fn(step)
-            for k, v in losses.items():
-                if not np.isfinite(v):
-                    raise FloatingPointError(f"{name}: loss {k} is {v} at step {step}")
-            history.append({"step": step, **losses})
+            record_step(name, step, losses, history)
             if (step + 1) % self.cfg.ckpt_every == 0 or step + 1 == steps:
                 path = root / f"checkpoint-{step + 1:07d}"
                 self.acc.save_state(str(path))

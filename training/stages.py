@@ -43,6 +43,15 @@ def mean_tail(history: list[dict], key: str, n: int = 50) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+def record_step(name: str, step: int, losses: dict, history: list[dict]) -> None:
+    """Append one step's losses to ``history``, refusing a non-finite one (a diverged run
+    must stop at the step it diverged, not checkpoint NaNs)."""
+    for k, v in losses.items():
+        if not math.isfinite(v):
+            raise FloatingPointError(f"{name}: loss {k} is {v} at step {step}")
+    history.append({"step": step, **losses})
+
+
 def train_loop(name: str, ckpt: Path, state: dict[str, object], step_fn: Callable[[int], dict],
                steps: int, every: int, progress: bool = True, is_main: bool = True) -> list[dict]:
     """Run ``step_fn(step)`` for steps [start, steps), checkpointing ``state`` (modules,
@@ -63,10 +72,7 @@ def train_loop(name: str, ckpt: Path, state: dict[str, object], step_fn: Callabl
     t0 = time.perf_counter()
     for step in bar:
         losses = step_fn(step)
-        for k, v in losses.items():
-            if not math.isfinite(v):
-                raise FloatingPointError(f"{name}: loss {k} is {v} at step {step}")
-        history.append({"step": step, **losses})
+        record_step(name, step, losses, history)
         if step % 10 == 0:
             bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()})
         if is_main and ((step + 1) % every == 0 or step + 1 == steps):
