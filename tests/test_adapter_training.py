@@ -442,7 +442,7 @@ def test_neighbour_sdedit_targets_keep_the_neighbours_layout_and_init_starts_fro
     from imageragturbo.training import shards
 
     syn = shards.read_all(tmp_path / "run" / "synth" / "shards", ("item", "z0"))
-    top1 = run._top1_latents(syn["item"].numpy())
+    top1 = run._start_latents(syn["item"].numpy())        # start_pool 1: the top-1
     plain = _run(tmp_path / "plain", model_and_index, synth_steps=4)
     plain.run()
     syn0 = shards.read_all(tmp_path / "plain" / "synth" / "shards", ("item", "z0"))
@@ -462,3 +462,67 @@ def test_neighbour_sdedit_targets_keep_the_neighbours_layout_and_init_starts_fro
     assert (from_nb - top1[:2]).pow(2).mean() < (from_noise - top1[:2]).pow(2).mean()
     with pytest.raises(ValueError, match="z_init and t_init go together"):
         student_generate(c, prompts, [0, 1], z_init=top1[:2])
+
+
+def test_plain_targets_train_the_retrieval_off_path_and_start_pool_draws_the_start(
+        tmp_path, model_and_index, monkeypatch):
+    """Beyond the paper: ``plain_fraction`` stores the teacher's plain sample (from z_T, no
+    neighbour) beside each SDEdit target, and that share of a batch reaches the student at
+    t = 999 from pure z_T with the adapter bypassed (retrieval off, as K = 0 is served);
+    ``start_pool`` P draws each target's start from its top P neighbours, in synth (the
+    teacher's SDEdit lies nearer the drawn neighbour than the top-1) and in train (the first
+    neighbour attended to is the start)."""
+    from imageragturbo.defaults import STUDENT_TIMESTEP
+    from imageragturbo.model.pipeline import sdedit_timestep
+    from imageragturbo.training import adapter as adapter_mod
+    from imageragturbo.training import shards
+
+    with pytest.raises(ValueError, match="plain_fraction needs neighbour_init"):
+        AdapterConfig(plain_fraction=0.5)
+    with pytest.raises(ValueError, match="start_pool needs neighbour_sdedit"):
+        AdapterConfig(start_pool=2)
+    with pytest.raises(ValueError, match="start_pool must be in"):
+        AdapterConfig(neighbour_sdedit=0.5, start_pool=5)
+
+    calls: list[dict] = []
+    real_step = adapter_mod.ladd_step
+
+    def spy(one_step, disc, opt_g, opt_d, z_t, z0, ehs, *a, h_edit=None, t=None, **kw):
+        h = torch.randn(len(z_t), *h_shape)
+        calls.append({"t": t.cpu().clone(), "z_t": z_t.cpu().clone(), "z0": z0.cpu().clone(),
+                      "edited_equal": [bool(torch.equal(x, y)) for x, y in zip(h_edit(h), h)]})
+        return real_step(one_step, disc, opt_g, opt_d, z_t, z0, ehs, *a, h_edit=h_edit, t=t,
+                         **kw)
+
+    monkeypatch.setattr(adapter_mod, "ladd_step", spy)
+    run = _run(tmp_path / "run", model_and_index, neighbour_sdedit=0.5, neighbour_init=True,
+               synth_steps=4, plain_fraction=0.5, start_pool=3, steps=3, lora=False)
+    h_shape = run.h_shape()
+    out = run.run()
+    t_init = sdedit_timestep(run.c, 4, 0.5)
+    assert out["train"]["neighbour_init_timestep"] == t_init
+    syn = shards.read_all(tmp_path / "run" / "synth" / "shards", ("item", "z0", "z0_plain"))
+    items = syn["item"].numpy()
+    ids = torch.load(tmp_path / "run" / "neighbours" / "neighbours.pt")["ids"].numpy()
+    slots = run.start_slots(len(ids))
+    assert set(slots[items].tolist()) == {0, 1, 2}           # the starts are drawn from the top 3
+    start = run._start_latents(items)
+    top1 = torch.from_numpy(run.index.latents(ids[items, 0]).astype(np.float32))
+    moved = slots[items] > 0
+    assert ((syn["z0"] - start).pow(2).mean((1, 2, 3))[moved].mean()
+            < (syn["z0"] - top1).pow(2).mean((1, 2, 3))[moved].mean())
+    # the plain samples are the teacher's from the same z_T, not SDEdits: farther from the start
+    assert (syn["z0_plain"] - start).pow(2).mean() > (syn["z0"] - start).pow(2).mean()
+    assert not torch.equal(syn["z0_plain"], syn["z0"])
+    # in train: plain rows at t = 999, the adapter bypassed for them and only them
+    n_real = round(8 * AdapterConfig.quick().real_fraction)
+    ts = torch.cat([c["t"][n_real:] for c in calls])
+    assert set(ts.tolist()) == {STUDENT_TIMESTEP, t_init}
+    # (the adapter's output starts at zero: from the second step on it edits h)
+    off = np.concatenate([c["edited_equal"][n_real:] for c in calls[1:]])
+    ts_later = torch.cat([c["t"][n_real:] for c in calls[1:]])
+    assert (off == (ts_later == STUDENT_TIMESTEP).numpy()).all() and off.any() and not off.all()
+    plain_rows = [(c["z0"][n_real:][c["t"][n_real:] == STUDENT_TIMESTEP]) for c in calls]
+    for z in plain_rows:                       # each plain row's target is a stored z0_plain
+        for row in z:
+            assert any(torch.equal(row, p) for p in syn["z0_plain"].float())

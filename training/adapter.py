@@ -420,9 +420,14 @@ class AdapterRun(StagedRun):
                              "--synth-prompts), or a smaller --batch")
         idx = pool[np.random.default_rng([cfg.seed, 2]).choice(len(pool), n, replace=False)]
         root = d / "shards"
-        sh.prepare(root, {"data": [s["sha256"] for s in m["shards"]], "n": n,
-                          "steps": cfg.synth_steps, "guidance": cfg.guidance,
-                          "sdedit": cfg.neighbour_sdedit}, self.acc.is_main_process)
+        plan = {"data": [s["sha256"] for s in m["shards"]], "n": n,
+                "steps": cfg.synth_steps, "guidance": cfg.guidance,
+                "sdedit": cfg.neighbour_sdedit}
+        if cfg.plain_fraction > 0:  # only when on: earlier runs' plans stay valid
+            plan["plain"] = True
+        if cfg.start_pool > 1:
+            plan["start_pool"] = cfg.start_pool
+        sh.prepare(root, plan, self.acc.is_main_process)
         self.acc.wait_for_everyone()
         dev = self.acc.device
         uncond = load_checkpoint(self.dir / "data" / "uncond.pt")["uncond"].to(dev)
@@ -437,18 +442,23 @@ class AdapterRun(StagedRun):
             t = sh.load(src, i) if len(rows) else None
             local = torch.from_numpy(rows - first)
             z0 = torch.zeros(len(rows), *shape)
-            z_init = self._top1_latents(rows) if cfg.neighbour_sdedit > 0 and len(rows) \
+            z_init = self._start_latents(rows) if cfg.neighbour_sdedit > 0 and len(rows) \
                 else None
+            plain = torch.zeros(len(rows), *shape) if cfg.plain_fraction > 0 else None
             for a in range(0, len(rows), 200):
                 sl = slice(a, a + 200)
                 z_t = torch.from_numpy(initial_noise([20_000_000 + int(r) for r in rows[sl]],
-                                                     shape))
+                                                     shape)).to(dev)
+                ehs = t["ehs"][local[sl]].float().to(dev)
                 z0[sl] = teacher_sample_latents(
-                    self.c, teacher, t["ehs"][local[sl]].float().to(dev), uncond,
-                    z_t.to(dev), cfg.synth_steps, cfg.guidance,
+                    self.c, teacher, ehs, uncond, z_t, cfg.synth_steps, cfg.guidance,
                     z_init=None if z_init is None else z_init[sl].to(dev),
                     strength=cfg.neighbour_sdedit or 1.0).cpu()
-            out = {"item": torch.from_numpy(rows), "z0": z0}
+                if plain is not None:  # the same prompt and z_T, from noise (plain_fraction)
+                    plain[sl] = teacher_sample_latents(self.c, teacher, ehs, uncond, z_t,
+                                                       cfg.synth_steps, cfg.guidance).cpu()
+            out = {"item": torch.from_numpy(rows), "z0": z0,
+                   **({"z0_plain": plain} if plain is not None else {})}
             for f in ("ehs", "pooled", "scene_h"):
                 if t is not None and f in t:
                     out[f] = t[f][local]
@@ -462,16 +472,27 @@ class AdapterRun(StagedRun):
                                       "neighbour_sdedit": cfg.neighbour_sdedit,
                                       "seconds": time.perf_counter() - t0})
 
-    def _top1_latents(self, rows: np.ndarray) -> torch.Tensor:
-        """The VAE latents of the top-1 neighbour of training items ``rows`` (the SDEdit
-        starts of ``neighbour_sdedit``): the neighbours stage must have run."""
+    def start_slots(self, n_items: int) -> np.ndarray:
+        """Which of its cached neighbours each of ``n_items`` training items starts from
+        (``neighbour_sdedit``): slot 0, the top-1, or with ``start_pool`` P > 1 one of the top
+        P drawn by the run's seed, the same in synth (the teacher's start) and train (the
+        student's start and the first neighbour it attends to)."""
+        if self.cfg.start_pool == 1:
+            return np.zeros(n_items, np.int64)
+        return np.random.default_rng([self.cfg.seed, 5]).integers(
+            0, self.cfg.start_pool, n_items).astype(np.int64)
+
+    def _start_latents(self, rows: np.ndarray) -> torch.Tensor:
+        """The VAE latents of the start neighbour (``start_slots``) of training items ``rows``
+        (the SDEdit starts of ``neighbour_sdedit``): the neighbours stage must have run."""
         path = self.dir / "neighbours" / "neighbours.pt"
         if not path.exists():
             raise FileNotFoundError(f"{path} missing: neighbour_sdedit starts the teacher from "
-                                    "each target's top-1 neighbour; run the neighbours stage "
+                                    "a neighbour of each target; run the neighbours stage "
                                     "before synth")
         ids = load_checkpoint(path)["ids"].numpy()
-        return torch.from_numpy(self.index.latents(ids[rows, 0]).astype(np.float32))
+        slots = self.start_slots(len(ids))
+        return torch.from_numpy(self.index.latents(ids[rows, slots[rows]]).astype(np.float32))
 
     # -- 3. neighbours
     def h_shape(self) -> tuple[int, ...]:
@@ -654,8 +675,9 @@ class AdapterRun(StagedRun):
         real_stream = sh.Stream(data_root, ("latents", "ehs", "pooled", *scene), cfg.seed,
                                 rank, world, cfg.shuffle_buffer, key=1,
                                 rows=lambda s: int(s["real"])) if n_real else None
-        syn_stream = sh.Stream(syn_root, ("item", "z0", "ehs", "pooled", *scene), cfg.seed,
-                               rank, world, cfg.shuffle_buffer, key=2)
+        plain_f = ("z0_plain",) if cfg.plain_fraction > 0 else ()
+        syn_stream = sh.Stream(syn_root, ("item", "z0", "ehs", "pooled", *scene, *plain_f),
+                               cfg.seed, rank, world, cfg.shuffle_buffer, key=2)
         first = sh.load(syn_root, int(syn_stream.shards[0]["index"]))
         text_len, text_dim = first["ehs"].shape[1], first["pooled"].shape[1]
         del first
@@ -695,6 +717,12 @@ class AdapterRun(StagedRun):
             nb = torch.load(self.dir / "neighbours" / "neighbours.pt", weights_only=True,
                             mmap=True)
             nb_ids, nb_scores = nb["ids"], nb["scores"]
+            # each target's neighbours with its start neighbour first (start_slots; the top-1
+            # unless start_pool > 1), the rest in rank order: the k a step draws are the first k
+            slots = self.start_slots(nb_ids.shape[0])
+            order = np.tile(np.arange(nb_ids.shape[1]), (len(slots), 1))
+            for sl in range(1, cfg.start_pool):
+                order[slots == sl] = [sl, *(j for j in range(nb_ids.shape[1]) if j != sl)]
         state = {"adapter": adapter, "student": student, "heads": disc.heads, "opt_g": opt_g,
                  "opt_d": opt_d, **({"neighbour_attention": nb_attn} if nb_attn is not None else {})}
         one_step = OneStepStudent(student, ac).to(self.acc.device)
@@ -738,12 +766,28 @@ class AdapterRun(StagedRun):
                       else eps_t)
             syn_zt = torch.from_numpy(initial_noise([20_000_000 + int(r) for r in tgt[n_real:]],
                                                     shape))
-            if t_syn is not None:  # neighbour_init: from the top-1 neighbour, noised to t_init
-                top1 = index.latents(nb_ids[torch.from_numpy(tgt[n_real:]), 0].numpy())
-                syn_zt = noised(self.c, torch.from_numpy(top1.astype(np.float32)), syn_zt,
+            if t_syn is not None:  # neighbour_init: from its start neighbour, noised to t_init
+                rows = tgt[n_real:]
+                first = index.latents(nb_ids[torch.from_numpy(rows),
+                                             torch.from_numpy(slots[rows])].numpy())
+                syn_zt = noised(self.c, torch.from_numpy(first.astype(np.float32)), syn_zt,
                                 t_init)
+            syn_z0 = stack(syns, "z0").float()
+            t_step = t_syn
+            off = None                  # plain_fraction: rows served with retrieval off
+            if cfg.plain_fraction > 0:
+                plain = torch.from_numpy(np.random.default_rng([cfg.seed, 11, i]).random(
+                    len(syns)) < cfg.plain_fraction)
+                noise = torch.from_numpy(initial_noise([20_000_000 + int(r)
+                                                        for r in tgt[n_real:]], shape))
+                syn_zt = torch.where(plain.view(-1, 1, 1, 1), noise, syn_zt)
+                syn_z0 = torch.where(plain.view(-1, 1, 1, 1),
+                                     stack(syns, "z0_plain").float(), syn_z0)
+                off = torch.cat([torch.zeros(n_real, dtype=torch.bool), plain])
+                t_step = torch.where(off.to(t_syn.device), STUDENT_TIMESTEP, t_syn)
+                off = off.to(self.acc.device).view(-1, 1, 1, 1)
             z_t = torch.cat([z_real, syn_zt])
-            z0 = torch.cat([z0_real, stack(syns, "z0").float()])
+            z0 = torch.cat([z0_real, syn_z0])
             ehs = torch.cat([stack(reals, "ehs", torch.zeros(0, text_len, text_dim)).float(),
                              stack(syns, "ehs").float()])
             pooled = torch.cat([stack(reals, "pooled", torch.zeros(0, text_dim)).float(),
@@ -759,10 +803,11 @@ class AdapterRun(StagedRun):
             z_t, z0, ehs, pooled, s, eps_s = self._dev(z_t, z0, ehs, pooled, s, eps_s)
             if cfg.retrieval == "index":
                 k = int(rng.integers(1, nb_ids.shape[1] + 1))
-                t_ = torch.from_numpy(tgt)
-                h_retr = torch.from_numpy(index.h(nb_ids[t_, :k].numpy()))  # (B, k, C, h, w)
-                lam = (nb_scores[t_, 0].clone() if cfg.lam == "similarity"
-                       else torch.ones(cfg.batch)).float()
+                t_, o = torch.from_numpy(tgt), torch.from_numpy(order[tgt])
+                ids_k = torch.gather(nb_ids[t_], 1, o)[:, :k]
+                h_retr = torch.from_numpy(index.h(ids_k.numpy()))          # (B, k, C, h, w)
+                lam = (torch.gather(nb_scores[t_], 1, o)[:, 0].clone()
+                       if cfg.lam == "similarity" else torch.ones(cfg.batch)).float()
                 if cfg.scene_neighbour > 0:
                     # the augmentation: the target's own scene, jittered, in all k slots (k
                     # copies of one item attend exactly as one); its caption is the target's,
@@ -778,7 +823,8 @@ class AdapterRun(StagedRun):
                 dec_ehs = None if nb_attn is None else nb_attn.decoder_context(ehs, h_retr)
 
                 def h_edit(h):
-                    return adapter(h, h_retr, lam)
+                    out = adapter(h, h_retr, lam)
+                    return out if off is None else torch.where(off, h, out)
             else:
                 dec_ehs = None
 
@@ -796,7 +842,7 @@ class AdapterRun(StagedRun):
                                  sync_heads=self._sync_grads,
                                  perceptual=perceptual if perc is not None else None,
                                  perceptual_weight=cfg.perceptual_weight,
-                                 adv_weight=cfg.adv_weight, decoder_ehs=dec_ehs, t=t_syn)
+                                 adv_weight=cfg.adv_weight, decoder_ehs=dec_ehs, t=t_step)
 
         val = sh.load(syn_root, int(syn_stream.shards[0]["index"]))
         val_rows = val["item"][:4].numpy()

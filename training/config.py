@@ -119,6 +119,15 @@ class AdapterConfig:
     #                               timestep), so it learns SDEdit in one step; served with
     #                               the neighbour's latent as the start (retrieval on) or pure
     #                               noise at t = 999 (retrieval off)
+    plain_fraction: float = 0.0   # beyond the paper (needs neighbour_init): this share of each
+    #                               batch's teacher targets are the teacher's plain samples
+    #                               from z_T, given to the student at t = 999 with retrieval
+    #                               off (no adapter), so that the served K = 0 path stays the
+    #                               student's instead of decaying while it learns the SDEdit
+    start_pool: int = 1           # beyond the paper (with neighbour_sdedit): each target's
+    #                               SDEdit start is drawn (by the run's seed) from its top
+    #                               start_pool neighbours, not always the top-1; served with
+    #                               --neighbour-pool, the neighbour drawn by the request's seed
 
     def __post_init__(self) -> None:
         if self.decoder_attention and self.retrieval == "none":
@@ -134,8 +143,17 @@ class AdapterConfig:
         if self.neighbour_init and not self.neighbour_sdedit > 0:
             raise ValueError("neighbour_init needs neighbour_sdedit > 0: the student starts "
                              "where the teacher's SDEdit started")
+        if self.plain_fraction > 0 and not self.neighbour_init:
+            raise ValueError("plain_fraction needs neighbour_init: without it every target "
+                             "already starts from z_T at t = 999")
+        if self.start_pool != 1 and not self.neighbour_sdedit > 0:
+            raise ValueError("start_pool needs neighbour_sdedit > 0: it chooses the neighbour "
+                             "the teacher's SDEdit starts from")
+        if not 1 <= self.start_pool <= self.k_max:
+            raise ValueError(f"start_pool must be in [1, k_max = {self.k_max}] (the neighbours "
+                             f"cached per target), got {self.start_pool}")
         for name in ("real_fraction", "scene_neighbour", "text_drop", "max_bad_share",
-                     "neighbour_sdedit"):
+                     "neighbour_sdedit", "plain_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         self.pairs = tuple(str(p) for p in self.pairs)

@@ -52,7 +52,7 @@ def _cmd_train_adapter(args: argparse.Namespace) -> int:
                 "adv_weight", "distill_weight", "real_fraction", "text_drop",
                 "scene_neighbour", "real_input", "perceptual_weight", "rerank", "teacher",
                 "prompts", "min_image_side", "max_bad_share", "guidance", "synth_steps",
-                "neighbour_sdedit", "shard_mb", "shuffle_buffer", "mixed_precision", "validation_every",
+                "neighbour_sdedit", "plain_fraction", "start_pool", "shard_mb", "shuffle_buffer", "mixed_precision", "validation_every",
                 "checkpoints_total_limit"):
         if getattr(args, key) is not None:
             kw[key] = str(getattr(args, key)) if key in ("teacher", "prompts") \
@@ -229,6 +229,17 @@ def add_parsers(sub, bench) -> None:
                         "teacher's SDEdit in one step, starting from the top-1 neighbour's "
                         "latent noised to the SDEdit timestep; retrieval on serves that start, "
                         "retrieval off pure noise at t = 999")
+    a.add_argument("--plain-fraction", type=float, default=None, metavar="SHARE",
+                   help="beyond the paper (with --neighbour-init): this share of the teacher "
+                        "targets are its plain samples from noise, learnt at t = 999 with "
+                        "retrieval off, so the served K = 0 path stays a working student "
+                        f"(default {A.plain_fraction:g})")
+    a.add_argument("--start-pool", type=int, default=None, metavar="P",
+                   help="beyond the paper (with --neighbour-sdedit): each target's SDEdit "
+                        "starts from one of its top P neighbours, drawn by the run's seed, so "
+                        "the model learns to correct neighbours it is served with "
+                        "`serve --neighbour-pool P` (one drawn by the request's seed; more "
+                        f"variety across seeds) (default {A.start_pool})")
     a.add_argument("--decoder-attention", action="store_true",
                    help="beyond the paper: the UNet decoder's cross-attention layers also attend "
                         "to the neighbours' tokens (decoupled, IP-Adapter style), trained with "
