@@ -238,6 +238,23 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
                                  retrieval_guidance=guidance, desc=desc, progress=progress,
                                  **start)
 
+    drawn: dict[int, tuple] = {}
+
+    def pooled_row(c, pool, desc):
+        """k = 1, the neighbour drawn by each image's seed from the prompt's top ``pool`` (as
+        served with --neighbour-pool): per seed, another neighbour."""
+        from .runtime.request import sample_neighbours
+
+        if pool not in drawn:
+            _, cand, _, cand_sc = evaluate.neighbours(model, base, prompts, pool, index,
+                                                      progress=False)
+            rows = [sample_neighbours(cand, cand_sc, 1, grid_seeds[j].tolist())
+                    for j in range(s)]                                   # per seed: (N, 1) each
+            ids_p = np.concatenate([r[0] for r in rows])                 # (S * N, 1), seed-major
+            drawn[pool] = ids_p, np.concatenate([r[1][:, 0] for r in rows]).astype(np.float32)
+        ids_p, lam_p = drawn[pool]
+        return student(c, idx.h(ids_p).astype(np.float32), lam_p, desc=desc, top1=ids_p[:, 0])
+
     images: dict[str, np.ndarray] = {}
     nfe: dict[str, int] = {}
     partner: dict[str, str] = {}
@@ -272,20 +289,8 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
             images[name], partner[name] = student(tuned, H4[:, :k], LAM, desc=name), TUNED_OFF
         images[TUNED_OFF] = student(tuned, desc=TUNED_OFF)        # the merged LoRA, no adapter
         for pool in neighbour_pools:
-            # k = 1, the neighbour drawn by each image's seed from the prompt's top `pool` (as
-            # served with --neighbour-pool): per seed, another neighbour
-            from .runtime.request import sample_neighbours
-
             name = f"ImageRAGTurbo k=1, neighbour drawn by seed from top {pool}"
-            _, cand, _, cand_sc = evaluate.neighbours(model, base, prompts, pool, index,
-                                                      progress=False)
-            rows = [sample_neighbours(cand, cand_sc, 1, grid_seeds[j].tolist())
-                    for j in range(s)]                                   # per seed: (N, 1) each
-            ids_p = np.concatenate([r[0] for r in rows])                 # (S * N, 1), seed-major
-            lam_p = np.concatenate([r[1][:, 0] for r in rows]).astype(np.float32)
-            images[name] = student(tuned, idx.h(ids_p).astype(np.float32), lam_p, desc=name,
-                                   top1=ids_p[:, 0])
-            partner[name] = TUNED_OFF
+            images[name], partner[name] = pooled_row(tuned, pool, name), TUNED_OFF
         for g in retrieval_guidance:
             name = f"ImageRAGTurbo k=4, retrieval guidance {g:g}"
             images[name] = student(tuned, H4, LAM, desc=name, guidance=g)
@@ -303,6 +308,9 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
             images[name] = student(c, H4[:, :k], LAM, desc=name)
             partner[name] = f"{name}, K = 0"
             images[partner[name]] = student(c, desc=partner[name])
+            for pool in neighbour_pools:
+                row = f"{name}, k=1 drawn from top {pool}"
+                images[row], partner[row] = pooled_row(c, pool, row), partner[name]
     for name, fn in (extra_rows or {}).items():
         im = np.asarray(fn(list(P), list(SD)))
         if im.shape != images[STUDENT].shape or im.dtype != np.uint8:

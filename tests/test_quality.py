@@ -443,7 +443,9 @@ def test_runs_only_scores_the_student_and_each_run_with_its_k0_row_alone(index, 
         shutil.copytree(family.resolve("tiny-shapes") / sub, export / sub)
     res = quality.run("tiny-shapes", n=N, seed=0, index=index, latency=True, progress=False,
                       seeds=S, runs={RUN: f"{export}@1"}, runs_only=True,
-                      grid=tmp_path / "grid.png")
-    assert {k for k in res if not k.startswith("_")} == {STUDENT, RUN, RUN + ", K = 0"}
+                      grid=tmp_path / "grid.png", neighbour_pools=[2])
+    drawn = RUN + ", k=1 drawn from top 2"     # the run served as serve --neighbour-pool 2
+    assert {k for k in res if not k.startswith("_")} == {STUDENT, RUN, RUN + ", K = 0", drawn}
     assert res[RUN]["vs_retrieval_off"]["row"] == RUN + ", K = 0"
+    assert res[drawn]["vs_retrieval_off"]["row"] == RUN + ", K = 0"
     assert "_latency" not in res and not (tmp_path / "grid.png").exists()

@@ -353,9 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "guidance on retrieval, z0 = z0(K=0) + SCALE (z0(k=4) - z0(K=0)) (two "
                         "decoder passes, in-process only; not the paper's); repeatable")
     q.add_argument("--neighbour-pool", type=int, action="append", default=[], metavar="POOL",
-                   help="an extra row: the installed model at k = 1 with the neighbour drawn by "
-                        "each image's seed from the prompt's top POOL (serve --neighbour-pool); "
-                        "repeatable")
+                   help="an extra row: the installed model (and each --run) at k = 1 with the "
+                        "neighbour drawn by each image's seed from the prompt's top POOL (serve "
+                        "--neighbour-pool); repeatable")
     q.add_argument("--no-latency", action="store_true", help="skip the ONNX latency columns")
     q.add_argument("--runs-only", action="store_true",
                    help="only the student and the --run/--control rows (each with its K = 0 "
