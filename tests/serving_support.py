@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from imageragturbo import runtime
+from imageragturbo.runtime.request import retrieve_and_generate
 
 PIXEL_BOUND = 2  # max abs difference served vs in-process, in uint8 steps (2/255)
 PROMPTS = ["a red circle in the top left corner", "two blue squares",
@@ -17,11 +17,10 @@ def in_process(pipes, name, prompts, seeds, k=0, strength=None):
     pipe, index = pipes[name]
     if k == 0:
         return pipe.generate(prompts, seeds), None
-    _, pooled = pipe.encode_prompt(prompts)
-    h_retr, scores, nb = runtime.retrieve(index, pooled, k, prompts)  # re-ranked, as served
-    lam, w = runtime.retrieval_controls(scores, strength, pipe.has_adapter)
-    z_init = index.latents(nb.ids[:, 0]) if pipe.neighbour_start and lam is not None else None
-    return pipe.generate(prompts, seeds, h_retr=h_retr, lam=lam, slerp_w=w, z_init=z_init), nb
+    images, nb, _, _ = retrieve_and_generate(  # re-ranked, as served
+        pipe.generate, lambda p: pipe.encode_prompt(p)[1], index, prompts, seeds, k,
+        has_adapter=pipe.has_adapter, start=pipe.neighbour_start, strength=strength)
+    return images, nb
 
 
 def _inp(name, array, dtype):

@@ -97,9 +97,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
         start = pipe.neighbour_start
 
-        def run(h_retr=None, lam=None, slerp_w=None, z_init=None):
-            return pipe.generate(prompts, seeds, h_retr=h_retr, lam=lam, slerp_w=slerp_w,
-                                 z_init=z_init)
+        run = pipe.generate
     else:  # the PyTorch model core (needs the train extra)
         from imageragturbo.model.pipeline import TorchStudent
 
@@ -109,18 +107,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
         start = student.neighbour_start
 
-        def run(h_retr=None, lam=None, slerp_w=None, z_init=None):
-            return student.generate(prompts, seeds, h_retr=h_retr, lam=lam, slerp_w=slerp_w,
-                                    z_init=z_init)
+        run = student.generate
     if args.k > 0:
         index = request.load_index(args.index or index_dir_of(args.model), text_dim, h_shape)
-        h_retr, scores, nb = request.retrieve(index, pooled_of(prompts), args.k, prompts,
-                                              args.rerank, seeds, args.neighbour_pool)
-        lam, slerp_w = request.retrieval_controls(scores, args.strength, has_adapter)
-        # a neighbour-start model (with its adapter) starts from the top-1 neighbour's latent
-        z_init = index.latents(nb.ids[:, 0]) if start and lam is not None else None
-        images = run(h_retr, lam, slerp_w, z_init)
-        if z_init is not None:
+        images, nb, lam, slerp_w = request.retrieve_and_generate(
+            run, pooled_of, index, prompts, seeds, args.k, has_adapter=has_adapter,
+            start=start, strength=args.strength, rerank=args.rerank, pool=args.neighbour_pool)
+        if start and lam is not None:  # it started from its first neighbour's latent
             info["start"] = f"top-1 neighbour's latent noised to t = {start['timestep']}"
         info["neighbours"] = [
             [{"id": i, "score": round(float(s), 4), "caption": cap}
@@ -129,7 +122,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         info["injection"] = ("h_adapter, lam = " + ", ".join(f"{x:.3f}" for x in lam)
                              if lam is not None else f"slerp, w = {slerp_w:.2f}")
     else:
-        images = run()
+        images = run(prompts, seeds)
     info["images"] = [str(p) for p in _write_images(np.asarray(images), args.output)]
     print(json.dumps(info, indent=2))
     return 0

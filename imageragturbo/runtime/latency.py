@@ -13,16 +13,13 @@ PROMPTS = ("a red circle in the top left corner", "two blue squares",
 def in_process_request(pipe, index, k: int):
     """``one(prompts, seeds)``: a whole request in process on ``pipe`` (text encoder, retrieval
     of ``k`` neighbours from ``index`` when k > 0, one step, uint8)."""
-    from .request import retrieval_controls, retrieve
+    from .request import retrieve_and_generate
 
     def one(prompts, seeds):
         if k > 0:
-            _, pooled = pipe.encode_prompt(prompts)
-            h_retr, scores, nb = retrieve(index, pooled, k, prompts)
-            lam, w = retrieval_controls(scores, None, pipe.has_adapter)
-            z_init = (index.latents(nb.ids[:, 0]) if pipe.neighbour_start and lam is not None
-                      else None)
-            pipe.generate(prompts, seeds, h_retr=h_retr, lam=lam, slerp_w=w, z_init=z_init)
+            retrieve_and_generate(pipe.generate, lambda p: pipe.encode_prompt(p)[1], index,
+                                  prompts, seeds, k, has_adapter=pipe.has_adapter,
+                                  start=pipe.neighbour_start)
         else:
             pipe.generate(prompts, seeds)
     return one

@@ -10,7 +10,9 @@ same thing:
 - ``to_uint8``: the VAE decoder's [-1, 1] output to uint8 pixels;
 - ``load_index`` / ``retrieve``: open a retrieval index checked against the model, and look up
   the neighbours' cached H-space features;
-- ``neighbour_start``: a neighbour-start model's start, the top-1 neighbour's latent noised.
+- ``neighbour_start``: a neighbour-start model's start, the top-1 neighbour's latent noised;
+- ``retrieve_and_generate``: retrieve, then one step with the retrieval inputs a model takes,
+  as every in-process runner (``generate``, the latency bench, the tests) does it.
 """
 
 from __future__ import annotations
@@ -57,6 +59,25 @@ def neighbour_start(index, top1: np.ndarray, z_t: np.ndarray, start: dict) -> np
     with z_T to the model's start timestep, sqrt(a) latent + sqrt(1 - a) z_T in float32 with
     a = ``start["alpha_bar"]``. Reads one latent row per request, the only one it uses."""
     return start_from(index.latents(np.asarray(top1, np.int64).reshape(-1)), z_t, start)
+
+
+def retrieve_and_generate(generate, pooled_of, index, prompts: Sequence[str],
+                          seeds: Sequence[int], k: int, *, has_adapter: bool,
+                          start: dict | None, strength: float | None = None,
+                          rerank: int = RERANK_CANDIDATES, pool: int = 1):
+    """A request in process with k >= 1 neighbours, as the served ensemble computes it:
+    ``retrieve`` (re-ranked by the prompts' words; drawn from the top k x ``pool`` by the
+    seeds), ``retrieval_controls``, and for a neighbour-start model (``start``, its trained
+    adapter only) the first neighbour's clean latent as ``z_init``; then
+    ``generate(prompts, seeds, h_retr=, lam=, slerp_w=, z_init=)`` (``OnnxPipeline.generate``,
+    ``TorchStudent.generate``). ``pooled_of(prompts)``: the prompts' pooled text keys.
+    Returns (images, Neighbours, lam, slerp_w)."""
+    h_retr, scores, nb = retrieve(index, pooled_of(prompts), k, prompts, rerank, seeds, pool)
+    lam, w = retrieval_controls(scores, strength, has_adapter)
+    z_init = (index.latents(np.asarray(nb.ids)[:, 0]).astype(np.float32)
+              if start and lam is not None else None)
+    images = generate(prompts, seeds, h_retr=h_retr, lam=lam, slerp_w=w, z_init=z_init)
+    return images, nb, lam, w
 
 
 def start_from(latents: np.ndarray, z_t: np.ndarray, start: dict) -> np.ndarray:
