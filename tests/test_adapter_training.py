@@ -501,6 +501,9 @@ def test_plain_targets_train_the_retrieval_off_path_and_start_pool_draws_the_sta
     out = run.run()
     t_init = sdedit_timestep(run.c, 4, 0.5)
     assert out["train"]["neighbour_init_timestep"] == t_init
+    # the export records the pool, which serve then draws from by default
+    start = family.neighbour_start_of(run.c, tmp_path / "run" / "export" / "adapter_training.json")
+    assert start["timestep"] == t_init and start["pool"] == 3
     syn = shards.read_all(tmp_path / "run" / "synth" / "shards", ("item", "z0", "z0_plain"))
     items = syn["item"].numpy()
     ids = torch.load(tmp_path / "run" / "neighbours" / "neighbours.pt")["ids"].numpy()

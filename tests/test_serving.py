@@ -8,6 +8,7 @@ KIND_GPU, and the wiring is identical."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import numpy as np
 import pytest
@@ -380,3 +381,32 @@ def test_health_checks_report_live_and_ready(client, server):
     assert asyncio.run(check()) == (True, True)
 
 
+
+
+def test_the_served_neighbour_pool_defaults_to_the_pool_the_model_was_trained_with(assets,
+                                                                                  tmp_path):
+    """A model trained with ``--start-pool P`` carries "pool": P in its export's
+    ``neighbour_start``; ``serve`` then draws each request's neighbours from the top K x P by
+    default (as the model learnt), ``--neighbour-pool`` overrides it, and a model without one
+    (or served with slerp, which starts from z_T) keeps the top K."""
+    import json
+    import shutil
+
+    from imageragturbo.serving.repository import RenderOptions
+
+    def pool(export, name, opts=None):
+        out = render_repository(export, assets["index"], tmp_path / name, "cpu", opts)
+        text = (out / "retriever" / "config.pbtxt").read_text()
+        return int(re.search(r'key: "pool" value: \{ string_value: "(\d+)" \}', text)[1])
+
+    pooled = tmp_path / "pooled-export"
+    shutil.copytree(assets["start"], pooled)
+    m = json.loads((pooled / "manifest.json").read_text())
+    m["neighbour_start"]["pool"] = 4
+    (pooled / "manifest.json").write_text(json.dumps(m))
+    assert pool(pooled, "a") == 4
+    assert pool(pooled, "b", RenderOptions(neighbour_pool=1)) == 1
+    assert pool(pooled, "c", RenderOptions(injection="slerp")) == 1
+    assert pool(assets["start"], "d") == 1 and pool(assets["adapter"], "e") == 1
+    with pytest.raises(ValueError, match="neighbour pool must be positive"):
+        RenderOptions(neighbour_pool=0)

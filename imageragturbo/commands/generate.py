@@ -112,7 +112,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         index = request.load_index(args.index or index_dir_of(args.model), text_dim, h_shape)
         images, nb, lam, slerp_w = request.retrieve_and_generate(
             run, pooled_of, index, prompts, seeds, args.k, has_adapter=has_adapter,
-            start=start, strength=args.strength, rerank=args.rerank, pool=args.neighbour_pool)
+            start=start, strength=args.strength, rerank=args.rerank,
+            pool=request.served_pool(args.neighbour_pool, start if has_adapter else None))
         if start and lam is not None:  # it started from its first neighbour's latent
             info["start"] = f"top-1 neighbour's latent noised to t = {start['timestep']}"
         info["neighbours"] = [
@@ -165,9 +166,10 @@ def add_parsers(sub, bench) -> None:
     g.add_argument("--rerank", type=int, default=RERANK_CANDIDATES,
                    help="re-rank the dense top N neighbours by the prompt's words (0: dense "
                         "only; the served ensemble's --rerank)")
-    g.add_argument("--neighbour-pool", type=int, default=1,
+    g.add_argument("--neighbour-pool", type=int, default=None,
                    help="> 1: the K neighbours drawn from the top K x POOL by each seed (the "
-                        "served ensemble's --neighbour-pool)")
+                        "served ensemble's --neighbour-pool); default: the model's (a model "
+                        "trained with --start-pool P: P), else 1")
     g.add_argument("--strength", type=float, default=None,
                    help="retrieval strength (adapter: scales lambda, default 1; slerp: weight "
                         "of the neighbour, default 0.2)")

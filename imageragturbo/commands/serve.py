@@ -239,7 +239,8 @@ QUEUE_HELP = {
     "rerank": "hybrid retrieval: re-rank the dense top N by the prompt's words and word pairs "
               "(0: dense only)",
     "neighbour_pool": "> 1: each request's K neighbours are drawn from the top K x POOL by its "
-                      "seed (a model that follows its neighbours then varies with the seed)",
+                      "seed (a model that follows its neighbours then varies with the seed); "
+                      "default: the model's (a model trained with --start-pool P: P), else 1",
     "injection": "how retrieved H features enter: the trained H-adapter (ImageRAGTurbo; a "
                  "model without one falls back to slerp) or training-free slerp of the top-1 "
                  "neighbour (paper Eq. 3; STRENGTH = 1 - w, default 0.2)",

@@ -368,7 +368,9 @@ def neighbour_start_of(c: Components, record: str | Path) -> dict | None:
     """A retrieval fine-tuning run's start (``adapter_training.json`` of a run's export or of
     the model folder it was installed into): for a run trained with ``neighbour_init`` (beyond
     the paper), {"timestep": t, "alpha_bar": alphas_cumprod[t]}: with retrieval on, its one
-    step starts at t from the top-1 neighbour's latent noised with z_T. None otherwise."""
+    step starts at t from the top-1 neighbour's latent noised with z_T; with "pool": P when
+    its starts were drawn from the top P neighbours in training (``start_pool``), the pool it
+    is served with by default (``serve --neighbour-pool``). None otherwise."""
     import json
 
     record = Path(record)
@@ -376,4 +378,6 @@ def neighbour_start_of(c: Components, record: str | Path) -> dict | None:
     if not cfg.get("neighbour_init"):
         return None
     t = sdedit_timestep(c, int(cfg["synth_steps"]), float(cfg["neighbour_sdedit"]))
-    return {"timestep": t, "alpha_bar": float(c.alphas_cumprod[t])}
+    pool = int(cfg.get("start_pool", 1))
+    return {"timestep": t, "alpha_bar": float(c.alphas_cumprod[t]),
+            **({"pool": pool} if pool > 1 else {})}

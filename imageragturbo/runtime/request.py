@@ -61,6 +61,15 @@ def neighbour_start(index, top1: np.ndarray, z_t: np.ndarray, start: dict) -> np
     return start_from(index.latents(np.asarray(top1, np.int64).reshape(-1)), z_t, start)
 
 
+def served_pool(pool: int | None, start: dict | None) -> int:
+    """The neighbour pool a request draws from: the one asked for, else the model's (the
+    ``start_pool`` a neighbour-start model was trained with, in its ``neighbour_start``), else
+    1 (the top k, best first)."""
+    if pool is not None:
+        return int(pool)
+    return int((start or {}).get("pool", 1))
+
+
 def retrieve_and_generate(generate, pooled_of, index, prompts: Sequence[str],
                           seeds: Sequence[int], k: int, *, has_adapter: bool,
                           start: dict | None, strength: float | None = None,

@@ -28,6 +28,7 @@ from string import Template
 from imageragturbo.client import contract as C
 from imageragturbo.defaults import RERANK_CANDIDATES
 from imageragturbo.runtime.manifest import load_manifest
+from imageragturbo.runtime.request import served_pool
 
 # Installed: imageragturbo/model_repository (package data); in a checkout: the top-level folder.
 SOURCE = next((p for p in (Path(__file__).resolve().parents[1] / "model_repository",
@@ -69,7 +70,9 @@ class RenderOptions:
     instances: int = 2
     ef: int | None = None              # hnswlib query beam (default: the index's)
     rerank: int = RERANK_CANDIDATES    # dense candidates re-ranked by the prompt's words; 0: off
-    neighbour_pool: int = 1            # > 1: the k neighbours drawn from the top k * pool by seed
+    neighbour_pool: int | None = None  # > 1: the k neighbours drawn from the top k * pool by
+    #                                    seed; None: the model's (its export's neighbour_start
+    #                                    "pool", trained with start_pool), else 1
     # The retriever's load checks the index's structure (sizes, shapes, counts, dtypes) and maps
     # its arrays; True adds the sha256 of every file, which reads the whole index (124 GB at the
     # paper's size) in every instance before the server is ready. Digests are checked where an
@@ -93,6 +96,8 @@ class RenderOptions:
         for name in ("queue_delay_us", "light_queue_delay_us", "queue_timeout_us",
                      "max_queue_size", "threads",
                      "instances", "max_prompt_chars", "rerank", "neighbour_pool"):
+            if getattr(self, name) is None and name == "neighbour_pool":
+                continue
             if getattr(self, name) < (0 if name in ("queue_delay_us", "light_queue_delay_us",
                                                     "threads", "rerank") else 1):
                 raise ValueError(f"{name.replace('_', ' ')} must be positive, got "
@@ -210,7 +215,7 @@ def render_repository(export_dir: str | Path, index_dir: str | Path, out: str | 
         "max_prompt_chars": opt.max_prompt_chars, "text_dim": m["text_dim"],
         "h_dims": ", ".join(map(str, h_shape)), "h_shape": ",".join(map(str, h_shape)),
         "ef": "" if opt.ef is None else opt.ef, "rerank": opt.rerank,
-        "neighbour_pool": opt.neighbour_pool,
+        "neighbour_pool": served_pool(opt.neighbour_pool, start),
         # a neighbour-start model's start (its trained adapter only; slerp starts from z_T)
         "start_timestep": start["timestep"] if start else "",
         "start_alpha_bar": repr(float(start["alpha_bar"])) if start else "",
