@@ -56,7 +56,7 @@ from imageragturbo.runtime.request import initial_noise
 
 from . import ladd
 from .config import AdapterConfig  # noqa: F401 - the recipe's configuration
-from .stages import StagedRun, load_checkpoint, mean_tail, record_step, save_atomic
+from .stages import AcceleratorCheckpoints, StagedRun, load_checkpoint, mean_tail, save_atomic
 from .steps import OneStepStudent, ladd_step, to_unit
 
 STAGES = ("data", "neighbours", "synth", "train", "export")  # synth may start from neighbours
@@ -888,7 +888,9 @@ class AdapterRun(StagedRun):
             Image.fromarray(grid).save(out / f"step-{at:06d}.png")
 
         t0 = time.perf_counter()
-        hist = self._loop("train", state, self._timed(step, d / "log.jsonl"), cfg.steps)
+        hist = self._loop("train", state, self._timed(step, d / "log.jsonl"), cfg.steps,
+                          AcceleratorCheckpoints(self.acc, d / "checkpoints",
+                                                 cfg.checkpoints_total_limit, d / "ckpt.pt"))
         if self.acc.is_main_process:
             # fp16 on disk, like the rest of the shipped model (loaded back as fp32)
             adapter.cpu().eval().save_pretrained(d / "h_adapter", dtype=torch.float16)
@@ -912,60 +914,6 @@ class AdapterRun(StagedRun):
                 info[f"final_{key}"] = mean_tail(hist, key, 200)
         (d / "history.json").write_text(json.dumps(hist) + "\n")
         return self._finish("train", info)
-
-    def _loop(self, name: str, state: dict, step_fn, steps: int) -> list[dict]:
-        """The train stage's loop: ``stages.train_loop``'s, with checkpoints written by
-        ``accelerator.save_state`` into ``train/checkpoints/checkpoint-NNNNNNN/`` every
-        ``ckpt_every`` steps (the state's objects, registered for checkpointing, and
-        ``meta.json``, written last: the step and the loss history), only the newest
-        ``checkpoints_total_limit`` kept. A rerun resumes from the newest complete one, read
-        back ``weights_only`` (``stages.load_checkpoint``: accelerate's ``load_state`` would
-        unpickle them whole); a run folder with the older ``train/ckpt.pt`` resumes from it."""
-        if name != "train":
-            return super()._loop(name, state, step_fn, steps)
-        from tqdm import tqdm
-
-        root = self.dir / "train" / "checkpoints"
-        objs = list(state.values())
-        if not getattr(self, "_registered", False):
-            self.acc.register_for_checkpointing(*objs)
-            self._registered = True
-        history: list[dict] = []
-        start = 0
-        kept = sorted(p for p in root.glob("checkpoint-*") if (p / "meta.json").is_file())
-        old = self.dir / "train" / "ckpt.pt"
-        if kept:
-            meta = json.loads((kept[-1] / "meta.json").read_text())
-            for i, obj in enumerate(objs):
-                obj.load_state_dict(load_checkpoint(kept[-1] / f"custom_checkpoint_{i}.pkl"))
-            history, start = meta["history"], int(meta["step"])
-        elif old.exists():
-            blob = load_checkpoint(old)
-            for k, obj in state.items():
-                obj.load_state_dict(blob["state"][k])
-            history, start = blob["history"], int(blob["step"])
-        is_main = self.acc.is_main_process
-        bar = tqdm(range(start, steps), desc=name, disable=not (self.progress and is_main),
-                   initial=start, total=steps)
-        t0 = time.perf_counter()
-        for step in bar:
-            losses = step_fn(step)
-            record_step(name, step, losses, history)
-            if (step + 1) % self.cfg.ckpt_every == 0 or step + 1 == steps:
-                path = root / f"checkpoint-{step + 1:07d}"
-                self.acc.save_state(str(path))
-                self.acc.wait_for_everyone()
-                if is_main:
-                    (path / "meta.json").write_text(json.dumps(
-                        {"step": step + 1, "history": history}) + "\n")
-                    done = sorted(p for p in root.glob("checkpoint-*")
-                                  if (p / "meta.json").is_file())
-                    for p in done[:max(0, len(done) - self.cfg.checkpoints_total_limit)]:
-                        shutil.rmtree(p, ignore_errors=True)
-        bar.close()
-        if history and start < steps:
-            history[-1]["seconds"] = time.perf_counter() - t0
-        return history
 
     def _autocast(self):
         """The forward passes in ``mixed_precision`` (bf16 or fp16 autocast on the run's

@@ -52,21 +52,83 @@ def record_step(name: str, step: int, losses: dict, history: list[dict]) -> None
     history.append({"step": step, **losses})
 
 
-def train_loop(name: str, ckpt: Path, state: dict[str, object], step_fn: Callable[[int], dict],
-               steps: int, every: int, progress: bool = True, is_main: bool = True) -> list[dict]:
+class FileCheckpoint:
+    """One checkpoint file, ``ckpt``: the state's ``state_dict``s, the loss history and the
+    step, written atomically by the main process (``save_atomic``)."""
+
+    def __init__(self, ckpt: Path, is_main: bool = True):
+        self.path, self.is_main = Path(ckpt), is_main
+
+    def resume(self, state: dict) -> tuple[list[dict], int]:
+        """(history, next step) from the file, loaded into ``state``; ([], 0) without one."""
+        if not self.path.exists():
+            return [], 0
+        blob = load_checkpoint(self.path)
+        for k, obj in state.items():
+            obj.load_state_dict(blob["state"][k])
+        return blob["history"], int(blob["step"])
+
+    def save(self, state: dict, step: int, history: list[dict]) -> None:
+        if self.is_main:
+            save_atomic({"state": {k: o.state_dict() for k, o in state.items()},
+                         "history": history, "step": step}, self.path)
+
+
+class AcceleratorCheckpoints:
+    """Checkpoints written by ``accelerator.save_state`` into ``root/checkpoint-NNNNNNN/``
+    (the state's objects, registered for checkpointing, then ``meta.json``, written last: the
+    step and the loss history), only the newest ``keep`` kept. ``resume`` reads the newest
+    complete one back ``weights_only`` (``load_checkpoint``: accelerate's ``load_state`` would
+    unpickle them whole), or ``legacy`` (a ``FileCheckpoint`` file of an older run folder)."""
+
+    def __init__(self, acc, root: Path, keep: int, legacy: Path | None = None):
+        self.acc, self.root, self.keep, self.legacy = acc, Path(root), keep, legacy
+        self._registered = False
+
+    def _complete(self) -> list[Path]:
+        return sorted(p for p in self.root.glob("checkpoint-*") if (p / "meta.json").is_file())
+
+    def resume(self, state: dict) -> tuple[list[dict], int]:
+        objs = list(state.values())
+        if not self._registered:
+            self.acc.register_for_checkpointing(*objs)
+            self._registered = True
+        kept = self._complete()
+        if kept:
+            meta = json.loads((kept[-1] / "meta.json").read_text())
+            for i, obj in enumerate(objs):
+                obj.load_state_dict(load_checkpoint(kept[-1] / f"custom_checkpoint_{i}.pkl"))
+            return meta["history"], int(meta["step"])
+        if self.legacy is not None:
+            return FileCheckpoint(self.legacy).resume(state)
+        return [], 0
+
+    def save(self, state: dict, step: int, history: list[dict]) -> None:
+        import shutil
+
+        path = self.root / f"checkpoint-{step:07d}"
+        self.acc.save_state(str(path))       # every process (accelerate gathers what it needs)
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            (path / "meta.json").write_text(json.dumps({"step": step, "history": history})
+                                            + "\n")
+            done = self._complete()
+            for p in done[:max(0, len(done) - self.keep)]:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def train_loop(name: str, checkpoints, state: dict[str, object],
+               step_fn: Callable[[int], dict], steps: int, every: int, progress: bool = True,
+               is_main: bool = True) -> list[dict]:
     """Run ``step_fn(step)`` for steps [start, steps), checkpointing ``state`` (modules,
     optimisers, EMA shadows: anything with state_dict) and the loss history every ``every``
-    steps; resumes from ``ckpt`` if it exists. Batches come from per-step generators, so a
+    steps and at the end through ``checkpoints`` (``FileCheckpoint`` or
+    ``AcceleratorCheckpoints``: ``resume(state) -> (history, start)`` and ``save(state, step,
+    history)``), resuming from its newest. Batches come from per-step generators, so a
     resumed run continues exactly as an uninterrupted one would."""
     from tqdm import tqdm
 
-    history: list[dict] = []
-    start = 0
-    if ckpt.exists():
-        blob = load_checkpoint(ckpt)
-        for k, obj in state.items():
-            obj.load_state_dict(blob["state"][k])
-        history, start = blob["history"], blob["step"]
+    history, start = checkpoints.resume(state)
     bar = tqdm(range(start, steps), desc=name, disable=not (progress and is_main), initial=start,
                total=steps)
     t0 = time.perf_counter()
@@ -75,9 +137,8 @@ def train_loop(name: str, ckpt: Path, state: dict[str, object], step_fn: Callabl
         record_step(name, step, losses, history)
         if step % 10 == 0:
             bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()})
-        if is_main and ((step + 1) % every == 0 or step + 1 == steps):
-            save_atomic({"state": {k: o.state_dict() for k, o in state.items()},
-                         "history": history, "step": step + 1}, ckpt)
+        if (step + 1) % every == 0 or step + 1 == steps:
+            checkpoints.save(state, step + 1, history)
     bar.close()
     if history and start < steps:
         history[-1]["seconds"] = time.perf_counter() - t0
@@ -141,9 +202,13 @@ class StagedRun:
             (self.dir / stage / "done.json").write_text(json.dumps(info, indent=2) + "\n")
         return info
 
-    def _loop(self, name: str, state: dict, step_fn, steps: int) -> list[dict]:
-        return train_loop(name, self.dir / name / "ckpt.pt", state, step_fn, steps,
-                          self.cfg.ckpt_every, self.progress, self.acc.is_main_process)
+    def _loop(self, name: str, state: dict, step_fn, steps: int, checkpoints=None) -> list[dict]:
+        """``train_loop`` in stage ``name``, checkpointing to ``<name>/ckpt.pt`` unless
+        ``checkpoints`` says otherwise."""
+        if checkpoints is None:
+            checkpoints = FileCheckpoint(self.dir / name / "ckpt.pt", self.acc.is_main_process)
+        return train_loop(name, checkpoints, state, step_fn, steps, self.cfg.ckpt_every,
+                          self.progress, self.acc.is_main_process)
 
     def _dev(self, *tensors: torch.Tensor):
         return tuple(t.to(self.acc.device) for t in tensors)
