@@ -377,7 +377,7 @@ def test_lambda_is_the_top1_similarity_or_one_as_configured(tmp_path, model_and_
     ``lam="one"``: 1 for every target. Recorded from the adapter's own calls in training."""
     import shutil
 
-    from imageragturbo.training import adapter as adapter_mod
+    from imageragturbo.training import adapter_train as adapter_mod
 
     seen: list[torch.Tensor] = []
 
@@ -474,7 +474,7 @@ def test_plain_targets_train_the_retrieval_off_path_and_start_pool_draws_the_sta
     neighbour attended to is the start)."""
     from imageragturbo.defaults import STUDENT_TIMESTEP
     from imageragturbo.model.pipeline import sdedit_timestep
-    from imageragturbo.training import adapter as adapter_mod
+    from imageragturbo.training import adapter_train as adapter_mod
     from imageragturbo.training import shards
 
     with pytest.raises(ValueError, match="plain_fraction needs neighbour_init"):
