@@ -191,7 +191,8 @@ def test_run_holds_per_seed_scores_and_intervals_for_every_row(bench):
     rows = {k: v for k, v in res.items() if not k.startswith("_")}
     expected = {"teacher x2", "teacher x1", STUDENT, "student + slerp w=0.8", ORACLE,
                 ORACLE + CROSS_FITTED, NULL_ORACLE, NULL_ORACLE + CROSS_FITTED,
-                "ImageRAGTurbo k=1", "ImageRAGTurbo k=4", TUNED_OFF, EXTRA, RUN, RUN + ", K = 0", POOL}
+                "ImageRAGTurbo k=1", "ImageRAGTurbo k=4", TUNED_OFF, EXTRA, RUN, RUN + ", K = 0", POOL,
+                RUN + ", k=1 drawn from top 3"}   # --neighbour-pool rows: the run's too
     assert set(rows) == expected
     items = sw.make_split("eval", N, 0)
     classes = [quality.prompt_class(it.scene) for it in items]
@@ -261,7 +262,8 @@ def test_retrieval_off_row_is_the_tuned_weights_without_retrieval(bench):
     assert "vs_retrieval_off" not in res[TUNED_OFF] and "vs_retrieval_off" not in res[STUDENT]
     assert res["_meta"]["retrieval_off"] == {"ImageRAGTurbo k=1": TUNED_OFF,
                                              "ImageRAGTurbo k=4": TUNED_OFF, EXTRA: TUNED_OFF,
-                                             RUN: RUN + ", K = 0", POOL: TUNED_OFF}
+                                             RUN: RUN + ", K = 0", POOL: TUNED_OFF,
+                                             RUN + ", k=1 drawn from top 3": RUN + ", K = 0"}
 
 
 def test_oracles_real_null_and_cross_fitted(bench):
