@@ -140,8 +140,9 @@ class TrainStage:
             eps_t = torch.from_numpy(rng.standard_normal(z0_real.shape).astype(np.float32))
             z_real = (ladd.add_noise(z0_real, eps_t, t999, ac) if cfg.real_input == "noised"
                       else eps_t)
-            syn_zt = torch.from_numpy(initial_noise([20_000_000 + int(r) for r in tgt[n_real:]],
-                                                    shape))
+            noise = torch.from_numpy(initial_noise([20_000_000 + int(r) for r in tgt[n_real:]],
+                                                   shape))                  # each target's z_T
+            syn_zt = noise
             if t_syn is not None:  # neighbour_init: from its start neighbour, noised to t_init
                 rows = tgt[n_real:]
                 first = index.latents(nb_ids[torch.from_numpy(rows),
@@ -154,8 +155,6 @@ class TrainStage:
             if cfg.plain_fraction > 0:
                 plain = torch.from_numpy(np.random.default_rng([cfg.seed, 11, i]).random(
                     len(syns)) < cfg.plain_fraction)
-                noise = torch.from_numpy(initial_noise([20_000_000 + int(r)
-                                                        for r in tgt[n_real:]], shape))
                 syn_zt = torch.where(plain.view(-1, 1, 1, 1), noise, syn_zt)
                 syn_z0 = torch.where(plain.view(-1, 1, 1, 1),
                                      stack(syns, "z0_plain").float(), syn_z0)
