@@ -427,20 +427,37 @@ def test_neighbour_sdedit_targets_keep_the_neighbours_layout_and_init_starts_fro
     SDEdits of each target's top-1 neighbour, so they lie nearer that neighbour's latent than
     samples from noise do; with ``neighbour_init`` the student is trained from the start the
     teacher took (the neighbour noised to the SDEdit timestep, which the run records), and a
-    neighbour start at that timestep moves the student's output towards the neighbour."""
+    neighbour start at that timestep moves the student's output towards the neighbour. The
+    validation grid's retrieval row starts the way it is served: from the start neighbour."""
+    from PIL import Image
+
     from imageragturbo.model.pipeline import noised, sdedit_timestep, student_generate
+    from imageragturbo.training import shards
 
     with pytest.raises(ValueError, match="neighbour_init needs neighbour_sdedit"):
         AdapterConfig(neighbour_init=True)
     run = _run(tmp_path / "run", model_and_index, neighbour_sdedit=0.5, neighbour_init=True,
-               synth_steps=4)
-    out = run.run()
+               synth_steps=4, validation_every=1)
+    run.run(["data", "neighbours", "synth"])
     c = run.c
     t_init = sdedit_timestep(c, 4, 0.5)
+    # the grid before the first update (adapter and LoRA still the identity), rendered here
+    # by the public generator: top row from the start neighbour at t_init, bottom from z_T
+    val = shards.read_all(tmp_path / "run" / "synth" / "shards", ("item",))["item"][:4].numpy()
+    caps = [run.items[int(r)]["caption"] for r in val]
+    seeds = [20_000_000 + int(r) for r in val]
+    want_on = student_generate(c, caps, seeds, z_init=run._start_latents(val), t_init=t_init)
+    want_off = student_generate(c, caps, seeds)
+    out = run.run()
+    grid = np.asarray(Image.open(tmp_path / "run" / "train" / "validation" / "step-000001.png"),
+                      np.int16)
+    side = grid.shape[0] // 2
+    got_on = grid[:side].reshape(side, 4, side, 3).transpose(1, 0, 2, 3)
+    got_off = grid[side:].reshape(side, 4, side, 3).transpose(1, 0, 2, 3)
+    assert np.abs(got_off - want_off).mean() < 2 and np.abs(got_on - want_on).mean() < 2
+    assert np.abs(got_on - want_off).mean() > 10 * np.abs(got_on - want_on).mean()
     assert out["train"]["neighbour_init_timestep"] == t_init
     assert 0 < t_init < 999
-    from imageragturbo.training import shards
-
     syn = shards.read_all(tmp_path / "run" / "synth" / "shards", ("item", "z0"))
     top1 = run._start_latents(syn["item"].numpy())        # start_pool 1: the top-1
     plain = _run(tmp_path / "plain", model_and_index, synth_steps=4)

@@ -228,8 +228,10 @@ class TrainStage:
         def validate(at: int) -> None:
             """A PNG grid, ``train/validation/step-NNNNNN.png``, before step ``at``'s update:
             the first synth shard's first prompts, one column each, from fixed z_T; top row
-            with retrieval (their neighbours, all k_max; the control: its own h), bottom row
-            without (the student with its LoRA, no adapter). No training randomness is used."""
+            with retrieval (their neighbours, all k_max; the control: its own h; with
+            ``neighbour_init``, from the start neighbour noised with z_T to t_init, as served),
+            bottom row without (the student with its LoRA, no adapter, from z_T at t = 999).
+            No training randomness is used."""
             if not self.acc.is_main_process:
                 return
             from PIL import Image
@@ -237,7 +239,15 @@ class TrainStage:
             from imageragturbo.model.pipeline import decode_latents
 
             z = torch.from_numpy(initial_noise([20_000_000 + int(r) for r in val_rows], shape))
-            z, e = self._dev(z, val_ehs)
+            z_on, t_on = z, None
+            if t_syn is not None:   # served as a neighbour start: the one the train step uses
+                start = index.latents(nb_ids[torch.from_numpy(val_rows),
+                                             torch.from_numpy(slots[val_rows])].numpy())
+                z_on = noised(self.c, torch.from_numpy(start.astype(np.float32)), z, t_init)
+                t_on = torch.full((len(z),), t_init, dtype=torch.long)
+            z, z_on, e = self._dev(z, z_on, val_ehs)
+            if t_on is not None:
+                t_on = t_on.to(z.device)
             if cfg.retrieval == "index":
                 t_ = torch.from_numpy(val_rows)
                 hr = torch.from_numpy(index.h(nb_ids[t_].numpy())).float()
@@ -255,7 +265,7 @@ class TrainStage:
                     return adapter(h, h.unsqueeze(1), torch.ones_like(h[:, 0, 0, 0]))
 
             with self._autocast():
-                rows = [one_step(z, e, edit, dec), one_step(z, e, None)]
+                rows = [one_step(z_on, e, edit, dec, t_on), one_step(z, e, None)]
             imgs = [decode_latents(self.c, r.float().cpu()) for r in rows]   # (B, H, W, 3)
             grid = np.concatenate([np.concatenate(list(x), axis=1) for x in imgs], axis=0)
             out = d / "validation"
