@@ -152,6 +152,34 @@ def onnx_latency(c, index, k_values=(0, 1, 4), repeats: int = 30, threads: int =
                 for k in k_values}
 
 
+def latency_of(base, tuned, idx, repeats: int = 30) -> dict:
+    """The latency columns of the table, in one run on one index: the student's batch-1
+    request (no retrieval) and the installed model's at K = 0, 1 and 4 (``onnx_latency``),
+    each ratio to the installed model's K = 0, and the FLOPs (``stage_flops``)."""
+    base_ms = onnx_latency(base, idx, k_values=(0,), repeats=repeats)
+    tuned_ms = onnx_latency(tuned, idx, k_values=(0, 1, 4), repeats=repeats)
+    out = {"student_k0": base_ms["k0"],
+           **{f"imageragturbo_{key}": v for key, v in tuned_ms.items()}}
+    out.update({f"ratio_k{k}_vs_k0": round(tuned_ms[f"k{k}"] / tuned_ms["k0"], 3)
+                for k in (1, 4)})
+    out["note"] = "ONNX Runtime CPU, 1 thread, batch 1, median ms"
+    out["flops"] = stage_flops(tuned)
+    return out
+
+
+def latency_only(model: str = DEFAULT_MODEL, index: str | Path | None = None,
+                 repeats: int = 30) -> dict:
+    """``bench quality --latency-only``: the latency columns and FLOPs alone (no images
+    scored), for a measurement taken with nothing else on the CPU."""
+    from .model.family import load_components
+
+    base = load_components(model, with_teacher=False, retrieval_tuned=False)
+    tuned = load_components(model)
+    evaluate.require_adapter(tuned, model)
+    idx = evaluate.neighbours(model, base, ["a red circle"], 1, index, progress=False)[0]
+    return latency_of(base, tuned, idx, repeats)
+
+
 def stage_flops(c, k_values=(1, 4)) -> dict:
     """FLOPs of one batch-1 request through the five stages as exported (the torch modules the
     ONNX graphs are traced from; torch's FlopCounterMode counts matmuls and convolutions), and
@@ -361,16 +389,11 @@ def run(model: str = DEFAULT_MODEL, n: int = 500, seed: int = 0, teacher_steps: 
         "diversity": "mean over prompts of the mean over seed pairs of 1 - cosine of the "
                      "CLIP analogue's image features (pixel RMS: values in [0, 1])"}
     if latency and not runs_only:
-        lat_base = onnx_latency(base, idx, k_values=(0,))
-        lat_tuned = onnx_latency(tuned, idx, k_values=(0, 1, 4))
-        results[STUDENT]["latency_ms"] = lat_base["k0"]
-        results[TUNED_OFF]["latency_ms"] = lat_tuned["k0"]
+        results["_latency"] = lat = latency_of(base, tuned, idx)
+        results[STUDENT]["latency_ms"] = lat["student_k0"]
+        results[TUNED_OFF]["latency_ms"] = lat["imageragturbo_k0"]
         for k in (1, 4):
-            results[f"ImageRAGTurbo k={k}"]["latency_ms"] = lat_tuned[f"k{k}"]
-        results["_latency"] = {"student_k0": lat_base["k0"], **{
-            f"imageragturbo_{key}": v for key, v in lat_tuned.items()},
-            "note": "ONNX Runtime CPU, 1 thread, batch 1, median ms",
-            "flops": stage_flops(tuned)}
+            results[f"ImageRAGTurbo k={k}"]["latency_ms"] = lat[f"imageragturbo_k{k}"]
     if grid and not runs_only:
         g = min(8, n)                                                  # seed 0's first prompts
         with torch.no_grad():

@@ -372,6 +372,29 @@ def test_stage_flops_count_the_five_stages_and_the_adapter_grows_with_k():
     assert f["h_adapter_k4_share"] == round(f["h_adapter_k4"] / f["one_step"], 4)
 
 
+def test_latency_only_times_the_student_and_each_k_on_one_export_and_scores_nothing(
+        index, tmp_path, monkeypatch, capsys):
+    calls = []
+    real = quality.onnx_latency
+
+    def few(c, idx, k_values=(0, 1, 4), repeats=30, threads=1):
+        calls.append((tuple(k_values), idx is not None))
+        return real(c, idx, k_values, repeats=2, threads=threads)
+
+    monkeypatch.setattr(quality, "onnx_latency", few)
+    monkeypatch.setattr(evaluate, "measure", lambda *a, **k: pytest.fail("scored images"))
+    js = tmp_path / "lat.json"
+    assert main(["bench", "quality", "--latency-only", "--index", str(index),
+                 "--json", str(js)]) == 0
+    lat = json.loads(js.read_text())
+    assert calls == [((0,), True), ((0, 1, 4), True)]
+    for key in ("student_k0", "imageragturbo_k0", "imageragturbo_k1", "imageragturbo_k4"):
+        assert lat[key] > 0
+    assert lat["ratio_k4_vs_k0"] == round(lat["imageragturbo_k4"] / lat["imageragturbo_k0"], 3)
+    assert 0 < lat["flops"]["h_adapter_k4_share"] < 0.1
+    assert "k = 4" in capsys.readouterr().out
+
+
 def test_retrieval_guidance_interpolates_between_retrieval_off_and_on():
     """scale 0: the K = 0 image; scale 1: the image with retrieval; the pixels in between
     move with the scale (z0 = z0_off + scale (z0_on - z0_off))."""

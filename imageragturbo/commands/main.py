@@ -117,6 +117,21 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
     """The paper's Table 2 rows on ShapesWorld, same prompts and seeds, in one run."""
     from imageragturbo import quality, tifa
 
+    if args.latency_only:
+        lat = quality.latency_only(args.model, args.index)
+        if args.json:
+            text = json.dumps(lat, indent=1) + "\n"
+            if args.json == "-":
+                print(text, end="")
+                return 0
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(text)
+        print(f"ONNX Runtime CPU, 1 thread, batch 1, median ms: student {lat['student_k0']:.1f}; "
+              f"ImageRAGTurbo K = 0 {lat['imageragturbo_k0']:.1f}, "
+              f"k = 1 {lat['imageragturbo_k1']:.1f} ({lat['ratio_k1_vs_k0']:.2f}x), "
+              f"k = 4 {lat['imageragturbo_k4']:.1f} ({lat['ratio_k4_vs_k0']:.2f}x); "
+              f"H-adapter FLOPs k = 4: {lat['flops']['h_adapter_k4_share']:.2%} of a request")
+        return 0
     runs = dict(r.rsplit("=", 1) for r in args.run)
     if args.control:
         runs["control (no retrieval)"] = args.control
@@ -357,6 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "neighbour drawn by each image's seed from the prompt's top POOL (serve "
                         "--neighbour-pool); repeatable")
     q.add_argument("--no-latency", action="store_true", help="skip the ONNX latency columns")
+    q.add_argument("--latency-only", action="store_true",
+                   help="only the latency columns: the one-step ONNX Runtime CPU request "
+                        "(text encoder, retrieval, one step) of the student and of the installed "
+                        "model at K = 0, 1, 4, their ratios and the FLOPs, in one run, scoring "
+                        "no images (a minute; run it with nothing else on the CPU)")
     q.add_argument("--runs-only", action="store_true",
                    help="only the student and the --run/--control rows (each with its K = 0 "
                         "row): compares training runs in minutes, without the teacher, slerp, "
