@@ -366,25 +366,28 @@ def plot_categories(results: dict[str, dict], path: str | os.PathLike,
     cats = [c for c in CATEGORIES if any(c in r["categories"] for r in results.values())]
     names = list(results)
     width = 0.8 / max(len(names), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(cats)), 3.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(cats)), max(3.6, 0.2 * len(names))),
+                           dpi=120)
     xs = np.arange(len(cats))
-    # the default cycle repeats after 10 colours; more methods than that get tab20's
+    # the default cycle repeats after 10 colours; more methods than that get tab20's, and
+    # past 20 the colours come round again hatched
     colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20").colors
     for k, name in enumerate(names):
         vals = [results[name]["categories"].get(c, np.nan) for c in cats]
         ax.bar(xs + (k - (len(names) - 1) / 2) * width, vals, width,
-               color=colours[k % len(colours)],
+               color=colours[k % len(colours)], hatch="//" if k >= len(colours) else None,
                label=f"{name} ({results[name]['tifa']:.3f})")
     ax.set_xticks(xs, cats)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy")
     ax.set_title(title)
-    ax.legend(fontsize=7, ncols=min(len(names), 3), loc="upper center",
-              bbox_to_anchor=(0.5, -0.12))
+    # right of the axes, one name a line (the figure grows with the names); "tight" widens
+    # the saved figure to hold it (a legend below, wider than the axes, was cut off)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 
